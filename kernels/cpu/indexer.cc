@@ -1,0 +1,2 @@
+// Placeholder: implemented by the kernels work in progress.
+#include "kernels/indexer.h"
