@@ -167,6 +167,11 @@ int64_t KvCache::Length(int32_t seq) const {
   return seqs_[size_t(seq)].length;
 }
 
+bool KvCache::IsLive(int32_t seq) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return CheckSeq(seq).ok();
+}
+
 int64_t KvCache::Capacity(int32_t seq) const {
   absl::ReaderMutexLock lock(&mu_);
   if (!CheckSeq(seq).ok()) return 0;

@@ -84,6 +84,7 @@ class KvCache {
   // Tokens whose KV is valid (the caller advances it after writing).
   absl::Status SetLength(int32_t seq, int64_t tokens);
   int64_t Length(int32_t seq) const;
+  bool IsLive(int32_t seq) const;
   int64_t Capacity(int32_t seq) const;  // tokens covered by reserved pages
   int64_t free_pages() const;
   int live_sequences() const;
