@@ -1,0 +1,162 @@
+// Small vectorisable building blocks of the CPU kernels: dot products and
+// branch-free decoders of the weight/cache number formats into fp32. Written as
+// plain loops that GCC vectorises at -O3 -march=x86-64-v3 -fopenmp-simd (no
+// intrinsics). Every decoder is bit-exact with the scalar converters of
+// kernels/numeric.h (tested in ops_test.cc).
+#ifndef PD_KERNELS_CPU_INTERNAL_VEC_H_
+#define PD_KERNELS_CPU_INTERNAL_VEC_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/numeric.h"
+#include "kernels/tensor.h"
+
+namespace pd::kernels::cpu::internal {
+
+// sum_i a[i] * b[i] in fp32 with 32 independent partial sums (4 AVX2 vectors),
+// combined pairwise at the end.
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc[32] = {};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+#pragma omp simd
+    for (int j = 0; j < 32; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  for (int j = 0; j < 16; ++j) acc[j] += acc[j + 16];
+  for (; i + 8 <= n; i += 8) {
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) acc[j] += acc[j + 8];
+  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail;
+}
+
+// out[c] = sum_i a[i] * b_c[i] for the 4 vectors b_c = b + c * ldb: one pass
+// over a, four dot products.
+inline void Dot4(const float* __restrict a, const float* __restrict b, int64_t ldb, int64_t n,
+                 float* out) {
+  const float* b0 = b;
+  const float* b1 = b + ldb;
+  const float* b2 = b + 2 * ldb;
+  const float* b3 = b + 3 * ldb;
+  float s0[8] = {}, s1[8] = {}, s2[8] = {}, s3[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+#pragma omp simd
+    for (int j = 0; j < 8; ++j) {
+      const float av = a[i + j];
+      s0[j] += av * b0[i + j];
+      s1[j] += av * b1[i + j];
+      s2[j] += av * b2[i + j];
+      s3[j] += av * b3[i + j];
+    }
+  }
+  float t0 = 0, t1 = 0, t2 = 0, t3 = 0;
+  for (; i < n; ++i) {
+    t0 += a[i] * b0[i];
+    t1 += a[i] * b1[i];
+    t2 += a[i] * b2[i];
+    t3 += a[i] * b3[i];
+  }
+  auto hsum = [](const float* s) {
+    return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
+  };
+  out[0] = hsum(s0) + t0;
+  out[1] = hsum(s1) + t1;
+  out[2] = hsum(s2) + t2;
+  out[3] = hsum(s3) + t3;
+}
+
+// out[i] = Fp8E4M3ToFloat(q[i]) * scale (bit-exact with the scalar decoder,
+// NaN codes included; the product is one fp32 multiply).
+inline void DecodeFp8(const uint8_t* __restrict q, int64_t n, float scale, float* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t v = q[i];
+    const uint32_t mag = v & 0x7fu;
+    // Normal codes: exponent rebias 7 -> 127 is +120 in the exponent field.
+    uint32_t bits = (mag << 20) + (120u << 23);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    // Subnormal codes (exponent field 0): mant * 2^-9, exact.
+    const float sub = float(int32_t(mag)) * 0.001953125f;
+    f = mag < 8u ? sub : f;
+    uint32_t fb;
+    std::memcpy(&fb, &f, 4);
+    fb = mag == 0x7fu ? 0x7fc00000u : fb;
+    fb |= (v & 0x80u) << 24;
+    std::memcpy(&f, &fb, 4);
+    out[i] = f * scale;
+  }
+}
+
+// out[i] = Bf16ToFloat(b[i]).
+inline void DecodeBf16(const uint16_t* __restrict b, int64_t n, float* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = uint32_t(b[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    out[i] = f;
+  }
+}
+
+// out[i] = Fp16ToFloat(h[i]) (IEEE half; subnormals, infinities and NaNs kept).
+inline void DecodeF16(const uint16_t* __restrict h, int64_t n, float* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t v = h[i];
+    const uint32_t mag = v & 0x7fffu;
+    // Normal: exponent rebias 15 -> 127 is +112; Inf/NaN: exponent field all ones.
+    uint32_t bits = mag >= 0x7c00u ? ((mag << 13) | 0x7f800000u) : (mag << 13) + (112u << 23);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    const float sub = float(int32_t(mag)) * (1.0f / 16777216.0f);  // mant * 2^-24
+    f = mag < 0x400u ? sub : f;
+    uint32_t fb;
+    std::memcpy(&fb, &f, 4);
+    fb |= (v & 0x8000u) << 16;
+    std::memcpy(&f, &fb, 4);
+    out[i] = f;
+  }
+}
+
+// out[j] = w.Get(r, c0 + j) for j < n: one row segment of a weight view in fp32,
+// for every floating dtype (FP8 with the whole-tensor block scales at the
+// view's row0/col0 offset).
+inline void ConvertRow(const WeightView& w, int64_t r, int64_t c0, int64_t n, float* out) {
+  const int64_t base = r * w.ld + c0;
+  switch (w.dtype) {
+    case DType::kF32:
+      std::memcpy(out, static_cast<const float*>(w.data) + base, size_t(n) * 4);
+      return;
+    case DType::kBF16:
+      DecodeBf16(static_cast<const uint16_t*>(w.data) + base, n, out);
+      return;
+    case DType::kF16:
+      DecodeF16(static_cast<const uint16_t*>(w.data) + base, n, out);
+      return;
+    case DType::kFP8E4M3: {
+      const uint8_t* q = static_cast<const uint8_t*>(w.data) + base;
+      const float* srow = w.scale + ((w.row0 + r) / w.block) * w.scale_ld;
+      int64_t j = 0;
+      while (j < n) {
+        const int64_t gc = w.col0 + c0 + j;  // column in the whole tensor
+        const int64_t end = std::min<int64_t>(n, j + (w.block - gc % w.block));
+        DecodeFp8(q + j, end - j, srow[gc / w.block], out + j);
+        j = end;
+      }
+      return;
+    }
+    default:
+      return;  // non-floating dtypes are rejected by the callers' checks
+  }
+}
+
+}  // namespace pd::kernels::cpu::internal
+
+#endif  // PD_KERNELS_CPU_INTERNAL_VEC_H_
