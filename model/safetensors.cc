@@ -388,7 +388,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsCheckpoint>> SafetensorsCheckpoint::Op
   }
   std::unique_ptr<SafetensorsCheckpoint> ckpt(new SafetensorsCheckpoint());
   ckpt->source_ = index_path;
-  // Shard file name -> its tensors (in index order), shards in first-seen order.
+  // Shard file name -> its tensors (in index order).
   std::vector<std::string> shard_names;
   std::map<std::string, std::vector<std::string>> wanted;
   for (const auto& kv : map_v->get_object()) {
@@ -408,6 +408,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsCheckpoint>> SafetensorsCheckpoint::Op
     if (inserted) shard_names.push_back(shard);
     it->second.push_back(tensor);
   }
+  // Shards in file-name order (model-00001-of-n first).
+  std::sort(shard_names.begin(), shard_names.end());
   for (const std::string& shard_name : shard_names) {
     const std::vector<std::string>& names = wanted[shard_name];
     const int shard_index = static_cast<int>(ckpt->shards_.size());

@@ -85,8 +85,11 @@ class SafetensorsCheckpoint {
 
   // The index file, or the single .safetensors file, that was opened.
   const std::string& source() const { return source_; }
+  // Shards are numbered in file-name order.
   int num_shards() const { return static_cast<int>(shards_.size()); }
   const std::string& shard_path(int shard) const { return shards_[shard].file.path(); }
+  // The whole mapped shard file; every TensorInfo::bytes lies inside it.
+  std::span<const uint8_t> shard_bytes(int shard) const { return shards_[shard].file.bytes(); }
   // The shard's file name without its directory ("model-00001-of-00003.safetensors").
   std::string ShardFileName(int shard) const;
   // The shard header's "__metadata__" (string values only, as the format says).
