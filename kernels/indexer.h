@@ -6,6 +6,7 @@
 #define PD_KERNELS_INDEXER_H_
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include "kernels/cpu/parallel.h"
@@ -70,6 +71,15 @@ struct IndexerPrepInputs {
   int rope_dim = 64;                   // the FIRST rope_dim values of each head rotate (half-split)
   int64_t num_tokens = 0;
 };
+
+// Argument checks of the functions below. Each returns "" when the arguments
+// are valid, else a message naming the first invalid argument and its value.
+// The cpu:: functions run the same checks and, on invalid input, print the
+// message to stderr and abort (they return no status).
+std::string ValidateIndexerPrep(const IndexerPrepInputs& in, int heads,
+                                const IndexKeyCacheRef& cache);
+std::string ValidateSelectTokens(const SelectionConfig& cfg, const IndexKeyCacheView& cache,
+                                 const IndexerQueries& queries);
 
 namespace cpu {
 

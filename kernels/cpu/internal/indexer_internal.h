@@ -1,0 +1,30 @@
+// Internal pieces of the CPU indexer (kernels/cpu/indexer.cc) that its tests
+// exercise directly. Not part of the kernel API.
+#ifndef PD_KERNELS_CPU_INTERNAL_INDEXER_INTERNAL_H_
+#define PD_KERNELS_CPU_INTERNAL_INDEXER_INTERNAL_H_
+
+#include <cstdint>
+
+namespace pd::kernels::cpu::internal {
+
+// Keys per tile of the blocked scorer: tile values are stored [D][kKeyTile]
+// (key index fastest), so one query value multiplies kKeyTile keys at once.
+inline constexpr int kKeyTile = 16;
+// Queries per tile of the blocked scorer (each key tile is reused by all of them).
+inline constexpr int kQueryTile = 16;
+
+// Same contract as cpu::TopK (ops.h): the min(k, n) best indices of scores[0, n)
+// by score descending, ties to the lower index, NaN last, then -1 up to k;
+// returns the number of valid indices. Uses a threshold from strided group
+// maxima (the k-th largest group maximum is a lower bound of the k-th largest
+// score) so only a few candidates are sorted. When `sorted` is false the valid
+// indices are the same set in unspecified order.
+int FastTopK(const float* scores, int64_t n, int k, int32_t* out, bool sorted = true);
+
+// Sort key for the order above: a smaller key is a better (score, index) pair.
+// +0 and -0 compare equal; NaN is worse than every number.
+uint64_t ScoreOrderKey(float score, int32_t index);
+
+}  // namespace pd::kernels::cpu::internal
+
+#endif  // PD_KERNELS_CPU_INTERNAL_INDEXER_INTERNAL_H_
