@@ -71,6 +71,10 @@ inline void Dot4(const float* __restrict a, const float* __restrict b, int64_t l
   out[3] = hsum(s3) + t3;
 }
 
+// The decoders below select with integer masks (no ternaries on floats): GCC
+// does not if-convert floating selects under -ftrapping-math, and a loop with
+// control flow is not vectorised.
+
 // out[i] = Fp8E4M3ToFloat(q[i]) * scale (bit-exact with the scalar decoder,
 // NaN codes included; the product is one fp32 multiply).
 inline void DecodeFp8(const uint8_t* __restrict q, int64_t n, float scale, float* __restrict out) {
@@ -78,16 +82,21 @@ inline void DecodeFp8(const uint8_t* __restrict q, int64_t n, float scale, float
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t v = q[i];
     const uint32_t mag = v & 0x7fu;
-    // Normal codes: exponent rebias 7 -> 127 is +120 in the exponent field.
-    uint32_t bits = (mag << 20) + (120u << 23);
+    const uint32_t is_sub = 0u - uint32_t(mag < 8u);      // exponent field 0
+    const uint32_t is_nan = 0u - uint32_t(mag == 0x7fu);  // the NaN code
+    // Normal codes: exponent rebias 7 -> 127 is +120 in the exponent field. A
+    // subnormal code m * 2^-9 is decoded as the normal (1 + m/8) * 2^-6 minus
+    // 2^-6 (exact by Sterbenz).
+    uint32_t bits = ((mag | (is_sub & 8u)) << 20) + (120u << 23);
+    bits = (bits & ~is_nan) | (0x7fc00000u & is_nan);
     float f;
     std::memcpy(&f, &bits, 4);
-    // Subnormal codes (exponent field 0): mant * 2^-9, exact.
-    const float sub = float(int32_t(mag)) * 0.001953125f;
-    f = mag < 8u ? sub : f;
+    const uint32_t off_bits = is_sub & 0x3c800000u;  // 2^-6 or +0
+    float off;
+    std::memcpy(&off, &off_bits, 4);
+    f -= off;
     uint32_t fb;
     std::memcpy(&fb, &f, 4);
-    fb = mag == 0x7fu ? 0x7fc00000u : fb;
     fb |= (v & 0x80u) << 24;
     std::memcpy(&f, &fb, 4);
     out[i] = f * scale;
@@ -111,12 +120,18 @@ inline void DecodeF16(const uint16_t* __restrict h, int64_t n, float* __restrict
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t v = h[i];
     const uint32_t mag = v & 0x7fffu;
-    // Normal: exponent rebias 15 -> 127 is +112; Inf/NaN: exponent field all ones.
-    uint32_t bits = mag >= 0x7c00u ? ((mag << 13) | 0x7f800000u) : (mag << 13) + (112u << 23);
+    const uint32_t is_sub = 0u - uint32_t(mag < 0x400u);    // exponent field 0
+    const uint32_t is_inf = 0u - uint32_t(mag >= 0x7c00u);  // Inf/NaN: exponent all ones
+    // Normal: exponent rebias 15 -> 127 is +112. Subnormal m * 2^-24 is the
+    // normal (1 + m/1024) * 2^-14 minus 2^-14 (exact).
+    uint32_t bits = ((mag | (is_sub & 0x400u)) << 13) + (112u << 23);
+    bits = (bits & ~is_inf) | (((mag << 13) | 0x7f800000u) & is_inf);
     float f;
     std::memcpy(&f, &bits, 4);
-    const float sub = float(int32_t(mag)) * (1.0f / 16777216.0f);  // mant * 2^-24
-    f = mag < 0x400u ? sub : f;
+    const uint32_t off_bits = is_sub & 0x38800000u;  // 2^-14 or +0
+    float off;
+    std::memcpy(&off, &off_bits, 4);
+    f -= off;
     uint32_t fb;
     std::memcpy(&fb, &f, 4);
     fb |= (v & 0x8000u) << 16;
