@@ -1,0 +1,118 @@
+// CTA-wide exact top-k building blocks over 64-bit candidate keys (see
+// CandidateKey in select_plan.h: larger is better, 0 = empty, keys unique).
+// Internal to kernels/cuda.
+#ifndef PD_KERNELS_CUDA_BLOCK_TOPK_CUH_
+#define PD_KERNELS_CUDA_BLOCK_TOPK_CUH_
+
+#include <cstdint>
+
+namespace pd::kernels::cuda::topk {
+
+__device__ __forceinline__ uint32_t OrderedScoreBits(float f) {
+  if (f != f) return 0u;
+  const uint32_t u = __float_as_uint(f + 0.0f);  // -0 -> +0
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ uint64_t CandidateKey(float score, int32_t index) {
+  return (uint64_t(OrderedScoreBits(score)) << 32) | uint64_t(~uint32_t(index));
+}
+__device__ __forceinline__ int32_t CandidateIndex(uint64_t key) {
+  return int32_t(~uint32_t(key & 0xffffffffu));
+}
+
+// Scratch shared by the routines below (one per CTA).
+struct Scratch {
+  unsigned hist[256];
+  unsigned digit, above, count;
+  int write_pos;
+};
+
+// Returns T such that exactly k of the keys visited are >= T (k >= 1 and at
+// most the number of non-zero keys). for_each(f) must call f(key) for each of
+// this thread's keys; across the CTA every key is visited once. Zeros are
+// ignored. All threads of the CTA must call it; it returns the same T to all.
+template <class ForEach>
+__device__ uint64_t RadixSelectKth(ForEach&& for_each, int k, Scratch& sc) {
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  uint64_t prefix = 0, mask = 0;
+  unsigned rem = unsigned(k);
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += blockDim.x) sc.hist[i] = 0;
+    __syncthreads();
+    for_each([&](uint64_t x) {
+      if (x != 0 && (x & mask) == prefix) atomicAdd(&sc.hist[unsigned(x >> shift) & 255u], 1u);
+    });
+    __syncthreads();
+    if (tid < 32) {
+      unsigned b[8], sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        b[j] = sc.hist[8 * lane + j];
+        sum += b[j];
+      }
+      unsigned suf = sum;  // sum over lanes >= lane
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned t = __shfl_down_sync(0xffffffffu, suf, o);
+        if (lane + o < 32) suf += t;
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, suf >= rem);
+      const int top = 31 - __clz(ballot);  // highest lane whose suffix covers rem
+      if (lane == top) {
+        unsigned above = suf - sum;
+        int d = 8 * lane;
+        unsigned cnt = b[0];
+#pragma unroll
+        for (int j = 7; j >= 0; --j) {
+          if (above + b[j] >= rem) {
+            d = 8 * lane + j;
+            cnt = b[j];
+            break;
+          }
+          above += b[j];
+        }
+        sc.digit = unsigned(d);
+        sc.above = above;
+        sc.count = cnt;
+      }
+    }
+    __syncthreads();
+    const unsigned d = sc.digit, above = sc.above, cnt = sc.count;
+    prefix |= uint64_t(d) << shift;
+    mask |= uint64_t(0xff) << shift;
+    rem -= above;
+    if (cnt == rem) break;  // every key matching the prefix is selected
+  }
+  __syncthreads();  // sc is reused by the caller
+  return prefix;
+}
+
+// Sorts s[0, n) descending (n a power of two, <= 8192) with the whole CTA.
+__device__ inline void BitonicSortDesc(uint64_t* s, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < (n >> 1); i += blockDim.x) {
+        const int lo = 2 * i - (i & (stride - 1));
+        const int hi = lo + stride;
+        const bool desc = (lo & size) == 0;
+        const uint64_t a = s[lo], b = s[hi];
+        if ((a < b) == desc) {
+          s[lo] = b;
+          s[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+__host__ __device__ constexpr int NextPow2(int n) {
+  int p = 1;
+  while (p < n) p <<= 1;
+  return p;
+}
+
+}  // namespace pd::kernels::cuda::topk
+
+#endif  // PD_KERNELS_CUDA_BLOCK_TOPK_CUH_

@@ -1,0 +1,172 @@
+// CUDA (sm_90a) kernels of the DSA lightning indexer and its sparse selection
+// modes: the fused indexer preparation, pooled-key summaries, the MISA router,
+// and the selection kernel (FP8 tensor-core scoring with the top-k fused into
+// it: no [queries x keys] logits ever reach device memory). The CPU reference
+// of every kernel is in kernels/indexer.h (namespace pd::kernels::cpu); the
+// formulas are in ../shared/docs/algorithms.md sections 3-5.
+//
+// Conventions (FlashInfer/FlashMLA style): one plain Params struct per kernel
+// family, all pointers are DEVICE pointers with their shape in the comment,
+// launchers take an explicit stream, never allocate, and return cudaSuccess or
+// cudaErrorInvalidValue (bad parameters; the message is in *error when given)
+// or the launch's error. Sizes are host values.
+#ifndef PD_KERNELS_CUDA_INDEXER_CUDA_H_
+#define PD_KERNELS_CUDA_INDEXER_CUDA_H_
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cuda/select_plan.h"
+#include "kernels/kv_layout.h"
+
+namespace pd::kernels::cuda {
+
+// One layer's indexer keys for a batch of sequences. Keys of sequence b are
+// tokens [0, num_tokens[b]) in its page table row.
+struct IndexKeyBatch {
+  const uint8_t* pool = nullptr;         // layer pool; page p at pool + p * layout.IndexPageBytes()
+  const int32_t* page_table = nullptr;   // [num_seqs, page_table_stride] page ids
+  int64_t page_table_stride = 0;         // entries per row (>= NumPages(longest sequence))
+  const int64_t* num_tokens = nullptr;   // [num_seqs] keys present
+  const float* summary_sums = nullptr;   // [num_seqs, summary_stride, D] fp32 block sums (MISA)
+  int64_t summary_stride = 0;            // blocks per sequence row of summary_sums
+  KvLayout layout;                       // index_head_dim must be 128
+};
+
+// Prepared queries of a batch of sequences; the queries of sequence b are the
+// rows [query_start[b], query_start[b+1]) of q8 / weights / positions.
+struct IndexQueryBatch {
+  const uint8_t* q8 = nullptr;           // [T, H, D] e4m3, Hadamard-rotated, one scale per head
+  const float* weights = nullptr;        // [T, H] (x W_proj) * H^-0.5 * q_scale * D^-0.5
+  const int64_t* positions = nullptr;    // [T]; query t sees keys [0, positions[t]]
+  const int32_t* query_start = nullptr;  // [num_seqs + 1], query_start[0] == 0
+  int64_t num_queries = 0;               // T
+  int num_seqs = 1;
+  int64_t max_queries_per_seq = 0;       // host bound (grid size)
+  int64_t max_context = 0;               // host bound on num_tokens[b] (grid size)
+};
+
+// ---------------------------------------------------------------------------
+// Selection: for each query t, the top-k keys s <= positions[t] by
+//   I[t, s] = k_scale[s] * sum_{j in heads(t)} w[t, j] * ReLU(q8[t, j] . k8[s])
+// where heads(t) is all H heads (dense DSA) or the routed heads head_list[t, :]
+// (MISA). Rows of `out` hold min(topk, visible keys) indices then -1; in
+// ascending-score order only when `sorted` (score descending, ties: lower index,
+// the order of cpu::SelectTokens); otherwise the set in unspecified order.
+struct SelectParams {
+  IndexKeyBatch keys;
+  IndexQueryBatch queries;
+  int heads = 64;                        // H (row stride of q8 / weights)
+  int head_dim = 128;                    // D, must be 128
+  int rows_per_query = 64;               // G: H (dense) or h (MISA); 8, 16, 32 or 64
+  const int32_t* head_list = nullptr;    // [T, G] head ids per query; nullptr = heads 0..G-1
+  const int32_t* key_list = nullptr;     // optional [num_seqs, key_list_stride] candidate keys
+  const int32_t* key_list_len = nullptr; //   [num_seqs] valid entries (keys ascending, >= 0)
+  int64_t key_list_stride = 0;
+  int64_t max_key_list_len = 0;          //   host bound (replaces max_context for the split)
+  int topk = 2048;                       // <= 2048
+  bool sorted = false;
+  int num_splits = 0;                    // 0 = choose (PlanSelect)
+  bool use_wgmma = true;                 // false: mma.sync m16n8k32 fallback (same results)
+  int32_t* out = nullptr;                // [T, topk]
+};
+
+// Plans a selection launch; the workspace must be plan.workspace_bytes.
+cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char** error);
+// Runs the selection (scoring + fused top-k; plus the split merge when the plan
+// splits the key axis). workspace: device memory of plan.workspace_bytes.
+cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* workspace,
+                         cudaStream_t stream, const char** error = nullptr);
+
+// ---------------------------------------------------------------------------
+// MISA router: r[t, j] = |w[t, j]| * sum_{b <= positions[t] / B, b < M} ReLU(q8[t, j] . kbar[b]),
+// kbar[b] = summary_sums[b] / BlockCount(b), M = ceil(num_tokens / B); then the
+// top-h heads of r[t, :] (ties: lower index) in ascending head order. The dot
+// products run on bf16 tensor cores with kbar split into bf16 hi + lo parts
+// (about 16 mantissa bits), accumulated in fp32.
+struct RouterParams {
+  IndexKeyBatch keys;                    // summary_sums and num_tokens are read
+  IndexQueryBatch queries;
+  int heads = 64;                        // H, multiple of 16 and <= 64
+  int head_dim = 128;                    // must be 128
+  int active_heads = 8;                  // h <= H
+  int32_t* active = nullptr;             // [T, h] out
+  float* scores = nullptr;               // optional [T, H] out: r
+};
+cudaError_t LaunchMisaRouter(const RouterParams& p, cudaStream_t stream,
+                             const char** error = nullptr);
+
+// ---------------------------------------------------------------------------
+// Pooled-summary block filter (decode: MISA's heads + HISA's token cut): for each
+// sequence, block scores bs[b] = sum_{j in heads(q)} w[q, j] * ReLU(q8[q, j] . kbar[b])
+// maximised over the sequence's queries q, over the visible blocks; keeps the
+// first and the last visible block and the best others, keep_blocks in all,
+// and writes their keys (ascending) as a key list for SelectParams.
+struct BlockFilterParams {
+  IndexKeyBatch keys;
+  IndexQueryBatch queries;
+  int heads = 64;
+  int head_dim = 128;
+  int rows_per_query = 8;                // heads used per query
+  const int32_t* head_list = nullptr;    // [T, rows_per_query]; nullptr = heads 0..rows-1
+  int keep_blocks = 8;                   // blocks kept per sequence (<= 1024)
+  int32_t* key_list = nullptr;           // [num_seqs, key_list_stride] out
+  int32_t* key_list_len = nullptr;       // [num_seqs] out
+  int64_t key_list_stride = 0;           // >= keep_blocks * B
+};
+cudaError_t LaunchBlockFilter(const BlockFilterParams& p, cudaStream_t stream,
+                              const char** error = nullptr);
+
+// ---------------------------------------------------------------------------
+// Fused indexer preparation (cpu::IndexerPrep): per token t of sequence
+// token_seq[t], k = LayerNorm(k_proj[t]); half-split RoPE on the first rope_dim
+// values; Hadamard * D^-0.5; FP8 e4m3 with a ue8m0 scale -> the key cache at
+// positions[t]. Each query head likewise (no LayerNorm) -> q8 and
+// weights[t, j] = w_proj[t, j] * H^-0.5 * q_scale[t, j] * D^-0.5.
+struct PrepParams {
+  const float* q_proj = nullptr;         // [T, H*D]
+  const float* k_proj = nullptr;         // [T, D]
+  const float* w_proj = nullptr;         // [T, H]
+  const float* ln_gamma = nullptr;       // [D]
+  const float* ln_beta = nullptr;        // [D]
+  float ln_eps = 1e-6f;
+  const int64_t* positions = nullptr;    // [T]
+  const int32_t* token_seq = nullptr;    // [T] sequence of each token; nullptr = all sequence 0
+  const float* inv_freq = nullptr;       // [rope_dim / 2]
+  int rope_dim = 64;                     // even, <= D
+  int64_t num_tokens = 0;                // T
+  int heads = 64;
+  int head_dim = 128;                    // must be 128
+  uint8_t* pool = nullptr;               // key pool (written)
+  const int32_t* page_table = nullptr;   // [num_seqs, page_table_stride]
+  int64_t page_table_stride = 0;
+  KvLayout layout;
+  uint8_t* q8 = nullptr;                 // [T, H, D] out
+  float* weights = nullptr;              // [T, H] out
+};
+cudaError_t LaunchIndexerPrep(const PrepParams& p, cudaStream_t stream,
+                              const char** error = nullptr);
+
+// cpu::UpdateSummaries for a batch: sequence b adds its keys [from[b], to[b]) to
+// its block sums in token order (blocks first touched are zeroed first), so a
+// prefill and a series of single-token decode updates give identical sums.
+struct SummaryParams {
+  const uint8_t* pool = nullptr;
+  const int32_t* page_table = nullptr;   // [num_seqs, page_table_stride]
+  int64_t page_table_stride = 0;
+  float* summary_sums = nullptr;         // [num_seqs, summary_stride, D]
+  int64_t summary_stride = 0;
+  const int64_t* from = nullptr;         // [num_seqs]
+  const int64_t* to = nullptr;           // [num_seqs]
+  int num_seqs = 1;
+  int64_t max_blocks_touched = 1;        // host bound on blocks any [from, to) touches
+  KvLayout layout;
+};
+cudaError_t LaunchUpdateSummaries(const SummaryParams& p, cudaStream_t stream,
+                                  const char** error = nullptr);
+
+}  // namespace pd::kernels::cuda
+
+#endif  // PD_KERNELS_CUDA_INDEXER_CUDA_H_

@@ -1,0 +1,180 @@
+// Selection launcher (validation, plan, dispatch) and the split-merge kernel.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/block_topk.cuh"
+#include "kernels/cuda/indexer_cuda.h"
+#include "kernels/cuda/select_kernel.h"
+
+namespace pd::kernels::cuda {
+namespace select_internal {
+namespace {
+
+constexpr int kMergeThreads = 256;
+constexpr int kMaxSplits = 1024;
+
+// One CTA per query: exact top-k over the union of the query's split lists.
+__global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a) {
+  __shared__ int cnt[kMaxSplits];
+  __shared__ uint64_t buf[kSelectMaxTopk];
+  __shared__ topk::Scratch sc;
+  const int64_t t = blockIdx.x;
+  const int S = a.splits, k = a.topk, tid = threadIdx.x;
+  int local = 0;
+  for (int s = tid; s < S; s += kMergeThreads) {
+    cnt[s] = a.counts[t * S + s];
+    local += cnt[s];
+  }
+  if (tid == 0) sc.write_pos = 0;
+  // Block sum of the list lengths.
+  __shared__ int total_sh;
+  if (tid == 0) total_sh = 0;
+  __syncthreads();
+  if (local != 0) atomicAdd(&total_sh, local);
+  __syncthreads();
+  const int total = total_sh;
+  const uint64_t* base = a.lists + t * S * int64_t(kSelectListCap);
+  auto for_each = [&](auto&& f) {
+    for (int s = 0; s < S; ++s) {
+      const uint64_t* L = base + int64_t(s) * kSelectListCap;
+      for (int i = tid; i < cnt[s]; i += kMergeThreads) f(L[i]);
+    }
+  };
+  const int m = total < k ? total : k;
+  const uint64_t T = total > k ? topk::RadixSelectKth(for_each, k, sc) : 1ull;
+  // Gather the selection (exactly m keys >= T) into shared memory.
+  for_each([&](uint64_t x) {
+    if (x != 0 && x >= T) buf[atomicAdd(&sc.write_pos, 1)] = x;
+  });
+  __syncthreads();
+  int32_t* o = a.merge_out + t * k;
+  if (a.sorted) {
+    const int N = topk::NextPow2(m > 2 ? m : 2);
+    for (int i = m + tid; i < N; i += kMergeThreads) buf[i] = 0ull;
+    __syncthreads();
+    topk::BitonicSortDesc(buf, N);
+  }
+  for (int i = tid; i < k; i += kMergeThreads) o[i] = i < m ? topk::CandidateIndex(buf[i]) : -1;
+}
+
+}  // namespace
+
+cudaError_t LaunchMergeKernel(const SelectArgs& args, int64_t num_queries, cudaStream_t stream) {
+  if (num_queries == 0) return cudaSuccess;
+  MergeKernel<<<dim3(unsigned(num_queries)), kMergeThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace select_internal
+
+namespace {
+
+cudaError_t Invalid(const char** error, const char* what) {
+  if (error != nullptr) *error = what;
+  return cudaErrorInvalidValue;
+}
+
+int DeviceSmCount() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
+  return sms;
+}
+
+template <int G>
+cudaError_t Dispatch(const select_internal::SelectArgs& args, dim3 grid, bool wgmma,
+                     cudaStream_t stream) {
+  return wgmma ? select_internal::LaunchSelectKernel<G, true>(args, grid, stream)
+               : select_internal::LaunchSelectKernel<G, false>(args, grid, stream);
+}
+
+}  // namespace
+
+cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char** error) {
+  if (p.head_dim != 128 || p.keys.layout.index_head_dim != 128) {
+    return Invalid(error, "the CUDA indexer needs head_dim == index_head_dim == 128");
+  }
+  if (p.heads < p.rows_per_query || p.heads < 1) {
+    return Invalid(error, "heads must be >= rows_per_query");
+  }
+  if (p.head_list == nullptr && p.rows_per_query != p.heads) {
+    return Invalid(error, "without head_list every head is a row: rows_per_query must equal heads");
+  }
+  if (p.queries.num_seqs < 1 || p.queries.query_start == nullptr) {
+    return Invalid(error, "queries.num_seqs must be >= 1 with a query_start array");
+  }
+  SelectPlanInput in;
+  in.num_queries = p.queries.num_queries;
+  in.num_seqs = p.queries.num_seqs;
+  in.max_queries_per_seq = p.queries.max_queries_per_seq;
+  in.max_context = p.key_list != nullptr ? p.max_key_list_len : p.queries.max_context;
+  in.rows_per_query = p.rows_per_query;
+  in.topk = p.topk;
+  in.num_sms = DeviceSmCount();
+  in.num_splits = p.num_splits;
+  const char* why = nullptr;
+  if (!PlanSelect(in, plan, &why)) return Invalid(error, why);
+  if (plan->splits > select_internal::kMaxSplits) {
+    return Invalid(error, "more than 1024 key splits: set num_splits");
+  }
+  return cudaSuccess;
+}
+
+cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* workspace,
+                         cudaStream_t stream, const char** error) {
+  if (p.keys.pool == nullptr || p.keys.page_table == nullptr || p.keys.num_tokens == nullptr ||
+      p.queries.q8 == nullptr || p.queries.weights == nullptr ||
+      p.queries.positions == nullptr || p.out == nullptr || workspace == nullptr) {
+    return Invalid(error, "null pointer among pool, page_table, num_tokens, q8, weights, "
+                          "positions, out, workspace");
+  }
+  if (p.key_list != nullptr && p.key_list_len == nullptr) {
+    return Invalid(error, "key_list given without key_list_len");
+  }
+  if (plan.queries_per_cta * p.rows_per_query != kSelectRows || plan.splits < 1 ||
+      plan.splits > select_internal::kMaxSplits) {
+    return Invalid(error, "plan does not match these parameters (call PlanSelectLaunch)");
+  }
+  if (p.queries.num_queries == 0) return cudaSuccess;
+  select_internal::SelectArgs a{};
+  a.pool = p.keys.pool;
+  a.page_table = p.keys.page_table;
+  a.page_table_stride = p.keys.page_table_stride;
+  a.num_tokens = p.keys.num_tokens;
+  a.page_bytes = uint32_t(p.keys.layout.IndexPageBytes());
+  a.scale_offset = uint32_t(p.keys.layout.IndexScaleOffset(0));
+  a.q8 = p.queries.q8;
+  a.weights = p.queries.weights;
+  a.positions = p.queries.positions;
+  a.query_start = p.queries.query_start;
+  a.heads = p.heads;
+  a.head_list = p.head_list;
+  a.key_list = p.key_list;
+  a.key_list_len = p.key_list_len;
+  a.key_list_stride = p.key_list_stride;
+  a.topk = p.topk;
+  a.sorted = p.sorted ? 1 : 0;
+  a.splits = plan.splits;
+  a.keys_per_split = plan.keys_per_split;
+  uint8_t* ws = static_cast<uint8_t*>(workspace);
+  a.lists = reinterpret_cast<uint64_t*>(ws + plan.lists_offset);
+  a.counts = reinterpret_cast<int32_t*>(ws + plan.counts_offset);
+  a.out = plan.splits == 1 ? p.out : nullptr;
+  a.merge_out = p.out;
+  if (plan.groups_per_seq == 0) return cudaSuccess;
+  const dim3 grid(unsigned(plan.groups_per_seq), unsigned(plan.splits),
+                  unsigned(p.queries.num_seqs));
+  cudaError_t e;
+  switch (p.rows_per_query) {
+    case 8: e = Dispatch<8>(a, grid, p.use_wgmma, stream); break;
+    case 16: e = Dispatch<16>(a, grid, p.use_wgmma, stream); break;
+    case 32: e = Dispatch<32>(a, grid, p.use_wgmma, stream); break;
+    case 64: e = Dispatch<64>(a, grid, p.use_wgmma, stream); break;
+    default: return Invalid(error, "rows_per_query must be 8, 16, 32 or 64");
+  }
+  if (e != cudaSuccess || plan.splits == 1) return e;
+  return select_internal::LaunchMergeKernel(a, p.queries.num_queries, stream);
+}
+
+}  // namespace pd::kernels::cuda

@@ -1,0 +1,65 @@
+#include "kernels/cuda/select_plan.h"
+
+#include <algorithm>
+
+namespace pd::kernels::cuda {
+namespace {
+
+size_t Align256(size_t x) { return (x + 255) & ~size_t(255); }
+int64_t CeilDivI(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+bool PlanSelect(const SelectPlanInput& in, SelectPlan* plan, const char** error) {
+  const char* unused = nullptr;
+  if (error == nullptr) error = &unused;
+  if (!SelectRowsSupported(in.rows_per_query)) {
+    *error = "rows_per_query (heads per query) must be 8, 16, 32 or 64";
+    return false;
+  }
+  if (in.topk < 1 || in.topk > kSelectMaxTopk) {
+    *error = "topk must be in [1, 2048]";
+    return false;
+  }
+  if (in.num_queries < 0 || in.num_seqs < 1 || in.max_queries_per_seq < 0 ||
+      in.max_context < 0 || in.num_sms < 1 || in.ctas_per_sm < 1 || in.num_splits < 0) {
+    *error = "negative size, no sequence, or no SM in the selection plan input";
+    return false;
+  }
+  if (in.max_queries_per_seq > in.num_queries) {
+    *error = "max_queries_per_seq exceeds num_queries";
+    return false;
+  }
+  if (in.max_context > (int64_t(1) << 31) - kSelectKeysPerIter) {
+    *error = "context longer than 2^31 keys";
+    return false;
+  }
+  SelectPlan p;
+  p.queries_per_cta = kSelectRows / in.rows_per_query;
+  p.groups_per_seq = CeilDivI(in.max_queries_per_seq, p.queries_per_cta);
+  const int64_t ctx = std::max<int64_t>(in.max_context, 1);
+  const int64_t max_splits = CeilDivI(ctx, kSelectKeysPerIter);
+  int64_t splits = in.num_splits;
+  if (splits == 0) {
+    // Fill the machine: split the key axis until there are ctas_per_sm CTAs per
+    // SM, but never below kSelectMinSplitKeys keys per split.
+    const int64_t ctas = std::max<int64_t>(1, p.groups_per_seq * in.num_seqs);
+    const int64_t want = int64_t(in.num_sms) * in.ctas_per_sm;
+    splits = ctas >= want ? 1 : CeilDivI(want, ctas);
+    splits = std::min<int64_t>(splits, std::max<int64_t>(1, ctx / kSelectMinSplitKeys));
+  }
+  splits = std::clamp<int64_t>(splits, 1, max_splits);
+  p.keys_per_split =
+      CeilDivI(CeilDivI(ctx, splits), kSelectKeysPerIter) * kSelectKeysPerIter;
+  p.splits = int(CeilDivI(ctx, p.keys_per_split));
+  const size_t slots = size_t(in.num_queries) * size_t(p.splits);
+  p.lists_offset = 0;
+  p.lists_bytes = Align256(slots * kSelectListCap * sizeof(uint64_t));
+  p.counts_offset = p.lists_offset + p.lists_bytes;
+  p.counts_bytes = Align256(slots * sizeof(int32_t));
+  p.workspace_bytes = p.counts_offset + p.counts_bytes;
+  *plan = p;
+  return true;
+}
+
+}  // namespace pd::kernels::cuda

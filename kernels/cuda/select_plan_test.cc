@@ -1,0 +1,132 @@
+// CPU tests of the selection kernels' host-side tiling math and key encoding.
+#include "kernels/cuda/select_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "kernels/testing/minitest.h"
+
+namespace pd::kernels::cuda {
+namespace {
+
+SelectPlanInput Prefill(int64_t q, int64_t ctx, int rows) {
+  SelectPlanInput in;
+  in.num_queries = q;
+  in.num_seqs = 1;
+  in.max_queries_per_seq = q;
+  in.max_context = ctx;
+  in.rows_per_query = rows;
+  in.topk = 2048;
+  in.num_sms = 132;
+  return in;
+}
+
+TEST(SelectPlan, LargePrefillDoesNotSplit) {
+  SelectPlan p;
+  ASSERT_TRUE(PlanSelect(Prefill(8192, 131072, 64), &p, nullptr));
+  EXPECT_EQ(p.queries_per_cta, 2);
+  EXPECT_EQ(p.groups_per_seq, 4096);
+  EXPECT_EQ(p.splits, 1);
+  EXPECT_GE(p.keys_per_split, 131072);
+  ASSERT_TRUE(PlanSelect(Prefill(8192, 131072, 8), &p, nullptr));
+  EXPECT_EQ(p.queries_per_cta, 16);
+  EXPECT_EQ(p.groups_per_seq, 512);
+  EXPECT_EQ(p.splits, 1);
+}
+
+TEST(SelectPlan, SplitsCoverTheContextExactlyOnce) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 2000; ++trial) {
+    SelectPlanInput in;
+    in.num_seqs = 1 + int(rng() % 200);
+    in.max_queries_per_seq = 1 + int64_t(rng() % 3);
+    in.num_queries = in.num_seqs * in.max_queries_per_seq;
+    in.max_context = int64_t(rng() % 300000);
+    const int rows[] = {8, 16, 32, 64};
+    in.rows_per_query = rows[rng() % 4];
+    in.topk = 1 + int(rng() % 2048);
+    in.num_sms = 1 + int(rng() % 160);
+    in.num_splits = (rng() % 4 == 0) ? int(rng() % 50) : 0;
+    SelectPlan p;
+    ASSERT_TRUE(PlanSelect(in, &p, nullptr));
+    EXPECT_EQ(p.keys_per_split % kSelectKeysPerIter, 0);
+    EXPECT_GE(p.splits, 1);
+    // Every key in [0, ctx) falls in exactly one split, and no split is empty.
+    const int64_t ctx = std::max<int64_t>(in.max_context, 1);
+    EXPECT_GE(int64_t(p.splits) * p.keys_per_split, ctx);
+    EXPECT_LT(int64_t(p.splits - 1) * p.keys_per_split, ctx);
+    if (in.num_splits == 0 && p.splits > 1) {
+      EXPECT_GE(p.keys_per_split, kSelectMinSplitKeys);
+    }
+    EXPECT_EQ(p.queries_per_cta * in.rows_per_query, kSelectRows);
+    EXPECT_GE(p.groups_per_seq * p.queries_per_cta, in.max_queries_per_seq);
+    EXPECT_LT((p.groups_per_seq - 1) * p.queries_per_cta, std::max<int64_t>(in.max_queries_per_seq, 1));
+    // Workspace parts are aligned, disjoint and large enough.
+    EXPECT_EQ(p.counts_offset % 256, 0u);
+    EXPECT_GE(p.lists_bytes, size_t(in.num_queries) * p.splits * kSelectListCap * 8);
+    EXPECT_GE(p.counts_bytes, size_t(in.num_queries) * p.splits * 4);
+    EXPECT_EQ(p.workspace_bytes, p.counts_offset + p.counts_bytes);
+    EXPECT_GE(p.counts_offset, p.lists_offset + p.lists_bytes);
+  }
+}
+
+TEST(SelectPlan, DecodeSplitsToFillTheMachine) {
+  SelectPlanInput in = Prefill(1, 131072, 64);
+  SelectPlan p;
+  ASSERT_TRUE(PlanSelect(in, &p, nullptr));
+  EXPECT_EQ(p.splits, 256);  // 2 CTAs per SM on 132 SMs, 512 keys each
+  EXPECT_EQ(p.keys_per_split, 512);
+  in = Prefill(128, 131072, 64);
+  in.num_seqs = 128;
+  in.max_queries_per_seq = 1;
+  ASSERT_TRUE(PlanSelect(in, &p, nullptr));
+  EXPECT_EQ(p.splits, 3);  // ceil(264 / 128)
+}
+
+TEST(SelectPlan, RejectsBadInput) {
+  SelectPlan p;
+  const char* why = nullptr;
+  SelectPlanInput in = Prefill(10, 100, 12);
+  EXPECT_FALSE(PlanSelect(in, &p, &why));
+  EXPECT_TRUE(why != nullptr);
+  in = Prefill(10, 100, 64);
+  in.topk = 4096;
+  EXPECT_FALSE(PlanSelect(in, &p, &why));
+  in = Prefill(10, 100, 64);
+  in.max_queries_per_seq = 11;
+  EXPECT_FALSE(PlanSelect(in, &p, &why));
+}
+
+TEST(CandidateKey, OrdersLikeTheCpuTopK) {
+  // Score descending, ties by lower index, NaN last, -0 == +0.
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-4.0f, 4.0f);
+  std::vector<float> s(500);
+  for (auto& x : s) x = (rng() % 5 == 0) ? float(int(u(rng))) : u(rng);
+  s[10] = -0.0f;
+  s[11] = 0.0f;
+  s[12] = std::numeric_limits<float>::quiet_NaN();
+  s[13] = std::numeric_limits<float>::infinity();
+  s[14] = -std::numeric_limits<float>::infinity();
+  auto better = [&](int a, int b) {
+    const bool na = std::isnan(s[a]), nb = std::isnan(s[b]);
+    if (na != nb) return nb;
+    if (!na && s[a] != s[b]) return s[a] > s[b];
+    return a < b;
+  };
+  for (int a = 0; a < 500; ++a) {
+    for (int b = 0; b < 500; ++b) {
+      if (a == b) continue;
+      const bool kb = CandidateKey(s[a], a) > CandidateKey(s[b], b);
+      ASSERT_EQ(kb, better(a, b)) << a << " " << b << " " << s[a] << " " << s[b];
+    }
+    EXPECT_EQ(CandidateIndex(CandidateKey(s[a], a)), a);
+    EXPECT_NE(CandidateKey(s[a], a), 0u);
+  }
+}
+
+}  // namespace
+}  // namespace pd::kernels::cuda
