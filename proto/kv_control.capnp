@@ -45,6 +45,7 @@ struct Manifest {
   maxChunkBytes @8 :UInt64;  # largest chunk the sender will ship
   staged @9 :Bool;           # sender asks for a staging ring instead of direct puts
   checksum @10 :Bool;        # chunks carry XXH3-64 checksums that the receiver verifies
+  sourcePages @11 :List(Int32);  # the sender's page table (two-sided backends pair segments)
 }
 
 # Receiver -> sender: the handshake succeeded.

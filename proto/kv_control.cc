@@ -131,6 +131,7 @@ absl::Status Build(gen::ControlMessage::Builder root, const ControlMessage& msg)
           b.setMaxChunkBytes(m.max_chunk_bytes);
           b.setStaged(m.staged);
           b.setChecksum(m.checksum);
+          FillList(b.initSourcePages(unsigned(m.source_pages.size())), m.source_pages);
         } else if constexpr (std::is_same_v<T, Accept>) {
           auto b = root.initAccept();
           b.setRequestId(TextOf(m.request_id));
@@ -214,6 +215,9 @@ absl::StatusOr<ControlMessage> Parse(gen::ControlMessage::Reader root) {
       m.max_chunk_bytes = r.getMaxChunkBytes();
       m.staged = r.getStaged();
       m.checksum = r.getChecksum();
+      auto sp = ReadList<int32_t>(r.getSourcePages(), "sourcePages");
+      if (!sp.ok()) return sp.status();
+      m.source_pages = std::move(*sp);
       return ControlMessage(std::move(m));
     }
     case gen::ControlMessage::ACCEPT: {

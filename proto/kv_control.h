@@ -48,6 +48,7 @@ struct Manifest {
   uint64_t max_chunk_bytes = 0;
   bool staged = false;
   bool checksum = true;
+  std::vector<int32_t> source_pages;
   bool operator==(const Manifest&) const = default;
 };
 

@@ -43,6 +43,7 @@ Manifest SampleManifest() {
   m.max_chunk_bytes = 4 << 20;
   m.staged = true;
   m.checksum = true;
+  m.source_pages = {3, 4, 9};
   return m;
 }
 

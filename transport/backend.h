@@ -1,0 +1,105 @@
+// The data plane of a KV stream: what a backend (UCX, NCCL, loopback, or a
+// decorator around one) must do to move chunk bytes from a sender's memory into
+// a receiver's memory. The stream protocol (kv_stream.h) sits on top and owns
+// chunking, checksums, credits and failure handling; the control channel
+// carries the blobs that backends exchange.
+//
+// Asynchronous operations are post-then-poll: Post* returns at once, Poll*
+// reports done (true), in progress (false) or a final error. Errors crossing
+// this interface are absl::Status; Unavailable means the peer went away.
+#ifndef PD_TRANSPORT_BACKEND_H_
+#define PD_TRANSPORT_BACKEND_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace pd::transport {
+
+// A span of memory a stream reads from or writes into.
+struct MemoryRegion {
+  uint8_t* base = nullptr;
+  size_t bytes = 0;
+  bool on_device = false;  // CUDA device memory
+};
+
+// Who is on the other side of a stream (for per-peer resource caches).
+struct PeerContext {
+  std::string request_id;
+  std::string local_node;   // this node's stable name
+  std::string remote_node;  // the peer's stable name
+};
+
+// Sender side of one stream. Used by one thread at a time.
+class DataSender {
+ public:
+  virtual ~DataSender() = default;
+  // Posts a write of `len` bytes at `src` (inside the local region given to
+  // Backend::Connect) to byte `dst_offset` of the receiver's region. `src` must
+  // stay unchanged until a fence posted after this write has completed.
+  virtual absl::Status PostWrite(const uint8_t* src, uint64_t dst_offset, size_t len) = 0;
+  // Posts a fence behind every write posted so far and returns its id.
+  virtual absl::StatusOr<uint64_t> PostFence() = 0;
+  // True once fence `id` completed: every write before it is in the receiver's
+  // memory (one-sided) or was consumed by a matching receive (two-sided).
+  virtual absl::StatusOr<bool> PollFence(uint64_t id) = 0;
+};
+
+// Receiver side of one stream. Used by one thread at a time.
+class DataReceiver {
+ public:
+  virtual ~DataReceiver() = default;
+  // The blob the sender passes to Backend::Connect.
+  virtual std::string info() const = 0;
+  // Two-sided backends only: posts the receive matching the sender's next
+  // write (same order, same length) into byte `dst_offset` of the region.
+  // Returns a ticket for PollRecv.
+  virtual absl::StatusOr<uint64_t> PostRecv(uint64_t dst_offset, size_t len) {
+    return absl::UnimplementedError("PostRecv on a one-sided backend");
+  }
+  // True once the receive `ticket` (and every earlier one) completed.
+  virtual absl::StatusOr<bool> PollRecv(uint64_t ticket) {
+    return absl::UnimplementedError("PollRecv on a one-sided backend");
+  }
+};
+
+// A data-plane backend. Implementations are thread-safe: streams on several
+// threads share one backend.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  // One-sided: the sender writes into the receiver's memory (puts). Two-sided:
+  // every write pairs with a PostRecv on the receiver (send/recv).
+  virtual bool one_sided() const = 0;
+  // True when regions may be CUDA device memory on both sides; when false the
+  // stream stages device memory through host buffers.
+  virtual bool supports_device_memory() const = 0;
+  // Sender: the blob for the manifest (worker address, NCCL unique id...).
+  virtual absl::StatusOr<std::string> SenderInfo(const PeerContext& peer) = 0;
+  // Receiver: exposes `region` to the sender that sent `sender_info`. The
+  // backend may cache the region's registration across streams; the returned
+  // object's destructor releases everything specific to this stream.
+  virtual absl::StatusOr<std::unique_ptr<DataReceiver>> Listen(const MemoryRegion& region,
+                                                               const std::string& sender_info,
+                                                               const PeerContext& peer,
+                                                               absl::Time deadline) = 0;
+  // Sender: connects to the receiver's region described by `receiver_info`;
+  // `local` is where the stream's writes read from.
+  virtual absl::StatusOr<std::unique_ptr<DataSender>> Connect(const MemoryRegion& local,
+                                                              const std::string& receiver_info,
+                                                              const PeerContext& peer,
+                                                              absl::Time deadline) = 0;
+  // Drops any cached registration of memory starting at `base` (call before
+  // freeing memory that was given to Listen). Default: nothing cached.
+  virtual void ForgetRegion(const uint8_t* base) {}
+};
+
+}  // namespace pd::transport
+
+#endif  // PD_TRANSPORT_BACKEND_H_

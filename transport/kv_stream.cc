@@ -1,0 +1,952 @@
+#include "transport/kv_stream.h"
+
+#include <xxhash.h>
+
+#include <algorithm>
+#include <deque>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/ids.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "transport/chunk_plan.h"
+#include "transport/resource_counters.h"
+
+namespace pd::transport {
+namespace {
+
+using proto::ObjectKind;
+
+// XXH3-64 over a sequence of byte ranges (equal to XXH3_64bits of their concatenation).
+class Xxh3 {
+ public:
+  Xxh3() : state_(XXH3_createState()) { XXH3_64bits_reset(state_); }
+  ~Xxh3() { XXH3_freeState(state_); }
+  Xxh3(const Xxh3&) = delete;
+  Xxh3& operator=(const Xxh3&) = delete;
+  void Update(const uint8_t* p, size_t n) { XXH3_64bits_update(state_, p, n); }
+  uint64_t Digest() const { return XXH3_64bits_digest(state_); }
+
+ private:
+  XXH3_state_t* state_;
+};
+
+std::string ChunkName(const PlannedChunk& c) {
+  return absl::StrCat("chunk ", c.id, " (layer ", c.layer, " ", proto::ObjectKindName(c.kind),
+                      ", tokens [", c.token_begin, ", ", c.token_end, "))");
+}
+
+// Offsets of `seq`'s objects in `cache`, relative to the arena base.
+SideLayout LocalSide(const kvcache::KvCache& cache, int32_t seq, int64_t tokens) {
+  SideLayout s;
+  s.pages = cache.PageTable(seq);
+  s.pages.resize(std::min<size_t>(s.pages.size(), size_t(kernels::NumPages(tokens))));
+  const uint8_t* base = cache.arena();
+  for (int l = 0; l < cache.options().num_layers; ++l) {
+    s.mla.push_back(uint64_t(cache.MlaPool(l) - base));
+    s.index.push_back(uint64_t(cache.IndexPool(l) - base));
+    s.summary.push_back(uint64_t(reinterpret_cast<const uint8_t*>(cache.Summaries(l, seq)) - base));
+  }
+  return s;
+}
+
+absl::Status HashOnHost(MemoryOps& ops, const uint8_t* p, size_t n, Xxh3& h) {
+  return ops.ReadOnHost(p, n, [&](const uint8_t* q, size_t m) { h.Update(q, m); });
+}
+
+// =============================== sender ===============================
+
+class SenderImpl final : public KvSender {
+ public:
+  SenderImpl(Backend& backend, std::unique_ptr<ControlChannel> channel, const kvcache::KvCache& cache,
+             SendRequest request, SenderOptions options, MemoryOps& ops, proto::Manifest manifest,
+             proto::Accept accept, ChunkPlan plan, std::unique_ptr<StagingBuffer> bounce,
+             std::unique_ptr<DataSender> data, bool one_sided, absl::Time start)
+      : backend_(backend),
+        channel_(std::move(channel)),
+        cache_(cache),
+        request_(std::move(request)),
+        options_(std::move(options)),
+        ops_(ops),
+        manifest_(std::move(manifest)),
+        accept_(std::move(accept)),
+        plan_(std::move(plan)),
+        bounce_(std::move(bounce)),
+        data_(std::move(data)),
+        one_sided_(one_sided),
+        staged_(accept_.staging_slots > 0),
+        start_(start),
+        token_(Resource::kStream) {
+    const size_t n = plan_.chunks.size();
+    state_.assign(n, State::kWaiting);
+    attempts_.assign(n, 0);
+    slot_of_.assign(n, 0);
+    submitted_.assign(manifest_.num_layers, false);
+    confirmed_.assign(manifest_.num_layers, false);
+    credit_bytes_ = accept_.credit_bytes;
+    credit_chunks_ = accept_.credit_chunks;
+    for (uint32_t s = 0; s < accept_.staging_slots; ++s) free_slots_.push_back(s);
+    channel_->SetNotify([this] {
+      absl::MutexLock lock(&mu_);
+      ++wakeups_;
+    });
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  ~SenderImpl() override {
+    Abort(absl::CancelledError("KV sender destroyed before the stream finished"));
+    thread_.join();
+    channel_->SetNotify(nullptr);
+  }
+
+  absl::Status SendLayer(int layer) override {
+    absl::MutexLock lock(&mu_);
+    if (done_) return final_.ok() ? absl::FailedPreconditionError("stream already finished") : final_;
+    if (layer < 0 || layer >= int(manifest_.num_layers)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", layer, " outside [0, ", manifest_.num_layers, ")"));
+    }
+    if (submitted_[size_t(layer)]) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " was already sent"));
+    }
+    submitted_[size_t(layer)] = true;
+    // Two-sided backends pair sends with receives in chunk-id order, so layers
+    // are shipped in order; one-sided ones ship a layer as soon as it is queued.
+    auto queue_layer = [&](uint32_t l) {
+      for (uint32_t id = plan_.layer_first[l]; id < plan_.layer_first[l + 1]; ++id) ready_.push_back(id);
+    };
+    if (one_sided_) {
+      queue_layer(uint32_t(layer));
+    } else {
+      while (next_layer_ < manifest_.num_layers && submitted_[next_layer_]) queue_layer(next_layer_++);
+    }
+    ++wakeups_;
+    return absl::OkStatus();
+  }
+
+  absl::Status Finish(absl::Time deadline) override {
+    absl::MutexLock lock(&mu_);
+    if (!mu_.AwaitWithDeadline(absl::Condition(&done_), deadline)) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("KV stream ", request_.request_id, " not finished before the deadline (",
+                       acked_, " of ", plan_.chunks.size(), " chunks acknowledged)"));
+    }
+    return final_;
+  }
+
+  void Abort(const absl::Status& why) override {
+    absl::MutexLock lock(&mu_);
+    if (abort_.ok()) abort_ = why.ok() ? absl::CancelledError("aborted") : why;
+    ++wakeups_;
+  }
+
+  bool LayerConfirmed(int layer) const override {
+    absl::MutexLock lock(&mu_);
+    return layer >= 0 && size_t(layer) < confirmed_.size() && confirmed_[size_t(layer)];
+  }
+
+  StreamStats stats() const override {
+    absl::MutexLock lock(&mu_);
+    return stats_;
+  }
+  const proto::Manifest& manifest() const override { return manifest_; }
+
+ private:
+  enum class State : uint8_t { kWaiting, kPosted, kHeaderSent, kAcked };
+  struct Batch {
+    uint64_t fence = 0;
+    proto::ChunkBatch headers;
+  };
+
+  void Run() {
+    absl::Status st = Loop();
+    Finalize(st);
+  }
+
+  absl::Status Loop() {
+    absl::Time last_progress = absl::Now();
+    uint64_t seen_wakeups = 0;
+    while (true) {
+      {
+        absl::MutexLock lock(&mu_);
+        if (!abort_.ok()) return abort_;
+        seen_wakeups = wakeups_;
+      }
+      // 1. Control messages.
+      while (true) {
+        auto m = channel_->TryReceive();
+        if (!m.ok()) {
+          return absl::UnavailableError(absl::StrCat("KV stream ", request_.request_id,
+                                                     ": receiver lost: ", m.status().message()));
+        }
+        if (!m->has_value()) break;
+        PD_RETURN_IF_ERROR(Handle(**m));
+        last_progress = absl::Now();
+        if (receiver_done_) break;  // the receiver closes its end after Done
+      }
+      if (receiver_done_) {
+        if (acked_ != plan_.chunks.size()) {
+          return absl::DataLossError(absl::StrCat("receiver reported Done with ", acked_, " of ",
+                                                  plan_.chunks.size(), " chunks acknowledged"));
+        }
+        return absl::OkStatus();
+      }
+      // 2. Completed fences release their headers.
+      while (!batches_.empty()) {
+        PD_ASSIGN_OR_RETURN(bool fenced, data_->PollFence(batches_.front().fence));
+        if (!fenced) break;
+        for (const auto& h : batches_.front().headers.chunks) state_[h.chunk_id] = State::kHeaderSent;
+        PD_RETURN_IF_ERROR(channel_->Send(std::move(batches_.front().headers)));
+        batches_.pop_front();
+        last_progress = absl::Now();
+      }
+      // 3. Post more chunks within the credit (two batches in flight at most).
+      if (batches_.size() < 2) {
+        Batch batch;
+        while (int(batch.headers.chunks.size()) < options_.max_batch_chunks) {
+          std::optional<uint32_t> id = NextChunk();
+          if (!id) break;
+          PD_ASSIGN_OR_RETURN(proto::ChunkHeader h, PostChunk(*id));
+          batch.headers.chunks.push_back(h);
+        }
+        if (!batch.headers.chunks.empty()) {
+          PD_ASSIGN_OR_RETURN(batch.fence, data_->PostFence());
+          batches_.push_back(std::move(batch));
+          continue;
+        }
+      }
+      // 4. Wait for something to happen.
+      const bool busy = acked_ < plan_.chunks.size();
+      const bool awaiting_peer = !batches_.empty() || InFlight() > 0;
+      if (awaiting_peer && absl::Now() - last_progress > options_.progress_timeout) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "KV stream ", request_.request_id, ": no progress for ",
+            absl::FormatDuration(options_.progress_timeout), " (", acked_, " of ",
+            plan_.chunks.size(), " chunks acknowledged)"));
+      }
+      if (!awaiting_peer) last_progress = absl::Now();  // idle: waiting for SendLayer
+      absl::Duration wait = !batches_.empty() ? absl::Microseconds(50)
+                            : busy            ? absl::Milliseconds(20)
+                                              : absl::Milliseconds(100);
+      absl::MutexLock lock(&mu_);
+      auto woken = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return wakeups_ != seen_wakeups; };
+      mu_.AwaitWithTimeout(absl::Condition(&woken), wait);
+    }
+  }
+
+  size_t InFlight() const { return accept_.credit_chunks - credit_chunks_; }
+
+  std::optional<uint32_t> NextChunk() {
+    absl::MutexLock lock(&mu_);
+    std::deque<uint32_t>& q = !resend_.empty() ? resend_ : ready_;
+    if (q.empty()) return std::nullopt;
+    const PlannedChunk& c = plan_.chunks[q.front()];
+    const bool idle = InFlight() == 0;
+    if (credit_chunks_ == 0 || (c.bytes > credit_bytes_ && !idle)) return std::nullopt;
+    if (staged_ && free_slots_.empty()) return std::nullopt;
+    uint32_t id = q.front();
+    q.pop_front();
+    return id;
+  }
+
+  absl::StatusOr<proto::ChunkHeader> PostChunk(uint32_t id) {
+    const PlannedChunk& c = plan_.chunks[id];
+    const uint8_t* arena = cache_.arena();
+    Xxh3 hash;
+    proto::ChunkHeader h;
+    h.chunk_id = id;
+    h.layer = c.layer;
+    h.kind = c.kind;
+    h.token_begin = c.token_begin;
+    h.token_end = c.token_end;
+    h.page_begin = c.first;
+    h.page_count = c.count;
+    h.bytes = c.bytes;
+    h.attempt = attempts_[id];
+    if (staged_) {
+      uint32_t slot = free_slots_.front();
+      free_slots_.pop_front();
+      slot_of_[id] = slot;
+      h.slot = slot;
+      const uint64_t slot_base = uint64_t(slot) * accept_.slot_bytes;
+      uint64_t off = 0;
+      for (const Segment& s : c.segments) {
+        const uint8_t* src = arena + s.src;
+        if (bounce_ != nullptr) {  // device cache: copy into the pinned bounce slot first
+          uint8_t* b = bounce_->data() + slot_base + off;
+          PD_RETURN_IF_ERROR(ops_.CopyToHost(b, src, s.len));
+          src = b;
+        }
+        if (manifest_.checksum) hash.Update(src, s.len);
+        PD_RETURN_IF_ERROR(data_->PostWrite(src, slot_base + off, s.len));
+        off += s.len;
+      }
+    } else {
+      for (const Segment& s : c.segments) {
+        if (manifest_.checksum) PD_RETURN_IF_ERROR(HashOnHost(ops_, arena + s.src, s.len, hash));
+        PD_RETURN_IF_ERROR(data_->PostWrite(arena + s.src, s.dst, s.len));
+      }
+    }
+    h.checksum = manifest_.checksum ? hash.Digest() : 0;
+    state_[id] = State::kPosted;
+    credit_bytes_ -= std::min(credit_bytes_, c.bytes);
+    --credit_chunks_;
+    return h;
+  }
+
+  absl::Status Handle(const proto::ControlMessage& msg) {
+    if (const auto* acks = std::get_if<proto::AckBatch>(&msg)) {
+      for (const proto::ChunkAck& a : acks->acks) {
+        if (a.chunk_id >= plan_.chunks.size() || state_[a.chunk_id] != State::kHeaderSent) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("receiver acknowledged chunk ", a.chunk_id, ", which awaits no ack"));
+        }
+        const PlannedChunk& c = plan_.chunks[a.chunk_id];
+        if (staged_) free_slots_.push_back(slot_of_[a.chunk_id]);
+        absl::MutexLock lock(&mu_);
+        if (a.ok) {
+          state_[a.chunk_id] = State::kAcked;
+          ++acked_;
+          ++stats_.chunks;
+          stats_.bytes += c.bytes;
+          continue;
+        }
+        ++stats_.checksum_failures;
+        if (!one_sided_) {
+          return absl::DataLossError(absl::StrCat(ChunkName(c), " failed checksum verification on a ",
+                                                  backend_.name(), " stream (no resend on two-sided backends)"));
+        }
+        if (attempts_[a.chunk_id] >= uint32_t(options_.max_resends)) {
+          return absl::DataLossError(absl::StrCat(ChunkName(c), " failed checksum verification ",
+                                                  attempts_[a.chunk_id] + 1, " times"));
+        }
+        ++attempts_[a.chunk_id];
+        ++stats_.resends;
+        state_[a.chunk_id] = State::kWaiting;
+        resend_.push_back(a.chunk_id);
+      }
+      credit_bytes_ += acks->credit_bytes;
+      credit_chunks_ += acks->credit_chunks;
+      if (credit_chunks_ > accept_.credit_chunks || credit_bytes_ > accept_.credit_bytes) {
+        return absl::InvalidArgumentError("receiver returned more credit than it granted");
+      }
+      return absl::OkStatus();
+    }
+    if (const auto* r = std::get_if<proto::LayerReady>(&msg)) {
+      if (r->layer >= manifest_.num_layers) return absl::InvalidArgumentError("LayerReady for a bad layer");
+      absl::MutexLock lock(&mu_);
+      confirmed_[r->layer] = true;
+      return absl::OkStatus();
+    }
+    if (std::holds_alternative<proto::Done>(msg)) {
+      receiver_done_ = true;
+      return absl::OkStatus();
+    }
+    if (const auto* a = std::get_if<proto::Abort>(&msg)) {
+      peer_aborted_ = true;
+      absl::Status s = proto::AbortToStatus(*a);
+      return absl::Status(s.code(), absl::StrCat("receiver aborted the stream: ", s.message()));
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("unexpected ", proto::MessageName(msg), " message from the receiver"));
+  }
+
+  void Finalize(absl::Status st) {
+    if (absl::IsUnavailable(st) && !peer_aborted_) {
+      // The data plane may fail first when the receiver aborts and drops its
+      // memory; its Abort, if one is on the way, names the real cause.
+      const absl::Time until = absl::Now() + absl::Milliseconds(200);
+      while (true) {
+        auto m = channel_->Receive(until);
+        if (!m.ok()) break;
+        if (const auto* a = std::get_if<proto::Abort>(&*m)) {
+          peer_aborted_ = true;
+          absl::Status s = proto::AbortToStatus(*a);
+          st = absl::Status(s.code(), absl::StrCat("receiver aborted the stream: ", s.message()));
+          break;
+        }
+      }
+    }
+    if (!st.ok()) {
+      LOG(WARNING) << "KV stream " << request_.request_id << " (sender) failed: " << st;
+      if (!peer_aborted_ && channel_->status().ok()) {
+        channel_->Send(proto::StatusToAbort(st)).IgnoreError();
+      }
+    }
+    channel_->Close();
+    data_.reset();    // endpoint, remote key
+    bounce_.reset();  // pinned bounce buffers
+    absl::MutexLock lock(&mu_);
+    stats_.elapsed = absl::Now() - start_;
+    final_ = st;
+    done_ = true;
+  }
+
+  Backend& backend_;
+  std::unique_ptr<ControlChannel> channel_;
+  const kvcache::KvCache& cache_;
+  const SendRequest request_;
+  const SenderOptions options_;
+  MemoryOps& ops_;
+  const proto::Manifest manifest_;
+  const proto::Accept accept_;
+  const ChunkPlan plan_;
+  std::unique_ptr<StagingBuffer> bounce_;
+  std::unique_ptr<DataSender> data_;
+  const bool one_sided_, staged_;
+  const absl::Time start_;
+  ResourceToken token_;
+
+  // Stream-thread state.
+  std::vector<State> state_;
+  std::vector<uint32_t> slot_of_;
+  std::deque<uint32_t> free_slots_;
+  std::deque<Batch> batches_;
+  uint64_t credit_bytes_ = 0;
+  uint32_t credit_chunks_ = 0;
+  bool receiver_done_ = false, peer_aborted_ = false;
+
+  mutable absl::Mutex mu_;
+  std::vector<uint32_t> attempts_;  // stream thread; under mu_ when read elsewhere
+  uint64_t acked_ ABSL_GUARDED_BY(mu_) = 0;
+  std::deque<uint32_t> ready_ ABSL_GUARDED_BY(mu_);
+  std::deque<uint32_t> resend_ ABSL_GUARDED_BY(mu_);
+  std::vector<bool> submitted_ ABSL_GUARDED_BY(mu_);
+  std::vector<bool> confirmed_ ABSL_GUARDED_BY(mu_);
+  uint32_t next_layer_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t wakeups_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status abort_ ABSL_GUARDED_BY(mu_);
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status final_ ABSL_GUARDED_BY(mu_);
+  StreamStats stats_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
+// Sends an Abort for `st` and closes the channel; returns `st`.
+absl::Status Reject(ControlChannel& channel, absl::Status st) {
+  channel.Send(proto::StatusToAbort(st)).IgnoreError();
+  channel.Close();
+  return st;
+}
+
+// ============================== receiver ==============================
+
+class ReceiverImpl final : public KvReceiver {
+ public:
+  ReceiverImpl(std::unique_ptr<ControlChannel> channel, kvcache::KvCache& cache,
+               ReceiverOptions options, MemoryOps& ops, proto::Manifest manifest, int32_t seq,
+               ChunkPlan plan, std::unique_ptr<StagingBuffer> staging, uint64_t slot_bytes,
+               std::unique_ptr<DataReceiver> data, bool one_sided, absl::Time start)
+      : channel_(std::move(channel)),
+        cache_(cache),
+        options_(std::move(options)),
+        ops_(ops),
+        manifest_(std::move(manifest)),
+        seq_(seq),
+        plan_(std::move(plan)),
+        staging_(std::move(staging)),
+        slot_bytes_(slot_bytes),
+        data_(std::move(data)),
+        one_sided_(one_sided),
+        start_(start),
+        token_(Resource::kStream) {
+    verified_.assign(plan_.chunks.size(), false);
+    attempts_.assign(plan_.chunks.size(), 0);
+    recv_ticket_.assign(plan_.chunks.size(), 0);
+    layer_left_.resize(manifest_.num_layers);
+    for (uint32_t l = 0; l < manifest_.num_layers; ++l) {
+      layer_left_[l] = plan_.layer_first[l + 1] - plan_.layer_first[l];
+    }
+    ready_.assign(manifest_.num_layers, false);
+    thread_ = std::thread([this] { Run(); });
+  }
+
+  ~ReceiverImpl() override {
+    Abort(absl::CancelledError("KV receiver destroyed before the stream finished"));
+    thread_.join();
+  }
+
+  const proto::Manifest& manifest() const override { return manifest_; }
+  int32_t sequence() const override { return seq_; }
+
+  bool LayerReady(int layer) const override {
+    absl::MutexLock lock(&mu_);
+    return layer >= 0 && size_t(layer) < ready_.size() && ready_[size_t(layer)];
+  }
+
+  absl::Status WaitLayer(int layer, absl::Time deadline) override {
+    if (layer < 0 || layer >= int(manifest_.num_layers)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", layer, " outside [0, ", manifest_.num_layers, ")"));
+    }
+    absl::MutexLock lock(&mu_);
+    auto cond = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return ready_[size_t(layer)] || done_; };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&cond), deadline)) {
+      return absl::DeadlineExceededError(absl::StrCat("KV layer ", layer, " of request ",
+                                                      manifest_.request_id, " not ready by the deadline"));
+    }
+    return ready_[size_t(layer)] ? absl::OkStatus() : final_;
+  }
+
+  absl::Status WaitDone(absl::Time deadline) override {
+    absl::MutexLock lock(&mu_);
+    if (!mu_.AwaitWithDeadline(absl::Condition(&done_), deadline)) {
+      return absl::DeadlineExceededError(absl::StrCat("KV stream ", manifest_.request_id,
+                                                      " not complete by the deadline"));
+    }
+    return final_;
+  }
+
+  void Abort(const absl::Status& why) override {
+    {
+      absl::MutexLock lock(&mu_);
+      if (done_ || !abort_.ok()) return;
+      abort_ = why.ok() ? absl::CancelledError("aborted") : why;
+    }
+    // Wakes the stream thread out of Receive(); it reports `abort_`.
+    channel_->Send(proto::StatusToAbort(why)).IgnoreError();
+    channel_->Close();
+  }
+
+  StreamStats stats() const override {
+    absl::MutexLock lock(&mu_);
+    return stats_;
+  }
+
+ private:
+  void Run() {
+    absl::Status st = Loop();
+    Finalize(st);
+  }
+
+  absl::Status Loop() {
+    while (verified_count_ < plan_.chunks.size()) {
+      if (!one_sided_) PD_RETURN_IF_ERROR(PostRecvsAhead());
+      auto msg = channel_->Receive(absl::Now() + options_.progress_timeout);
+      {
+        absl::MutexLock lock(&mu_);
+        if (!abort_.ok()) return abort_;
+      }
+      if (!msg.ok()) {
+        if (absl::IsDeadlineExceeded(msg.status())) {
+          return absl::DeadlineExceededError(absl::StrCat(
+              "KV stream ", manifest_.request_id, ": nothing from the sender for ",
+              absl::FormatDuration(options_.progress_timeout), " (", verified_count_, " of ",
+              plan_.chunks.size(), " chunks verified)"));
+        }
+        return absl::UnavailableError(absl::StrCat("KV stream ", manifest_.request_id,
+                                                   ": sender lost: ", msg.status().message()));
+      }
+      PD_RETURN_IF_ERROR(Handle(*msg));
+    }
+    PD_RETURN_IF_ERROR(cache_.SetLength(seq_, int64_t(manifest_.num_tokens)));
+    PD_RETURN_IF_ERROR(channel_->Send(proto::Done{uint32_t(plan_.chunks.size()), plan_.total_bytes}));
+    return absl::OkStatus();
+  }
+
+  absl::Status PostRecvsAhead() {
+    const uint64_t limit = std::min<uint64_t>(plan_.chunks.size(),
+                                              verified_count_ + options_.credit_chunks);
+    for (; next_recv_ < limit; ++next_recv_) {
+      for (const Segment& s : plan_.chunks[next_recv_].segments) {
+        PD_ASSIGN_OR_RETURN(recv_ticket_[next_recv_], data_->PostRecv(s.dst, s.len));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Handle(const proto::ControlMessage& msg) {
+    if (const auto* batch = std::get_if<proto::ChunkBatch>(&msg)) {
+      if (batch->chunks.size() > options_.credit_chunks) {
+        return absl::ResourceExhaustedError(absl::StrCat("sender sent ", batch->chunks.size(),
+                                                         " chunks at once, credit is ",
+                                                         options_.credit_chunks));
+      }
+      proto::AckBatch acks;
+      std::vector<uint32_t> completed_layers;
+      for (const proto::ChunkHeader& h : batch->chunks) {
+        PD_ASSIGN_OR_RETURN(bool ok, Verify(h));
+        const PlannedChunk& c = plan_.chunks[h.chunk_id];
+        acks.acks.push_back({h.chunk_id, ok});
+        acks.credit_bytes += c.bytes;
+        acks.credit_chunks += 1;
+        absl::MutexLock lock(&mu_);
+        if (!ok) {
+          ++stats_.checksum_failures;
+          continue;
+        }
+        verified_[h.chunk_id] = true;
+        ++verified_count_;
+        ++stats_.chunks;
+        stats_.bytes += c.bytes;
+        if (--layer_left_[c.layer] == 0) completed_layers.push_back(c.layer);
+      }
+      PD_RETURN_IF_ERROR(channel_->Send(std::move(acks)));
+      for (uint32_t l : completed_layers) {
+        {
+          absl::MutexLock lock(&mu_);
+          ready_[l] = true;
+        }
+        PD_RETURN_IF_ERROR(channel_->Send(proto::LayerReady{l}));
+      }
+      return absl::OkStatus();
+    }
+    if (const auto* a = std::get_if<proto::Abort>(&msg)) {
+      peer_aborted_ = true;
+      absl::Status s = proto::AbortToStatus(*a);
+      return absl::Status(s.code(), absl::StrCat("sender aborted the stream: ", s.message()));
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("unexpected ", proto::MessageName(msg), " message from the sender"));
+  }
+
+  // Checks `h` against the plan, waits for a two-sided receive, verifies the
+  // checksum and (staged) moves the bytes into the cache. False: mismatch.
+  absl::StatusOr<bool> Verify(const proto::ChunkHeader& h) {
+    if (h.chunk_id >= plan_.chunks.size()) {
+      return absl::InvalidArgumentError(absl::StrCat("chunk id ", h.chunk_id, " outside the plan of ",
+                                                     plan_.chunks.size(), " chunks"));
+    }
+    const PlannedChunk& c = plan_.chunks[h.chunk_id];
+    if (h.layer != c.layer || h.kind != c.kind || h.page_begin != c.first || h.page_count != c.count ||
+        h.bytes != c.bytes || h.token_begin != c.token_begin || h.token_end != c.token_end) {
+      return absl::InvalidArgumentError(absl::StrCat("chunk header ", h.chunk_id, " (layer ", h.layer,
+                                                     " ", proto::ObjectKindName(h.kind),
+                                                     ") does not match the plan's ", ChunkName(c)));
+    }
+    if (verified_[h.chunk_id]) {
+      return absl::InvalidArgumentError(absl::StrCat(ChunkName(c), " delivered twice"));
+    }
+    if (++attempts_[h.chunk_id] > 64) {
+      return absl::DataLossError(absl::StrCat(ChunkName(c), " resent more than 64 times"));
+    }
+    if (!one_sided_) {
+      const absl::Time deadline = absl::Now() + options_.progress_timeout;
+      while (true) {
+        PD_ASSIGN_OR_RETURN(bool landed, data_->PollRecv(recv_ticket_[h.chunk_id]));
+        if (landed) break;
+        if (absl::Now() > deadline) {
+          return absl::DeadlineExceededError(absl::StrCat(ChunkName(c), " announced but not received within ",
+                                                          absl::FormatDuration(options_.progress_timeout)));
+        }
+        std::this_thread::yield();
+      }
+    }
+    uint8_t* arena = cache_.arena();
+    if (staging_ != nullptr) {
+      if (h.slot >= staging_->size() / slot_bytes_ || h.bytes > slot_bytes_) {
+        return absl::InvalidArgumentError(absl::StrCat(ChunkName(c), " names staging slot ", h.slot,
+                                                       " outside the ring"));
+      }
+      const uint8_t* slot = staging_->data() + uint64_t(h.slot) * slot_bytes_;
+      if (manifest_.checksum && XXH3_64bits(slot, h.bytes) != h.checksum) return false;
+      uint64_t off = 0;
+      for (const Segment& s : c.segments) {
+        PD_RETURN_IF_ERROR(ops_.CopyFromHost(arena + s.dst, slot + off, s.len));
+        off += s.len;
+      }
+      return true;
+    }
+    if (!manifest_.checksum) return true;
+    Xxh3 hash;
+    for (const Segment& s : c.segments) PD_RETURN_IF_ERROR(HashOnHost(ops_, arena + s.dst, s.len, hash));
+    if (hash.Digest() == h.checksum) return true;
+    if (!one_sided_) {
+      return absl::DataLossError(absl::StrCat(ChunkName(c), " failed checksum verification"));
+    }
+    return false;
+  }
+
+  void Finalize(absl::Status st) {
+    if (!st.ok()) {
+      LOG(WARNING) << "KV stream " << manifest_.request_id << " (receiver) failed: " << st;
+      if (!peer_aborted_ && channel_->status().ok()) {
+        channel_->Send(proto::StatusToAbort(st)).IgnoreError();
+      }
+      cache_.Release(seq_).IgnoreError();
+    }
+    channel_->Close();
+    data_.reset();
+    staging_.reset();
+    absl::MutexLock lock(&mu_);
+    stats_.elapsed = absl::Now() - start_;
+    final_ = st;
+    done_ = true;
+  }
+
+  std::unique_ptr<ControlChannel> channel_;
+  kvcache::KvCache& cache_;
+  const ReceiverOptions options_;
+  MemoryOps& ops_;
+  const proto::Manifest manifest_;
+  const int32_t seq_;
+  const ChunkPlan plan_;
+  std::unique_ptr<StagingBuffer> staging_;
+  const uint64_t slot_bytes_;
+  std::unique_ptr<DataReceiver> data_;
+  const bool one_sided_;
+  const absl::Time start_;
+  ResourceToken token_;
+
+  // Stream-thread state.
+  std::vector<uint32_t> attempts_;
+  std::vector<uint64_t> recv_ticket_;
+  uint64_t next_recv_ = 0;
+  bool peer_aborted_ = false;
+
+  mutable absl::Mutex mu_;
+  // Stream thread only.
+  std::vector<bool> verified_;
+  uint64_t verified_count_ = 0;
+  std::vector<uint32_t> layer_left_;
+  std::vector<bool> ready_ ABSL_GUARDED_BY(mu_);
+  absl::Status abort_ ABSL_GUARDED_BY(mu_);
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status final_ ABSL_GUARDED_BY(mu_);
+  StreamStats stats_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;
+};
+
+absl::Status ValidateManifest(const proto::Manifest& m, const kvcache::KvCache& cache,
+                              const Backend& backend, const ReceiverOptions& o) {
+  if (!IsValidRequestId(m.request_id)) {
+    return absl::InvalidArgumentError(absl::StrCat("manifest has an invalid request id '",
+                                                   m.request_id.substr(0, 64), "'"));
+  }
+  if (m.model_fingerprint != o.model_fingerprint) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model fingerprint mismatch: sender has '", m.model_fingerprint.substr(0, 80),
+        "', receiver has '", o.model_fingerprint, "'"));
+  }
+  if (m.num_layers != uint32_t(cache.options().num_layers)) {
+    return absl::FailedPreconditionError(absl::StrCat("KV layout mismatch: sender has ", m.num_layers,
+                                                      " layers, receiver ", cache.options().num_layers));
+  }
+  if (m.page_tokens != uint32_t(kernels::kPageTokens)) {
+    return absl::FailedPreconditionError(absl::StrCat("KV layout mismatch: sender pages hold ",
+                                                      m.page_tokens, " tokens, receiver pages ",
+                                                      kernels::kPageTokens));
+  }
+  std::vector<proto::ObjectLayout> want = WireLayouts(cache.layout());
+  if (m.objects.size() != want.size()) {
+    return absl::FailedPreconditionError(absl::StrCat("KV layout mismatch: sender lists ",
+                                                      m.objects.size(), " objects, receiver ",
+                                                      want.size()));
+  }
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (!(m.objects[i] == want[i])) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "KV layout mismatch: sender ", proto::DescribeLayout(m.objects[i]), ", receiver ",
+          proto::DescribeLayout(want[i])));
+    }
+  }
+  if (m.backend != backend.name()) {
+    return absl::FailedPreconditionError(absl::StrCat("backend mismatch: sender uses ", m.backend,
+                                                      ", receiver ", backend.name()));
+  }
+  if (m.num_tokens == 0) return absl::InvalidArgumentError("manifest announces zero tokens");
+  if (int64_t(m.num_tokens) > cache.options().max_tokens_per_sequence) {
+    return absl::ResourceExhaustedError(absl::StrCat(m.num_tokens, " tokens exceed the receiver's limit of ",
+                                                     cache.options().max_tokens_per_sequence));
+  }
+  if (m.max_chunk_bytes < cache.layout().MlaPageBytes() || m.max_chunk_bytes > (1ull << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat("manifest max_chunk_bytes ", m.max_chunk_bytes,
+                                                   " outside [one MLA page, 1 GiB]"));
+  }
+  if (m.max_chunk_bytes > o.credit_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("chunks of ", m.max_chunk_bytes,
+                                                     " bytes exceed the receiver's credit of ",
+                                                     o.credit_bytes, " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvSender>> KvSender::Start(Backend& backend,
+                                                          std::unique_ptr<ControlChannel> channel,
+                                                          const kvcache::KvCache& cache,
+                                                          const SendRequest& request,
+                                                          const SenderOptions& options) {
+  const absl::Time start = absl::Now();
+  if (channel == nullptr) return absl::InvalidArgumentError("KvSender::Start: null control channel");
+  if (!IsValidRequestId(request.request_id)) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid request id '", request.request_id, "'"));
+  }
+  if (request.tokens <= 0 || cache.Capacity(request.sequence) < request.tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence ", request.sequence, " holds ",
+                                                   cache.Capacity(request.sequence),
+                                                   " reserved tokens, cannot ship ", request.tokens));
+  }
+  MemoryOps& ops = options.memory_ops != nullptr ? *options.memory_ops : HostMemoryOps();
+  if (cache.on_device() && !ops.device()) {
+    return absl::InvalidArgumentError("the KV cache is device memory: pass CUDA MemoryOps");
+  }
+  if (options.max_batch_chunks <= 0 || options.max_resends < 0) {
+    return absl::InvalidArgumentError("max_batch_chunks must be positive and max_resends >= 0");
+  }
+  const bool staged = options.staged || (cache.on_device() && !backend.supports_device_memory());
+  if (staged && !backend.one_sided()) {
+    return absl::UnimplementedError(absl::StrCat("staged streams need a one-sided backend, not ",
+                                                 backend.name()));
+  }
+  PeerContext peer{request.request_id, options.node_name, channel->peer()};
+  PD_ASSIGN_OR_RETURN(std::string sender_info, backend.SenderInfo(peer));
+  SideLayout src = LocalSide(cache, request.sequence, request.tokens);
+
+  proto::Manifest m;
+  m.request_id = request.request_id;
+  m.model_fingerprint = request.model_fingerprint;
+  m.num_layers = uint32_t(cache.options().num_layers);
+  m.num_tokens = uint64_t(request.tokens);
+  m.page_tokens = kernels::kPageTokens;
+  m.objects = WireLayouts(cache.layout());
+  m.backend = backend.name();
+  m.sender_info = std::move(sender_info);
+  m.max_chunk_bytes = options.max_chunk_bytes;
+  m.staged = staged;
+  m.checksum = options.checksum;
+  m.source_pages = src.pages;
+  PD_RETURN_IF_ERROR(channel->Send(m));
+
+  const absl::Time deadline = start + options.handshake_timeout;
+  auto reply = channel->Receive(deadline);
+  if (!reply.ok()) {
+    channel->Close();
+    return absl::Status(absl::IsDeadlineExceeded(reply.status()) ? absl::StatusCode::kDeadlineExceeded
+                                                                 : absl::StatusCode::kUnavailable,
+                        absl::StrCat("KV handshake for ", request.request_id, ": ",
+                                     reply.status().message()));
+  }
+  if (const auto* a = std::get_if<proto::Abort>(&*reply)) {
+    channel->Close();
+    absl::Status s = proto::AbortToStatus(*a);
+    return absl::Status(s.code(), absl::StrCat("receiver rejected the stream: ", s.message()));
+  }
+  const auto* accept = std::get_if<proto::Accept>(&*reply);
+  if (accept == nullptr) {
+    return Reject(*channel, absl::InvalidArgumentError(absl::StrCat(
+                                "expected accept from the receiver, got ", proto::MessageName(*reply))));
+  }
+  if (accept->request_id != request.request_id) {
+    return Reject(*channel, absl::InvalidArgumentError("accept names another request"));
+  }
+  if (accept->credit_chunks == 0 || accept->credit_bytes < options.max_chunk_bytes) {
+    return Reject(*channel, absl::InvalidArgumentError("receiver granted less credit than one chunk"));
+  }
+  if (staged != (accept->staging_slots > 0) ||
+      (staged && accept->slot_bytes < options.max_chunk_bytes)) {
+    return Reject(*channel, absl::InvalidArgumentError("receiver's staging ring does not fit the request"));
+  }
+  SideLayout dst;
+  dst.pages = accept->page_table;
+  dst.mla = accept->mla_offsets;
+  dst.index = accept->index_offsets;
+  dst.summary = accept->summary_offsets;
+  PlanParams params{cache.layout(), m.num_layers, m.num_tokens, m.max_chunk_bytes};
+  auto plan = MakeChunkPlan(params, src, dst);
+  if (!plan.ok()) return Reject(*channel, Annotate(plan.status(), "receiver's accept"));
+
+  MemoryRegion local{cache.arena(), cache.arena_bytes(), cache.on_device()};
+  std::unique_ptr<StagingBuffer> bounce;
+  if (staged && cache.on_device()) {
+    auto b = ops.AllocateStaging(uint64_t(accept->staging_slots) * accept->slot_bytes);
+    if (!b.ok()) return Reject(*channel, b.status());
+    bounce = std::move(*b);
+    local = MemoryRegion{bounce->data(), bounce->size(), false};
+  }
+  auto data = backend.Connect(local, accept->receiver_info, peer, deadline);
+  if (!data.ok()) return Reject(*channel, data.status());
+  return std::unique_ptr<KvSender>(new SenderImpl(
+      backend, std::move(channel), cache, request, options, ops, std::move(m), std::move(*accept),
+      std::move(*plan), std::move(bounce), std::move(*data), backend.one_sided(), start));
+}
+
+absl::StatusOr<std::unique_ptr<KvReceiver>> KvReceiver::Accept(Backend& backend,
+                                                               std::unique_ptr<ControlChannel> channel,
+                                                               kvcache::KvCache& cache,
+                                                               const ReceiverOptions& options) {
+  const absl::Time start = absl::Now();
+  if (channel == nullptr) return absl::InvalidArgumentError("KvReceiver::Accept: null control channel");
+  MemoryOps& ops = options.memory_ops != nullptr ? *options.memory_ops : HostMemoryOps();
+  if (cache.on_device() && !ops.device()) {
+    return Reject(*channel, absl::InvalidArgumentError("the KV cache is device memory: pass CUDA MemoryOps"));
+  }
+  const absl::Time deadline = start + options.handshake_timeout;
+  auto msg = channel->Receive(deadline);
+  if (!msg.ok()) {
+    channel->Close();
+    return Annotate(msg.status(), "waiting for a KV manifest");
+  }
+  const auto* mp = std::get_if<proto::Manifest>(&*msg);
+  if (mp == nullptr) {
+    return Reject(*channel, absl::InvalidArgumentError(absl::StrCat(
+                                "expected a manifest, got ", proto::MessageName(*msg))));
+  }
+  proto::Manifest m = std::move(*mp);
+  if (absl::Status s = ValidateManifest(m, cache, backend, options); !s.ok()) {
+    return Reject(*channel, s);
+  }
+  const bool staged = m.staged || (cache.on_device() && !backend.supports_device_memory());
+  if (staged && !backend.one_sided()) {
+    return Reject(*channel, absl::UnimplementedError("staged streams need a one-sided backend"));
+  }
+  if (!backend.one_sided() && m.source_pages.size() < size_t(kernels::NumPages(int64_t(m.num_tokens)))) {
+    return Reject(*channel, absl::InvalidArgumentError("manifest lacks the sender's page table"));
+  }
+
+  auto seq = cache.CreateSequence();
+  if (!seq.ok()) return Reject(*channel, seq.status());
+  // Until the stream object exists, a failure must hand the sequence back.
+  auto fail = [&](absl::Status st) {
+    cache.Release(*seq).IgnoreError();
+    return Reject(*channel, std::move(st));
+  };
+  if (absl::Status s = cache.Reserve(*seq, int64_t(m.num_tokens)); !s.ok()) return fail(s);
+
+  SideLayout dst = LocalSide(cache, *seq, int64_t(m.num_tokens));
+  SideLayout src;
+  if (!backend.one_sided()) src = SideLayout{m.source_pages, dst.mla, dst.index, dst.summary};
+  PlanParams params{cache.layout(), m.num_layers, m.num_tokens, m.max_chunk_bytes};
+  auto plan = MakeChunkPlan(params, src, dst);
+  if (!plan.ok()) return fail(plan.status());
+
+  MemoryRegion region{cache.arena(), cache.arena_bytes(), cache.on_device()};
+  std::unique_ptr<StagingBuffer> staging;
+  uint32_t slots = 0;
+  if (staged) {
+    slots = std::max<uint32_t>(1, options.staging_slots);
+    auto b = ops.AllocateStaging(uint64_t(slots) * m.max_chunk_bytes);
+    if (!b.ok()) return fail(b.status());
+    staging = std::move(*b);
+    region = MemoryRegion{staging->data(), staging->size(), false};
+  }
+  PeerContext peer{m.request_id, options.node_name, channel->peer()};
+  auto data = backend.Listen(region, m.sender_info, peer, deadline);
+  if (!data.ok()) return fail(data.status());
+
+  proto::Accept a;
+  a.request_id = m.request_id;
+  a.page_table = dst.pages;
+  a.receiver_info = (*data)->info();
+  a.mla_offsets = dst.mla;
+  a.index_offsets = dst.index;
+  a.summary_offsets = dst.summary;
+  a.staging_slots = slots;
+  a.slot_bytes = staged ? m.max_chunk_bytes : 0;
+  a.credit_bytes = staged ? uint64_t(slots) * m.max_chunk_bytes : options.credit_bytes;
+  a.credit_chunks = staged ? slots : options.credit_chunks;
+  if (absl::Status s = channel->Send(a); !s.ok()) return fail(s);
+  ReceiverOptions effective = options;
+  effective.credit_chunks = a.credit_chunks;
+  return std::unique_ptr<KvReceiver>(new ReceiverImpl(
+      std::move(channel), cache, effective, ops, std::move(m), *seq, std::move(*plan),
+      std::move(staging), a.slot_bytes, std::move(*data), backend.one_sided(), start));
+}
+
+}  // namespace pd::transport

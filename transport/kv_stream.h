@@ -1,0 +1,145 @@
+// KV streams: a prefill node (KvSender) pushes a sequence's KV to a decode node
+// (KvReceiver) layer by layer, over any data-plane Backend, steered by a
+// ControlChannel. docs/kv-format.md specifies the wire protocol; in short:
+//
+//   sender                                receiver
+//   Manifest (fingerprint, layout, ...) ->  validate; allocate a sequence,
+//                                        <- Accept (page table, region blob, credit)
+//   per layer: summaries, keys, latents:
+//     puts into the receiver's pages, fence,
+//     ChunkBatch (headers + XXH3-64)   ->  verify the landed bytes
+//                                        <- AckBatch (ok / resend, credit back)
+//                                        <- LayerReady(L)
+//                                        <- Done  (every chunk verified)
+//   either side: Abort(code, message) on failure.
+//
+// Threads: each KvSender and each KvReceiver runs one stream thread that drives
+// its data plane and control channel; public methods are thread-safe.
+// Deadlines: every wait is bounded (handshake_timeout, progress_timeout, the
+// caller's deadline); a dead peer is reported as Unavailable within the control
+// channel's peer timeout (1.5 s by default).
+// Flow control: the receiver grants credit (bytes and chunks not yet
+// acknowledged); the sender never exceeds it, so memory on both sides is bounded
+// by the credit (staging slots in staged mode).
+#ifndef PD_TRANSPORT_KV_STREAM_H_
+#define PD_TRANSPORT_KV_STREAM_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "kvcache/kv_cache.h"
+#include "proto/kv_control.h"
+#include "transport/backend.h"
+#include "transport/control_channel.h"
+#include "transport/memory_ops.h"
+
+namespace pd::transport {
+
+struct StreamStats {
+  uint64_t chunks = 0;         // chunks verified (receiver) / acknowledged (sender)
+  uint64_t bytes = 0;          // payload bytes of those chunks
+  uint64_t resends = 0;        // chunks sent again after a checksum mismatch
+  uint64_t checksum_failures = 0;
+  absl::Duration elapsed;      // handshake start to completion
+};
+
+struct SenderOptions {
+  std::string node_name = "prefill";  // this node's stable name
+  uint64_t max_chunk_bytes = 4u << 20;
+  // Ask for a staging ring instead of direct puts into the receiver's pages.
+  // Forced when the cache is device memory and the backend cannot reach it.
+  bool staged = false;
+  bool checksum = true;   // XXH3-64 per chunk, verified by the receiver
+  int max_resends = 3;    // per chunk, then the stream aborts with DataLoss
+  // Chunks posted before one fence + header batch.
+  int max_batch_chunks = 16;
+  absl::Duration handshake_timeout = absl::Seconds(10);
+  // No acknowledgement or completed fence for this long fails the stream.
+  absl::Duration progress_timeout = absl::Seconds(10);
+  MemoryOps* memory_ops = nullptr;  // how to reach the cache; null: host memory
+};
+
+struct SendRequest {
+  std::string request_id;
+  std::string model_fingerprint;
+  int32_t sequence = -1;  // in the sender's cache
+  int64_t tokens = 0;     // tokens to ship (<= the sequence's capacity)
+};
+
+class KvSender {
+ public:
+  // Sends the manifest and waits for the receiver's Accept. A rejection comes
+  // back as the receiver's error (FailedPrecondition for a fingerprint or layout
+  // mismatch, ResourceExhausted when it has no room). `backend` and `cache` must
+  // outlive the sender; the sequence must not change until the stream ends.
+  static absl::StatusOr<std::unique_ptr<KvSender>> Start(Backend& backend,
+                                                         std::unique_ptr<ControlChannel> channel,
+                                                         const kvcache::KvCache& cache,
+                                                         const SendRequest& request,
+                                                         const SenderOptions& options);
+  // Aborts with Cancelled when the stream has not finished, then joins the
+  // stream thread; every endpoint, key and staging buffer is released.
+  virtual ~KvSender() = default;
+
+  // Queues layer `layer` (computed and final in the cache) for shipping and
+  // returns at once. Each layer once. The stream's error once it failed.
+  virtual absl::Status SendLayer(int layer) = 0;
+  // Waits until the receiver verified every layer (its Done), the stream
+  // failed, or the deadline (DeadlineExceeded; the stream continues).
+  virtual absl::Status Finish(absl::Time deadline) = 0;
+  // Fails the stream with `why` (sent to the receiver as an Abort).
+  virtual void Abort(const absl::Status& why) = 0;
+  // True once the receiver reported layer `layer` ready.
+  virtual bool LayerConfirmed(int layer) const = 0;
+  virtual StreamStats stats() const = 0;
+  virtual const proto::Manifest& manifest() const = 0;
+};
+
+struct ReceiverOptions {
+  std::string node_name = "decode";
+  std::string model_fingerprint;  // must equal the manifest's
+  uint64_t credit_bytes = 64u << 20;
+  uint32_t credit_chunks = 64;
+  uint32_t staging_slots = 8;  // staged mode: ring slots of max_chunk_bytes each
+  absl::Duration handshake_timeout = absl::Seconds(10);
+  absl::Duration progress_timeout = absl::Seconds(10);
+  MemoryOps* memory_ops = nullptr;  // how to reach the cache; null: host memory
+};
+
+class KvReceiver {
+ public:
+  // Waits for a manifest on `channel`, validates it against `cache` and
+  // `options`, allocates a sequence, reserves its pages, exposes the memory to
+  // the sender and replies Accept. On rejection the sender gets an Abort and
+  // this returns the same error: FailedPrecondition for a fingerprint, layout or
+  // backend mismatch, InvalidArgument for a malformed manifest,
+  // ResourceExhausted when the cache has no room.
+  static absl::StatusOr<std::unique_ptr<KvReceiver>> Accept(Backend& backend,
+                                                            std::unique_ptr<ControlChannel> channel,
+                                                            kvcache::KvCache& cache,
+                                                            const ReceiverOptions& options);
+  // Fails an unfinished stream (Cancelled) and joins the stream thread.
+  virtual ~KvReceiver() = default;
+
+  virtual const proto::Manifest& manifest() const = 0;
+  // The sequence the KV lands in. After a successful stream it belongs to the
+  // caller, with Length = manifest().num_tokens; a failed stream released it.
+  virtual int32_t sequence() const = 0;
+  // True once every chunk of layer `layer` landed and passed its checksum.
+  virtual bool LayerReady(int layer) const = 0;
+  // OK once layer `layer` is ready; the stream's error if it failed first;
+  // DeadlineExceeded at the deadline; InvalidArgument for a bad layer.
+  virtual absl::Status WaitLayer(int layer, absl::Time deadline) = 0;
+  // OK once every layer is ready (the sequence's length is then set).
+  virtual absl::Status WaitDone(absl::Time deadline) = 0;
+  virtual void Abort(const absl::Status& why) = 0;
+  virtual StreamStats stats() const = 0;
+};
+
+}  // namespace pd::transport
+
+#endif  // PD_TRANSPORT_KV_STREAM_H_

@@ -1,0 +1,433 @@
+#include "transport/kv_stream.h"
+
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "transport/fault_injection.h"
+#include "transport/loopback_backend.h"
+#include "transport/resource_counters.h"
+#include "transport/testing/kv_test_util.h"
+
+namespace pd::transport {
+namespace {
+
+using testing::CompareLayer;
+using testing::CompareSequences;
+using testing::MakeCache;
+using testing::MakeFilledSequence;
+using testing::V32Layout;
+
+constexpr int kLayers = 4;
+constexpr int64_t kTokens = 1000;  // 16 pages (last partial), 4 summary blocks of 256
+const char kFingerprint[] = "a1b2c3d4e5f60718";
+
+struct Stream {
+  absl::StatusOr<std::unique_ptr<KvSender>> sender = absl::UnknownError("unset");
+  absl::StatusOr<std::unique_ptr<KvReceiver>> receiver = absl::UnknownError("unset");
+  ControlChannel* sender_channel = nullptr;
+  ControlChannel* receiver_channel = nullptr;
+};
+
+struct StreamSetup {
+  SenderOptions sender;
+  ReceiverOptions receiver;
+  std::string sender_fingerprint = kFingerprint;
+  StreamSetup() {
+    sender.max_chunk_bytes = 4 * 64 * 656;  // 4 MLA pages: several chunks per object
+    receiver.model_fingerprint = kFingerprint;
+    receiver.progress_timeout = absl::Seconds(5);
+    sender.progress_timeout = absl::Seconds(5);
+  }
+};
+
+Stream StartStream(Backend& send_backend, Backend& recv_backend, const kvcache::KvCache& src,
+                   int32_t seq, kvcache::KvCache& dst, const StreamSetup& s, int64_t tokens = kTokens) {
+  Stream out;
+  auto listener = ControlListener::Listen("127.0.0.1", 0);
+  EXPECT_TRUE(listener.ok()) << listener.status();
+  std::thread t([&] {
+    auto ch = (*listener)->Accept(absl::Now() + absl::Seconds(5));
+    if (!ch.ok()) {
+      out.receiver = ch.status();
+      return;
+    }
+    out.receiver_channel = ch->get();
+    out.receiver = KvReceiver::Accept(recv_backend, std::move(*ch), dst, s.receiver);
+  });
+  auto ch = ControlChannel::Connect("127.0.0.1", (*listener)->port(), absl::Now() + absl::Seconds(5));
+  EXPECT_TRUE(ch.ok()) << ch.status();
+  out.sender_channel = ch->get();
+  out.sender = KvSender::Start(send_backend, std::move(*ch), src,
+                               {"req-1", s.sender_fingerprint, seq, tokens}, s.sender);
+  t.join();
+  return out;
+}
+
+absl::Status SendAll(KvSender& s, int layers = kLayers) {
+  for (int l = 0; l < layers; ++l) {
+    absl::Status st = s.SendLayer(l);
+    if (!st.ok()) return st;
+  }
+  return absl::OkStatus();
+}
+
+class KvStreamTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    baseline_ = GetResourceCounters();
+    src_ = *MakeCache(V32Layout(256), kLayers, kTokens);
+    dst_ = *MakeCache(V32Layout(256), kLayers, kTokens);
+    // Take a receiver page first so the receiver's page ids differ from the sender's.
+    auto other = dst_->CreateSequence();
+    ASSERT_TRUE(other.ok());
+    ASSERT_TRUE(dst_->Reserve(*other, 200).ok());
+    seq_ = *MakeFilledSequence(*src_, kTokens, 42);
+    dst_free_before_ = dst_->free_pages();
+  }
+  void ExpectNothingLeaked() {
+    EXPECT_EQ(GetResourceCounters(), baseline_) << "now: " << GetResourceCounters().ToString()
+                                                << "\nbefore: " << baseline_.ToString();
+  }
+  void ExpectSequenceReleased() {
+    EXPECT_EQ(dst_->free_pages(), dst_free_before_);
+    EXPECT_EQ(dst_->live_sequences(), 1);
+  }
+
+  ResourceSnapshot baseline_;
+  std::unique_ptr<kvcache::KvCache> src_, dst_;
+  int32_t seq_ = -1;
+  int64_t dst_free_before_ = 0;
+};
+
+TEST_F(KvStreamTest, LoopbackRoundTripIsByteExact) {
+  auto backend = NewLoopbackBackend();
+  StreamSetup s;
+  {
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+    ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+    auto& rx = **st.receiver;
+    EXPECT_EQ(GetResourceCounters()[Resource::kStream], baseline_[Resource::kStream] + 2);
+    EXPECT_FALSE(rx.LayerReady(0));
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(10)).ok());
+    ASSERT_TRUE(rx.WaitDone(absl::Now() + absl::Seconds(10)).ok());
+    for (int l = 0; l < kLayers; ++l) {
+      EXPECT_TRUE(rx.LayerReady(l));
+      EXPECT_TRUE((*st.sender)->LayerConfirmed(l));  // LayerReady precedes the receiver's Done
+    }
+    EXPECT_EQ(dst_->Length(rx.sequence()), kTokens);
+    absl::Status cmp = CompareSequences(*src_, seq_, *dst_, rx.sequence(), kTokens);
+    EXPECT_TRUE(cmp.ok()) << cmp;
+    StreamStats rs = rx.stats(), ss = (*st.sender)->stats();
+    EXPECT_EQ(rs.chunks, ss.chunks);
+    EXPECT_EQ(rs.bytes, ss.bytes);
+    const kernels::KvLayout l = V32Layout(256);
+    EXPECT_EQ(rs.bytes, kLayers * (16 * (l.MlaPageBytes() + l.IndexPageBytes()) + 4 * l.SummaryBytes()));
+    EXPECT_EQ(rs.resends, 0u);
+  }
+  ExpectNothingLeaked();
+}
+
+TEST_F(KvStreamTest, TwoSidedLoopbackRoundTrip) {
+  auto backend = NewLoopbackBackend({.two_sided = true});
+  StreamSetup s;
+  s.receiver.credit_chunks = 3;
+  {
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+    ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+    // Layers submitted out of order still ship in order on a two-sided backend.
+    for (int l = kLayers - 1; l >= 0; --l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+    ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(10)).ok());
+    ASSERT_TRUE((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10)).ok());
+    EXPECT_TRUE(CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens).ok());
+  }
+  ExpectNothingLeaked();
+}
+
+TEST_F(KvStreamTest, StagedRoundTripThroughTwoSlots) {
+  auto backend = NewLoopbackBackend();
+  StreamSetup s;
+  s.sender.staged = true;
+  s.receiver.staging_slots = 2;
+  {
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+    ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+    // The receiver's ring is a counted staging buffer of 2 slots.
+    EXPECT_EQ(GetResourceCounters()[Resource::kPinnedBuffer], baseline_[Resource::kPinnedBuffer] + 1);
+    EXPECT_EQ(GetResourceCounters().pinned_bytes - baseline_.pinned_bytes,
+              int64_t(2 * s.sender.max_chunk_bytes));
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(10)).ok());
+    ASSERT_TRUE((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10)).ok());
+    EXPECT_TRUE(CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens).ok());
+  }
+  ExpectNothingLeaked();
+}
+
+// Per-layer readiness: a layer is ready as soon as its own chunks landed, in
+// whatever order the sender computed the layers.
+TEST_F(KvStreamTest, LayersBecomeReadyIndependently) {
+  auto backend = NewLoopbackBackend();
+  StreamSetup s;
+  Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+  ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+  auto& rx = **st.receiver;
+  ASSERT_TRUE((*st.sender)->SendLayer(2).ok());
+  ASSERT_TRUE(rx.WaitLayer(2, absl::Now() + absl::Seconds(5)).ok());
+  EXPECT_TRUE(CompareLayer(*src_, seq_, *dst_, rx.sequence(), kTokens, 2).ok());
+  EXPECT_FALSE(rx.LayerReady(0));
+  EXPECT_EQ(rx.WaitLayer(0, absl::Now() + absl::Milliseconds(50)).code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(rx.WaitLayer(kLayers, absl::Now()).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*st.sender)->SendLayer(2).code(), absl::StatusCode::kInvalidArgument);  // twice
+  EXPECT_EQ((*st.sender)->Finish(absl::Now() + absl::Milliseconds(50)).code(),
+            absl::StatusCode::kDeadlineExceeded);
+  for (int l : {0, 1, 3}) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+  ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(10)).ok());
+  ASSERT_TRUE(rx.WaitDone(absl::Now() + absl::Seconds(10)).ok());
+}
+
+TEST_F(KvStreamTest, OneChunkOfCreditStillCompletes) {
+  auto backend = NewLoopbackBackend();
+  StreamSetup s;
+  s.receiver.credit_chunks = 1;
+  s.receiver.credit_bytes = s.sender.max_chunk_bytes;
+  s.sender.max_batch_chunks = 8;
+  Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+  ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+  ASSERT_TRUE(SendAll(**st.sender).ok());
+  ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(10)).ok());
+  EXPECT_TRUE(CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens).ok());
+}
+
+TEST_F(KvStreamTest, CorruptedAndDroppedChunksAreResent) {
+  auto inner = NewLoopbackBackend();
+  FaultPolicy policy;
+  policy.corrupt_writes = {1, 7};
+  policy.drop_writes = {4};
+  policy.fence_delay = absl::Milliseconds(1);
+  FaultInjectingBackend faulty(*inner, policy);
+  StreamSetup s;
+  {
+    Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
+    ASSERT_TRUE(fin.ok()) << fin;
+    ASSERT_TRUE((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10)).ok());
+    EXPECT_EQ(faulty.corrupted(), 2);
+    EXPECT_EQ(faulty.dropped(), 1);
+    EXPECT_EQ((*st.sender)->stats().resends, 3u);
+    EXPECT_EQ((*st.receiver)->stats().checksum_failures, 3u);
+    absl::Status cmp = CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens);
+    EXPECT_TRUE(cmp.ok()) << cmp;
+  }
+  ExpectNothingLeaked();
+}
+
+TEST_F(KvStreamTest, PersistentCorruptionAbortsWithDataLoss) {
+  auto inner = NewLoopbackBackend();
+  FaultPolicy policy;
+  policy.corrupt_probability = 1.0;
+  FaultInjectingBackend faulty(*inner, policy);
+  StreamSetup s;
+  s.sender.max_resends = 2;
+  {
+    Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
+    EXPECT_EQ(fin.code(), absl::StatusCode::kDataLoss) << fin;
+    EXPECT_NE(fin.message().find("failed checksum verification 3 times"), std::string::npos) << fin;
+    absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10));
+    EXPECT_EQ(rx.code(), absl::StatusCode::kDataLoss) << rx;
+    EXPECT_NE(rx.message().find("sender aborted"), std::string::npos) << rx;
+    ExpectSequenceReleased();
+  }
+  ExpectNothingLeaked();
+}
+
+TEST_F(KvStreamTest, TwoSidedCorruptionAbortsWithoutResend) {
+  auto inner = NewLoopbackBackend({.two_sided = true});
+  FaultPolicy policy;
+  policy.corrupt_writes = {2};
+  FaultInjectingBackend faulty(*inner, policy);
+  StreamSetup s;
+  {
+    Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10));
+    EXPECT_EQ(rx.code(), absl::StatusCode::kDataLoss) << rx;
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
+    EXPECT_EQ(fin.code(), absl::StatusCode::kDataLoss) << fin;
+    ExpectSequenceReleased();
+  }
+  ExpectNothingLeaked();
+}
+
+TEST_F(KvStreamTest, FingerprintMismatchIsRejectedAtHandshake) {
+  auto backend = NewLoopbackBackend();
+  StreamSetup s;
+  s.sender_fingerprint = "ffffffffffffffff";
+  {
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+    EXPECT_EQ(st.sender.status().code(), absl::StatusCode::kFailedPrecondition) << st.sender.status();
+    EXPECT_NE(st.sender.status().message().find("fingerprint"), std::string::npos);
+    EXPECT_EQ(st.receiver.status().code(), absl::StatusCode::kFailedPrecondition);
+    ExpectSequenceReleased();
+  }
+  ExpectNothingLeaked();
+}
+
+TEST_F(KvStreamTest, LayoutMismatchIsRejectedAtHandshake) {
+  auto backend = NewLoopbackBackend();
+  kernels::KvLayout other = V32Layout(256);
+  other.rope_dim = 32;  // a different MLA record
+  auto dst = *MakeCache(other, kLayers, kTokens);
+  StreamSetup s;
+  {
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst, s);
+    EXPECT_EQ(st.sender.status().code(), absl::StatusCode::kFailedPrecondition) << st.sender.status();
+    EXPECT_NE(st.sender.status().message().find("layout mismatch"), std::string::npos);
+    EXPECT_EQ(dst->live_sequences(), 0);
+  }
+  auto fewer = *MakeCache(V32Layout(256), kLayers - 1, kTokens);
+  Stream st = StartStream(*backend, *backend, *src_, seq_, *fewer, s);
+  EXPECT_EQ(st.sender.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.sender.status().message().find("layers"), std::string::npos) << st.sender.status();
+}
+
+TEST_F(KvStreamTest, NoRoomIsResourceExhausted) {
+  auto backend = NewLoopbackBackend();
+  auto small = *MakeCache(V32Layout(256), kLayers, 500);
+  StreamSetup s;
+  Stream st = StartStream(*backend, *backend, *src_, seq_, *small, s);
+  EXPECT_EQ(st.sender.status().code(), absl::StatusCode::kResourceExhausted) << st.sender.status();
+  EXPECT_EQ(small->live_sequences(), 0);
+}
+
+// The sender's process "dies" mid-stream: its data plane fails and its control
+// connection is reset. The receiver reports Unavailable within 2 s and hands
+// back the sequence and every buffer.
+TEST_F(KvStreamTest, SenderDisappearsMidStream) {
+  auto inner = NewLoopbackBackend();
+  ControlChannel* sender_channel = nullptr;
+  FaultPolicy policy;
+  policy.disconnect_after_writes = 10;
+  policy.on_disconnect = [&] { sender_channel->Sever(); };
+  FaultInjectingBackend faulty(*inner, policy);
+  StreamSetup s;
+  {
+    // Start with a policy-free path for the handshake, then ship.
+    Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    sender_channel = st.sender_channel;
+    absl::Time t0 = absl::Now();
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    absl::Status rx = (*st.receiver)->WaitDone(t0 + absl::Seconds(5));
+    EXPECT_LT(absl::Now() - t0, absl::Seconds(2));
+    EXPECT_EQ(rx.code(), absl::StatusCode::kUnavailable) << rx;
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(5));
+    EXPECT_EQ(fin.code(), absl::StatusCode::kUnavailable) << fin;
+    ExpectSequenceReleased();
+    EXPECT_FALSE((*st.receiver)->LayerReady(kLayers - 1));
+  }
+  ExpectNothingLeaked();
+}
+
+// The receiver vanishes without a word (connection reset): the sender reports
+// Unavailable within 2 s and releases its endpoint.
+TEST_F(KvStreamTest, ReceiverDisappearsMidStream) {
+  auto backend = NewLoopbackBackend();
+  FaultPolicy policy;
+  policy.fence_delay = absl::Milliseconds(20);  // keep the stream busy
+  FaultInjectingBackend slow(*backend, policy);
+  StreamSetup s;
+  {
+    Stream st = StartStream(slow, *backend, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    absl::Time t0 = absl::Now();
+    st.receiver_channel->Sever();
+    absl::Status fin = (*st.sender)->Finish(t0 + absl::Seconds(5));
+    EXPECT_LT(absl::Now() - t0, absl::Seconds(2));
+    EXPECT_EQ(fin.code(), absl::StatusCode::kUnavailable) << fin;
+    EXPECT_EQ((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5)).code(),
+              absl::StatusCode::kUnavailable);
+    ExpectSequenceReleased();
+  }
+  ExpectNothingLeaked();
+}
+
+TEST_F(KvStreamTest, DestroyingAnUnfinishedStreamAbortsThePeer) {
+  auto backend = NewLoopbackBackend();
+  StreamSetup s;
+  {
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    ASSERT_TRUE((*st.sender)->SendLayer(0).ok());
+    st.sender->reset();
+    absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5));
+    EXPECT_EQ(rx.code(), absl::StatusCode::kCancelled) << rx;
+    ExpectSequenceReleased();
+  }
+  ExpectNothingLeaked();
+}
+
+TEST_F(KvStreamTest, IdleSenderHitsReceiverProgressDeadline) {
+  auto backend = NewLoopbackBackend();
+  StreamSetup s;
+  s.receiver.progress_timeout = absl::Milliseconds(300);
+  Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+  ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+  absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5));
+  EXPECT_EQ(rx.code(), absl::StatusCode::kDeadlineExceeded) << rx;
+  EXPECT_EQ((*st.sender)->Finish(absl::Now() + absl::Seconds(5)).code(),
+            absl::StatusCode::kDeadlineExceeded);
+  ExpectSequenceReleased();
+}
+
+TEST_F(KvStreamTest, NonManifestFirstMessageIsInvalidArgument) {
+  auto backend = NewLoopbackBackend();
+  auto listener = ControlListener::Listen("127.0.0.1", 0);
+  ASSERT_TRUE(listener.ok());
+  absl::StatusOr<std::unique_ptr<KvReceiver>> rx = absl::UnknownError("unset");
+  std::thread t([&] {
+    auto ch = (*listener)->Accept(absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(ch.ok());
+    ReceiverOptions o;
+    o.model_fingerprint = kFingerprint;
+    rx = KvReceiver::Accept(*backend, std::move(*ch), *dst_, o);
+  });
+  auto ch = ControlChannel::Connect("127.0.0.1", (*listener)->port(), absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(ch.ok());
+  ASSERT_TRUE((*ch)->Send(proto::Done{1, 2}).ok());
+  t.join();
+  EXPECT_EQ(rx.status().code(), absl::StatusCode::kInvalidArgument) << rx.status();
+  auto reply = (*ch)->Receive(absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(reply.ok());
+  EXPECT_TRUE(std::holds_alternative<proto::Abort>(*reply));
+}
+
+TEST_F(KvStreamTest, BadRequestsAreNamed) {
+  auto backend = NewLoopbackBackend();
+  auto ch = ControlListener::Listen("127.0.0.1", 0);
+  ASSERT_TRUE(ch.ok());
+  auto c = ControlChannel::Connect("127.0.0.1", (*ch)->port(), absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(c.ok());
+  auto r = KvSender::Start(*backend, std::move(*c), *src_, {"req 1", kFingerprint, seq_, kTokens}, {});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  auto c2 = ControlChannel::Connect("127.0.0.1", (*ch)->port(), absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(c2.ok());
+  auto r2 = KvSender::Start(*backend, std::move(*c2), *src_, {"req-1", kFingerprint, seq_, kTokens + 100}, {});
+  EXPECT_EQ(r2.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(r2.status().message().find("cannot ship"), std::string::npos) << r2.status();
+}
+
+}  // namespace
+}  // namespace pd::transport

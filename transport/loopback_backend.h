@@ -1,0 +1,24 @@
+// In-process data plane, for tests and for co-located prefill/decode: the
+// receiver's region is entered in a process-wide registry, the sender copies
+// into it. One-sided mode behaves like puts; two-sided mode pairs each write
+// with a posted receive in order, like NCCL send/recv.
+#ifndef PD_TRANSPORT_LOOPBACK_BACKEND_H_
+#define PD_TRANSPORT_LOOPBACK_BACKEND_H_
+
+#include <memory>
+
+#include "transport/backend.h"
+
+namespace pd::transport {
+
+struct LoopbackOptions {
+  bool two_sided = false;
+};
+
+// Host memory only. Writes to a region whose receiver is gone fail with
+// Unavailable; writes outside the region fail with OutOfRange.
+std::unique_ptr<Backend> NewLoopbackBackend(const LoopbackOptions& options = {});
+
+}  // namespace pd::transport
+
+#endif  // PD_TRANSPORT_LOOPBACK_BACKEND_H_
