@@ -58,7 +58,9 @@ class Sampler {
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::vector<double> probs_;      // scratch, [vocab]
-  std::vector<int32_t> order_;     // scratch, candidate ids
+  std::vector<int32_t> order_;     // scratch, kept ids
+  std::vector<int32_t> boundary_;  // scratch, ids of one probability bucket
+  std::vector<uint8_t> kept_;      // scratch, [vocab] kept mask
 };
 
 }  // namespace pd::model
