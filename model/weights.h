@@ -59,6 +59,10 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;  // num_hidden_layers (extra MTP layers are ignored)
   std::shared_ptr<SafetensorsCheckpoint> checkpoint;
   std::string fingerprint;           // hex XXH3-128 of config + tensor names, dtypes, shapes, data
+                                     // (ConfigToJson + every checkpoint tensor in name order; above
+                                     // 4 GiB of tensors, tensors > 6 MiB hash only their first/last
+                                     // 1 MiB and 64 spaced 64 KiB windows: see
+                                     // SafetensorsCheckpoint::Fingerprint)
 
   ModelWeights();
   ~ModelWeights();
