@@ -555,6 +555,8 @@ absl::Status ValidateConfig(const ModelConfig& c) {
   return absl::OkStatus();
 }
 
+#undef PD_CONFIG_REQUIRE_POSITIVE_
+
 absl::StatusOr<ModelConfig> PresetConfig(absl::string_view name) {
   ModelConfig c;  // the defaults are DeepSeek-V3.2's values
   c.rope.dim = c.qk_rope_head_dim;
