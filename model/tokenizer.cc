@@ -603,8 +603,8 @@ struct Tokenizer::Impl {
   absl::Status ParseAddedTokens(const boost::json::value* v);
   absl::Status BuildIdTables();
 
-  absl::Status SplitAdded(const AddedMatcher& matcher, bool normalized_pass,
-                          std::vector<Span>* spans) const;
+  // Splits the text spans of `spans` on the matcher's tokens (one HF pass).
+  void SplitAdded(const AddedMatcher& matcher, std::vector<Span>* spans) const;
   absl::Status PreTokenizeText(absl::string_view text, std::vector<std::string>* pieces) const;
   absl::Status EncodePiece(const std::string& piece, std::vector<int32_t>* ids) const;
   absl::Status BpePiece(const std::string& piece, std::vector<int32_t>* ids) const;
@@ -886,9 +886,8 @@ bool Tokenizer::Impl::StartsWithWord(absl::string_view s) const {
 }
 
 // huggingface/tokenizers AddedVocabulary::find_matches over each text span.
-absl::Status Tokenizer::Impl::SplitAdded(const AddedMatcher& matcher, bool normalized_pass,
-                                         std::vector<Span>* spans) const {
-  if (matcher.empty()) return absl::OkStatus();
+void Tokenizer::Impl::SplitAdded(const AddedMatcher& matcher, std::vector<Span>* spans) const {
+  if (matcher.empty()) return;
   std::vector<Span> out;
   for (const Span& span : *spans) {
     if (span.id >= 0) {
@@ -917,9 +916,7 @@ absl::Status Tokenizer::Impl::SplitAdded(const AddedMatcher& matcher, bool norma
     }
     if (start_offset < s.size()) out.push_back({s.substr(start_offset), -1});
   }
-  (void)normalized_pass;  // no normalizer: both passes see the same text
   *spans = std::move(out);
-  return absl::OkStatus();
 }
 
 absl::Status Tokenizer::Impl::PreTokenizeText(absl::string_view text,
@@ -1114,8 +1111,10 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text) c
   }
   std::vector<Span> spans;
   if (!text.empty()) spans.push_back({text, -1});
-  PD_RETURN_IF_ERROR(impl_->SplitAdded(impl_->raw_matcher, false, &spans));
-  PD_RETURN_IF_ERROR(impl_->SplitAdded(impl_->normalized_matcher, true, &spans));
+  // As HF: tokens with normalized == false first, then (on the remaining text,
+  // which no normalizer changes here) those with normalized == true.
+  impl_->SplitAdded(impl_->raw_matcher, &spans);
+  impl_->SplitAdded(impl_->normalized_matcher, &spans);
   std::vector<int32_t> ids;
   std::vector<std::string> pieces;
   for (const Span& span : spans) {

@@ -12,9 +12,9 @@
 //   model:         "BPE" with vocab, merges ("a b" strings or ["a","b"] pairs),
 //                  unk_token, fuse_unk, byte_fallback, ignore_merges; dropout must be
 //                  null/0 and continuing_subword_prefix / end_of_word_suffix null/"".
-//   decoder:       "ByteLevel" (GPT-2 bytes_to_unicode inverse; a token holding a
-//                  character outside that table decodes to its own UTF-8 bytes, as in
-//                  HF), or null (same byte handling).
+//   decoder:       "ByteLevel" only (GPT-2 bytes_to_unicode inverse; a token holding
+//                  a character outside that table decodes to its own UTF-8 bytes, as
+//                  in HF).
 //   added_tokens:  content, id, special, lstrip, rstrip, single_word, normalized.
 //   post_processor and truncation/padding are ignored: Encode never adds BOS/EOS.
 #ifndef PD_MODEL_TOKENIZER_H_
@@ -97,7 +97,7 @@ class Tokenizer {
   std::optional<int32_t> eos_id() const;
   const std::vector<AddedToken>& added_tokens() const;
 
-  struct Impl;  // tokenizer.cc
+  struct Impl;  // implementation detail (tokenizer.cc)
 
  private:
   explicit Tokenizer(std::unique_ptr<Impl> impl);

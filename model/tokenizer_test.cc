@@ -6,7 +6,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <atomic>
 #include <set>
+#include <thread>
 #include <random>
 #include <string>
 #include <vector>
@@ -251,6 +253,35 @@ TEST_F(HelloWorldTest, AddedTokensInsideText) {
   std::vector<int32_t> ids = {266, 259, 268, 264, 267};
   EXPECT_EQ(MustDecode(*tok_, ids, false), "<s>hello<mask> world</s>");
   EXPECT_EQ(MustDecode(*tok_, ids, true), "hello<mask> world");
+}
+
+TEST_F(HelloWorldTest, ConcurrentEncodesAgree) {
+  // Encode is const and shares the BPE cache: threads must see the same ids.
+  std::vector<std::string> texts;
+  for (int i = 0; i < 64; ++i) {
+    texts.push_back(absl::StrCat("hello world ", i, " <s>elll", std::string(i % 7, ' '), "hel"));
+  }
+  std::vector<std::vector<int32_t>> expected;
+  {
+    auto fresh = MustLoad(HelloWorldJson());  // its own cache, filled single-threaded
+    ASSERT_NE(fresh, nullptr);
+    for (const std::string& t : texts) expected.push_back(MustEncode(*fresh, t));
+  }
+  std::vector<std::thread> threads;
+  std::atomic<int> mismatches{0};
+  for (int th = 0; th < 4; ++th) {
+    threads.emplace_back([&, th] {
+      for (int rep = 0; rep < 50; ++rep) {
+        for (size_t i = 0; i < texts.size(); ++i) {
+          size_t k = (i + size_t(th) * 17 + size_t(rep)) % texts.size();
+          auto ids = tok_->Encode(texts[k]);
+          if (!ids.ok() || *ids != expected[k]) ++mismatches;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
 }
 
 TEST_F(HelloWorldTest, DecodeRejectsUnknownIds) {
@@ -651,6 +682,41 @@ TEST(VocabularyGapTest, ByteFallback) {
   ASSERT_NE(tok, nullptr);
   // 'c' (0x63) has a <0x63> token; 'd' has none and becomes <unk>.
   EXPECT_EQ(MustEncode(*tok, "acd"), (std::vector<int32_t>{0, 4, 3}));
+}
+
+// ---------------------------------------------------------------------------
+// The real DeepSeek-V3 tokenizer.json, when one is available
+// ---------------------------------------------------------------------------
+
+TEST(DeepSeekV3TokenizerTest, MatchesHuggingFaceIds) {
+  // PD_DEEPSEEK_TOKENIZER=/path/to/DeepSeek-V3/tokenizer.json enables this test.
+  // The expected ids were produced by huggingface/tokenizers (Rust, via its Node
+  // binding) from the same file with add_special_tokens = false.
+  const char* path = std::getenv("PD_DEEPSEEK_TOKENIZER");
+  if (path == nullptr) GTEST_SKIP() << "PD_DEEPSEEK_TOKENIZER is not set";
+  auto tok = Tokenizer::Load(path);
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->vocab_size(), 128815);
+  EXPECT_EQ((*tok)->bos_id(), 0);
+  EXPECT_EQ((*tok)->eos_id(), 1);
+  struct Case {
+    const char* text;
+    std::vector<int32_t> ids;
+  } cases[] = {
+      {"Hello world 12345 你好世界", {19923, 2058, 223, 6895, 1883, 223, 30594, 3427}},
+      {"<｜begin▁of▁sentence｜>hi", {0, 6366}},
+      {"def f(x):\n    return x**2  # square\n",
+       {3465, 285, 4042, 3395, 361, 1354, 1527, 666, 20, 223, 1823, 5080, 201}},
+      {"emoji 😀 and ünïcödé, 2024年12月31日!",
+       {18872, 7063, 53769, 225, 305, 10943, 80, 16709, 69, 54879, 619, 14, 223, 939, 22, 695,
+        736, 1266, 2181, 1080, 3}},
+      {"  \n\n\tmixed   whitespace \r\n", {6776, 21840, 5053, 262, 37899, 5790, 223, 204, 201}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.text);
+    EXPECT_EQ(MustEncode(**tok, c.text), c.ids);
+    EXPECT_EQ(MustDecode(**tok, c.ids, false), c.text);
+  }
 }
 
 // ---------------------------------------------------------------------------
