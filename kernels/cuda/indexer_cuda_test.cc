@@ -1,0 +1,732 @@
+// GPU tests of the CUDA indexer kernels against the CPU reference backend
+// (kernels/indexer.h) on random inputs of odd sizes: partial pages and blocks,
+// contexts shorter than top-k, batches of sequences, forced key splits, both
+// MMA paths. Needs a Hopper GPU (CTest label "gpu").
+//
+// Selections are compared as sets with the CPU scores as the judge: the GPU's
+// FP8 tensor cores sum in another order than the CPU's fma chain, so two keys
+// whose scores differ by less than the rounding can trade places at the top-k
+// boundary. Every key in the symmetric difference must score within `tol` of the
+// CPU's k-th score, and such keys must be rare; everything else is exact.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/indexer_cuda.h"
+#include "kernels/indexer.h"
+#include "kernels/kv_layout.h"
+#include "kernels/numeric.h"
+#include "kernels/ops.h"
+#include "kernels/testing/minitest.h"
+
+namespace pd::kernels::cuda {
+namespace {
+
+constexpr int kH = 64;
+constexpr int kD = 128;
+
+bool HaveGpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveGpu()) MINITEST_SKIP() << "no CUDA device"
+
+#define ASSERT_CUDA(expr)                                                       \
+  do {                                                                          \
+    const cudaError_t e_ = (expr);                                              \
+    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_);      \
+  } while (0)
+
+cpu::ThreadPool* Pool() {
+  static cpu::ThreadPool pool(0);
+  return &pool;
+}
+
+// FP8 quantisation of one vector with a ue8m0 scale (the indexer's format).
+float Quantize(const float* x, int n, uint8_t* q) {
+  float amax = 0.0f;
+  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = Fp8Scale(amax, true);
+  for (int i = 0; i < n; ++i) q[i] = FloatToFp8E4M3(x[i] / s);
+  return s;
+}
+
+// A batch of sequences sharing one key pool (pages in random order, unused
+// slots filled with random bytes, NaN codes included).
+struct HostBatch {
+  KvLayout layout;
+  std::vector<int64_t> lens;
+  std::vector<uint8_t> pool;
+  int64_t pt_stride = 0, sum_stride = 0;
+  std::vector<int32_t> page_table;  // [S, pt_stride]
+  std::vector<float> sums;          // [S, sum_stride, D]
+
+  IndexKeyCacheView View(int s) const {
+    IndexKeyCacheView v;
+    v.pool = pool.data();
+    v.page_table = page_table.data() + s * pt_stride;
+    v.num_tokens = lens[size_t(s)];
+    v.summary_sums = sums.data() + s * sum_stride * kD;
+    v.layout = layout;
+    return v;
+  }
+};
+
+HostBatch MakeBatch(std::mt19937& rng, const std::vector<int64_t>& lens, int summary_block) {
+  HostBatch b;
+  b.layout.summary_block = summary_block;
+  b.lens = lens;
+  int64_t pages = 3;  // spare pages nobody uses
+  for (int64_t n : lens) {
+    pages += NumPages(n);
+    b.pt_stride = std::max(b.pt_stride, NumPages(n));
+    b.sum_stride = std::max(b.sum_stride, CeilDiv(n, summary_block));
+  }
+  b.pt_stride = std::max<int64_t>(b.pt_stride, 1);
+  b.sum_stride = std::max<int64_t>(b.sum_stride, 1);
+  b.pool.resize(size_t(pages) * b.layout.IndexPageBytes());
+  for (auto& x : b.pool) x = uint8_t(rng());
+  std::vector<int32_t> ids(static_cast<size_t>(pages));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  b.page_table.assign(lens.size() * size_t(b.pt_stride), -1);
+  b.sums.assign(lens.size() * size_t(b.sum_stride) * kD, 0.0f);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  size_t next = 0;
+  std::vector<float> x(kD);
+  std::vector<uint8_t> q(kD);
+  for (size_t s = 0; s < lens.size(); ++s) {
+    for (int64_t p = 0; p < NumPages(lens[s]); ++p) b.page_table[s * b.pt_stride + p] = ids[next++];
+    // Keys with a slowly drifting mean so that block summaries differ.
+    std::vector<float> drift(kD);
+    for (auto& d : drift) d = 0.3f * nd(rng);
+    for (int64_t t = 0; t < lens[s]; ++t) {
+      if (t % 512 == 0) for (auto& d : drift) d = 0.7f * d + 0.3f * nd(rng);
+      for (int i = 0; i < kD; ++i) x[i] = nd(rng) + drift[size_t(i)];
+      const float scale = Quantize(x.data(), kD, q.data());
+      uint8_t* page = b.pool.data() +
+                      size_t(b.page_table[s * b.pt_stride + t / kPageTokens]) * b.layout.IndexPageBytes();
+      std::memcpy(page + b.layout.IndexValueOffset(int(t % kPageTokens)), q.data(), kD);
+      std::memcpy(page + b.layout.IndexScaleOffset(int(t % kPageTokens)), &scale, 4);
+    }
+    IndexKeyCacheRef ref;
+    ref.pool = b.pool.data();
+    ref.page_table = b.page_table.data() + s * b.pt_stride;
+    ref.summary_sums = b.sums.data() + s * b.sum_stride * kD;
+    ref.layout = b.layout;
+    cpu::UpdateSummaries(ref, 0, lens[s]);
+  }
+  return b;
+}
+
+struct HostQueries {
+  std::vector<uint8_t> q8;        // [T, H, D]
+  std::vector<float> w;           // [T, H]
+  std::vector<int64_t> pos;       // [T]
+  std::vector<int32_t> start;     // [S + 1]
+};
+
+// Queries of sequence s at the given positions.
+HostQueries MakeQueries(std::mt19937& rng, const std::vector<std::vector<int64_t>>& positions) {
+  HostQueries hq;
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  hq.start.push_back(0);
+  std::vector<float> x(kD);
+  for (const auto& ps : positions) {
+    for (int64_t p : ps) {
+      hq.pos.push_back(p);
+      for (int j = 0; j < kH; ++j) {
+        for (auto& v : x) v = nd(rng);
+        hq.q8.resize(hq.q8.size() + kD);
+        const float s = Quantize(x.data(), kD, hq.q8.data() + hq.q8.size() - kD);
+        hq.w.push_back(nd(rng) * s * 0.125f);
+      }
+    }
+    hq.start.push_back(int32_t(hq.pos.size()));
+  }
+  return hq;
+}
+
+// Device copies of a batch and its queries.
+struct DeviceBatch {
+  DeviceBuffer<uint8_t> pool;
+  DeviceBuffer<int32_t> page_table;
+  DeviceBuffer<int64_t> lens;
+  DeviceBuffer<float> sums;
+  DeviceBuffer<uint8_t> q8;
+  DeviceBuffer<float> w;
+  DeviceBuffer<int64_t> pos;
+  DeviceBuffer<int32_t> start;
+  IndexKeyBatch keys;
+  IndexQueryBatch queries;
+
+  DeviceBatch(const HostBatch& b, const HostQueries& q)
+      : pool(b.pool), page_table(b.page_table), lens(b.lens), sums(b.sums), q8(q.q8), w(q.w),
+        pos(q.pos), start(q.start) {
+    keys.pool = pool.get();
+    keys.page_table = page_table.get();
+    keys.page_table_stride = b.pt_stride;
+    keys.num_tokens = lens.get();
+    keys.summary_sums = sums.get();
+    keys.summary_stride = b.sum_stride;
+    keys.layout = b.layout;
+    queries.q8 = q8.get();
+    queries.weights = w.get();
+    queries.positions = pos.get();
+    queries.query_start = start.get();
+    queries.num_queries = int64_t(q.pos.size());
+    queries.num_seqs = int(b.lens.size());
+    for (size_t s = 0; s + 1 < q.start.size(); ++s) {
+      queries.max_queries_per_seq =
+          std::max<int64_t>(queries.max_queries_per_seq, q.start[s + 1] - q.start[s]);
+    }
+    queries.max_context = *std::max_element(b.lens.begin(), b.lens.end());
+  }
+};
+
+// Checks one GPU row against the CPU row; scores[s] are the CPU scores of keys
+// 0..pos. Returns the number of boundary swaps.
+int CheckRow(const int32_t* gpu, const int32_t* cpu_row, const std::vector<float>& scores,
+             int64_t pos, int topk, bool sorted, const std::string& what) {
+  const int valid = int(std::min<int64_t>(topk, pos + 1));
+  float smax = 0.0f;
+  for (float s : scores) smax = std::max(smax, std::fabs(s));
+  const float tol = 2e-3f * smax + 1e-30f;
+  std::set<int32_t> g, c;
+  for (int i = 0; i < topk; ++i) {
+    if (i < valid) {
+      EXPECT_GE(gpu[i], 0) << what << " slot " << i;
+      EXPECT_LE(int64_t(gpu[i]), pos) << what << " slot " << i;
+      if (gpu[i] < 0 || gpu[i] > pos) return valid;
+      EXPECT_TRUE(g.insert(gpu[i]).second) << what << " duplicate index " << gpu[i];
+      c.insert(cpu_row[i]);
+    } else {
+      EXPECT_EQ(gpu[i], -1) << what << " slot " << i << " past the " << valid << " valid";
+    }
+  }
+  const float boundary = scores[size_t(cpu_row[valid - 1])];
+  int swaps = 0;
+  for (int32_t x : g) {
+    if (c.count(x) == 0) {
+      ++swaps;
+      EXPECT_LE(std::fabs(scores[size_t(x)] - boundary), tol)
+          << what << ": GPU picked " << x << " score " << scores[size_t(x)] << " boundary "
+          << boundary;
+    }
+  }
+  for (int32_t x : c) {
+    if (g.count(x) == 0) {
+      EXPECT_LE(std::fabs(scores[size_t(x)] - boundary), tol)
+          << what << ": GPU missed " << x << " score " << scores[size_t(x)] << " boundary "
+          << boundary;
+    }
+  }
+  if (sorted) {
+    for (int i = 0; i + 1 < valid; ++i) {
+      EXPECT_GE(scores[size_t(gpu[i])], scores[size_t(gpu[i + 1])] - tol)
+          << what << " order at slot " << i;
+    }
+  }
+  return swaps;
+}
+
+struct SelectCase {
+  std::vector<int64_t> lens;
+  std::vector<std::vector<int64_t>> positions;
+  int topk = 2048;
+  bool misa = false;
+  int h = 8;
+  bool sorted = true;
+  bool wgmma = true;
+  int splits = 0;
+  int summary_block = 1024;
+};
+
+// Runs one selection case on the GPU (dense or MISA with the CPU's routed
+// heads) and checks every row against cpu::SelectTokens.
+void RunSelectCase(const SelectCase& sc, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const HostBatch hb = MakeBatch(rng, sc.lens, sc.summary_block);
+  const HostQueries hq = MakeQueries(rng, sc.positions);
+  DeviceBatch db(hb, hq);
+  ASSERT_TRUE(db.pool.ok() && db.q8.ok());
+  const int64_t T = int64_t(hq.pos.size());
+  const int G = sc.misa ? sc.h : kH;
+
+  SelectionConfig cfg;
+  cfg.mode = sc.misa ? SelectionMode::kMisa : SelectionMode::kDense;
+  cfg.topk = sc.topk;
+  cfg.misa_heads = sc.h;
+  cfg.misa_block = sc.summary_block;
+  std::vector<int32_t> cpu_out(size_t(T) * sc.topk);
+  std::vector<int32_t> heads(size_t(T) * G);
+  for (size_t s = 0; s < sc.lens.size(); ++s) {
+    const IndexKeyCacheView view = hb.View(int(s));
+    IndexerQueries q;
+    const int64_t t0 = hq.start[s];
+    q.q8 = hq.q8.data() + t0 * kH * kD;
+    q.weights = hq.w.data() + t0 * kH;
+    q.positions = hq.pos.data() + t0;
+    q.num_queries = hq.start[s + 1] - t0;
+    cpu::SelectTokens(cfg, view, q, cpu_out.data() + t0 * sc.topk, Pool());
+    for (int64_t t = t0; t < hq.start[s + 1]; ++t) {
+      if (sc.misa) {
+        std::vector<float> r(kH);
+        cpu::MisaRouterScores(view, hq.q8.data() + t * kH * kD, hq.w.data() + t * kH, kH,
+                              hq.pos[size_t(t)], r.data());
+        cpu::MisaActiveHeads(r.data(), kH, sc.h, heads.data() + t * G);
+      } else {
+        std::iota(heads.begin() + t * G, heads.begin() + (t + 1) * G, 0);
+      }
+    }
+  }
+
+  DeviceBuffer<int32_t> d_heads(heads);
+  DeviceBuffer<int32_t> d_out(size_t(T) * sc.topk);
+  cudaMemset(d_out.get(), 0x5a, d_out.bytes());  // poison
+  SelectParams p;
+  p.keys = db.keys;
+  p.queries = db.queries;
+  p.heads = kH;
+  p.rows_per_query = G;
+  p.head_list = sc.misa ? d_heads.get() : nullptr;
+  p.topk = sc.topk;
+  p.sorted = sc.sorted;
+  p.num_splits = sc.splits;
+  p.use_wgmma = sc.wgmma;
+  p.out = d_out.get();
+  SelectPlan plan;
+  const char* why = nullptr;
+  ASSERT_CUDA(PlanSelectLaunch(p, &plan, &why));
+  DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+  ASSERT_TRUE(ws.ok());
+  ASSERT_CUDA(LaunchSelect(p, plan, ws.get(), 0, &why));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const std::vector<int32_t> gpu = d_out.Download();
+
+  int swaps = 0, total = 0;
+  for (size_t s = 0; s < sc.lens.size(); ++s) {
+    const IndexKeyCacheView view = hb.View(int(s));
+    for (int64_t t = hq.start[s]; t < hq.start[s + 1]; ++t) {
+      const int64_t pos = hq.pos[size_t(t)];
+      std::vector<float> scores(size_t(pos + 1));
+      cpu::RoutedScores(view, hq.q8.data() + t * kH * kD, hq.w.data() + t * kH,
+                        heads.data() + t * G, G, nullptr, pos + 1, scores.data());
+      const std::string what = "seq " + std::to_string(s) + " query " + std::to_string(t) +
+                               " pos " + std::to_string(pos) + " splits " +
+                               std::to_string(plan.splits);
+      swaps += CheckRow(gpu.data() + t * sc.topk, cpu_out.data() + t * sc.topk, scores, pos,
+                        sc.topk, sc.sorted, what);
+      total += int(std::min<int64_t>(sc.topk, pos + 1));
+    }
+  }
+  // Boundary swaps are rounding ties: at most 0.5% of the selected keys.
+  EXPECT_LE(swaps * 200, std::max(total, 200)) << swaps << " swaps of " << total;
+  std::printf("  %lld queries, %d selected, %d boundary swaps, splits %d\n", (long long)T, total,
+              swaps, plan.splits);
+}
+
+std::vector<int64_t> Tail(int64_t n, int count) {
+  std::vector<int64_t> v;
+  for (int i = count; i >= 1; --i) {
+    if (n - i >= 0) v.push_back(n - i);
+  }
+  return v;
+}
+
+TEST(CudaSelect, DensePrefillOddSizesSorted) {
+  SKIP_WITHOUT_GPU();
+  SelectCase c;
+  c.lens = {5003};
+  auto pos = Tail(5003, 37);
+  for (int64_t p : {0, 1, 63, 64, 127, 128, 1000, 2047, 2048, 2049, 3333}) pos.push_back(p);
+  c.positions = {pos};
+  RunSelectCase(c, 1);
+}
+
+TEST(CudaSelect, DensePrefillSmallTopkManyCompactions) {
+  SKIP_WITHOUT_GPU();
+  SelectCase c;
+  c.lens = {12345};
+  c.positions = {Tail(12345, 21)};
+  c.topk = 300;
+  c.sorted = false;
+  RunSelectCase(c, 2);
+}
+
+TEST(CudaSelect, DenseMmaSyncFallbackMatches) {
+  SKIP_WITHOUT_GPU();
+  SelectCase c;
+  c.lens = {4100};
+  c.positions = {Tail(4100, 9)};
+  c.wgmma = false;
+  RunSelectCase(c, 3);
+}
+
+TEST(CudaSelect, DenseForcedSplitsMerge) {
+  SKIP_WITHOUT_GPU();
+  for (int splits : {2, 7}) {
+    SelectCase c;
+    c.lens = {9001};
+    c.positions = {Tail(9001, 5)};
+    c.splits = splits;
+    c.sorted = splits == 7;
+    RunSelectCase(c, 4 + uint32_t(splits));
+  }
+}
+
+TEST(CudaSelect, DenseDecodeBatchAutoSplits) {
+  SKIP_WITHOUT_GPU();
+  SelectCase c;
+  c.lens = {1, 63, 64, 2049, 5000, 12345};
+  c.positions = {{0}, {61, 62}, {63}, {2047, 2048}, {4999}, {12343, 12344}};
+  RunSelectCase(c, 5);
+}
+
+TEST(CudaSelect, MisaRoutedHeadsPrefill) {
+  SKIP_WITHOUT_GPU();
+  for (int h : {8, 16}) {
+    SelectCase c;
+    c.misa = true;
+    c.h = h;
+    c.lens = {7777};
+    auto pos = Tail(7777, 40);
+    for (int64_t p : {5, 700, 2100, 5000}) pos.push_back(p);
+    c.positions = {pos};
+    c.summary_block = 1024;
+    RunSelectCase(c, 10 + uint32_t(h));
+  }
+}
+
+TEST(CudaSelect, MisaDecodeBatchSmallBlocks) {
+  SKIP_WITHOUT_GPU();
+  SelectCase c;
+  c.misa = true;
+  c.lens = {300, 3000, 10001};
+  c.positions = {{299}, {2998, 2999}, {10000}};
+  c.summary_block = 256;
+  c.sorted = false;
+  RunSelectCase(c, 20);
+}
+
+TEST(CudaSelect, RejectsBadParameters) {
+  SKIP_WITHOUT_GPU();
+  SelectParams p;
+  p.queries.num_seqs = 1;
+  int32_t dummy = 0;
+  p.queries.query_start = &dummy;
+  p.rows_per_query = 12;
+  p.heads = 64;
+  p.head_list = reinterpret_cast<const int32_t*>(&dummy);
+  SelectPlan plan;
+  const char* why = nullptr;
+  EXPECT_EQ(PlanSelectLaunch(p, &plan, &why), cudaErrorInvalidValue);
+  ASSERT_TRUE(why != nullptr);
+  EXPECT_TRUE(std::string(why).find("8, 16, 32 or 64") != std::string::npos) << why;
+  p.rows_per_query = 8;
+  p.topk = 5000;
+  EXPECT_EQ(PlanSelectLaunch(p, &plan, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("topk") != std::string::npos) << why;
+  p.topk = 64;
+  p.head_dim = 96;
+  EXPECT_EQ(PlanSelectLaunch(p, &plan, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("128") != std::string::npos) << why;
+}
+
+TEST(CudaRouter, MatchesCpuRouterAndHeads) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(30);
+  const std::vector<int64_t> lens = {700, 5000, 40000};
+  for (int block : {1024, 128}) {
+    const HostBatch hb = MakeBatch(rng, lens, block);
+    const HostQueries hq = MakeQueries(rng, {{0, 699, 350}, {4999, 1023, 1024, 3000}, {39999, 777, 20000}});
+    DeviceBatch db(hb, hq);
+    const int64_t T = int64_t(hq.pos.size());
+    const int h = 8;
+    DeviceBuffer<int32_t> active(size_t(T) * h);
+    DeviceBuffer<float> scores(size_t(T) * kH);
+    RouterParams p;
+    p.keys = db.keys;
+    p.queries = db.queries;
+    p.active_heads = h;
+    p.active = active.get();
+    p.scores = scores.get();
+    ASSERT_CUDA(LaunchMisaRouter(p, 0));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    const auto g_active = active.Download();
+    const auto g_scores = scores.Download();
+    for (size_t s = 0; s < lens.size(); ++s) {
+      for (int64_t t = hq.start[s]; t < hq.start[s + 1]; ++t) {
+        std::vector<float> r(kH);
+        cpu::MisaRouterScores(hb.View(int(s)), hq.q8.data() + t * kH * kD, hq.w.data() + t * kH,
+                              kH, hq.pos[size_t(t)], r.data());
+        float rmax = 0.0f;
+        for (float x : r) rmax = std::max(rmax, x);
+        for (int j = 0; j < kH; ++j) {
+          EXPECT_NEAR(g_scores[size_t(t * kH + j)], r[size_t(j)], 1e-4 * rmax + 1e-30)
+              << "query " << t << " head " << j;
+        }
+        std::vector<float> sorted_r = r;
+        std::sort(sorted_r.begin(), sorted_r.end(), std::greater<float>());
+        const float hth = sorted_r[size_t(h - 1)];
+        for (int e = 0; e < h; ++e) {
+          const int32_t j = g_active[size_t(t * h + e)];
+          ASSERT_GE(j, 0);
+          ASSERT_LT(j, kH);
+          if (e > 0) {
+            EXPECT_GT(j, g_active[size_t(t * h + e - 1)]) << "ascending order";
+          }
+          EXPECT_GE(r[size_t(j)], hth - 2e-4f * rmax) << "query " << t << " head " << j;
+        }
+      }
+    }
+  }
+}
+
+TEST(CudaSummaries, PrefillThenDecodeIsBitExact) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(40);
+  const std::vector<int64_t> lens = {1500, 2100};
+  for (int block : {1024, 100}) {
+    HostBatch hb = MakeBatch(rng, lens, block);
+    DeviceBatch db(hb, MakeQueries(rng, {{0}, {0}}));
+    std::vector<float> zero(hb.sums.size(), 12345.0f);  // garbage the kernel must overwrite
+    ASSERT_CUDA(db.sums.Upload(zero));
+    // Prefill the first 1001 / 1333 tokens, then append one token at a time.
+    std::vector<int64_t> from = {0, 0}, to = {1001, 1333};
+    DeviceBuffer<int64_t> d_from(from), d_to(to);
+    SummaryParams p;
+    p.pool = db.pool.get();
+    p.page_table = db.page_table.get();
+    p.page_table_stride = hb.pt_stride;
+    p.summary_sums = db.sums.get();
+    p.summary_stride = hb.sum_stride;
+    p.from = d_from.get();
+    p.to = d_to.get();
+    p.num_seqs = 2;
+    p.max_blocks_touched = CeilDiv(1333, block) + 1;
+    p.layout = hb.layout;
+    ASSERT_CUDA(LaunchUpdateSummaries(p, 0));
+    while (to[0] < lens[0] || to[1] < lens[1]) {
+      for (int s = 0; s < 2; ++s) {
+        from[size_t(s)] = to[size_t(s)];
+        to[size_t(s)] = std::min(to[size_t(s)] + 1, lens[size_t(s)]);
+      }
+      ASSERT_CUDA(d_from.Upload(from));
+      ASSERT_CUDA(d_to.Upload(to));
+      p.max_blocks_touched = 1;
+      ASSERT_CUDA(LaunchUpdateSummaries(p, 0));
+    }
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    const auto g = db.sums.Download();
+    int bad = 0;
+    for (size_t s = 0; s < lens.size(); ++s) {
+      for (int64_t b = 0; b < CeilDiv(lens[s], block); ++b) {
+        for (int d = 0; d < kD; ++d) {
+          const size_t i = (s * hb.sum_stride + b) * kD + d;
+          if (g[i] != hb.sums[i] && ++bad < 5) {
+            EXPECT_EQ(g[i], hb.sums[i]) << "seq " << s << " block " << b << " dim " << d;
+          }
+        }
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  }
+}
+
+TEST(CudaPrep, MatchesCpuIndexerPrep) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(50);
+  const int64_t T = 77;
+  KvLayout layout;
+  const int64_t pages = NumPages(3000) + 2;
+  std::vector<uint8_t> pool(size_t(pages) * layout.IndexPageBytes(), 0);
+  std::vector<int32_t> pt(static_cast<size_t>(pages));
+  std::iota(pt.begin(), pt.end(), 0);
+  std::shuffle(pt.begin(), pt.end(), rng);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> qp(size_t(T) * kH * kD), kp(size_t(T) * kD), wp(size_t(T) * kH), g(kD), bta(kD);
+  for (auto& x : qp) x = nd(rng);
+  for (auto& x : kp) x = 3.0f * nd(rng) + 0.5f;
+  for (auto& x : wp) x = nd(rng);
+  for (auto& x : g) x = 1.0f + 0.1f * nd(rng);
+  for (auto& x : bta) x = 0.1f * nd(rng);
+  std::vector<int64_t> pos(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = t < 40 ? 2900 + t : int64_t(rng() % 3000);
+  YarnParams yp;
+  const std::vector<float> inv_freq = YarnInvFreq(yp);
+  IndexerPrepInputs in;
+  in.q_proj = qp.data();
+  in.k_proj = kp.data();
+  in.w_proj = wp.data();
+  in.ln_gamma = g.data();
+  in.ln_beta = bta.data();
+  in.positions = pos.data();
+  in.inv_freq = inv_freq.data();
+  in.num_tokens = T;
+  IndexKeyCacheRef ref;
+  std::vector<uint8_t> cpu_pool = pool;
+  ref.pool = cpu_pool.data();
+  ref.page_table = pt.data();
+  ref.layout = layout;
+  std::vector<uint8_t> cpu_q8(size_t(T) * kH * kD);
+  std::vector<float> cpu_w(size_t(T) * kH);
+  cpu::IndexerPrep(in, kH, ref, cpu_q8.data(), cpu_w.data());
+
+  DeviceBuffer<float> d_qp(qp), d_kp(kp), d_wp(wp), d_g(g), d_b(bta), d_if(inv_freq);
+  DeviceBuffer<int64_t> d_pos(pos);
+  DeviceBuffer<uint8_t> d_pool(pool);
+  DeviceBuffer<int32_t> d_pt(pt);
+  DeviceBuffer<uint8_t> d_q8(cpu_q8.size());
+  DeviceBuffer<float> d_w(cpu_w.size());
+  PrepParams p;
+  p.q_proj = d_qp.get();
+  p.k_proj = d_kp.get();
+  p.w_proj = d_wp.get();
+  p.ln_gamma = d_g.get();
+  p.ln_beta = d_b.get();
+  p.positions = d_pos.get();
+  p.inv_freq = d_if.get();
+  p.num_tokens = T;
+  p.pool = d_pool.get();
+  p.page_table = d_pt.get();
+  p.page_table_stride = pages;
+  p.layout = layout;
+  p.q8 = d_q8.get();
+  p.weights = d_w.get();
+  ASSERT_CUDA(LaunchIndexerPrep(p, 0));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto g_pool = d_pool.Download();
+  const auto g_q8 = d_q8.Download();
+  const auto g_w = d_w.Download();
+  // Vectors: same scale, codes equal or one step apart (a value on a rounding
+  // edge after cos/sin or LayerNorm rounding), and few of those.
+  int vec_scale_diff = 0, code_diff = 0, code_far = 0;
+  auto compare = [&](const uint8_t* a, const uint8_t* b, float sa, float sb) {
+    if (sa != sb) {
+      ++vec_scale_diff;
+      return;
+    }
+    for (int d = 0; d < kD; ++d) {
+      if (a[d] == b[d]) continue;
+      ++code_diff;
+      if (std::fabs(Fp8E4M3ToFloat(a[d]) - Fp8E4M3ToFloat(b[d])) >
+          0.126f * std::fabs(Fp8E4M3ToFloat(b[d])) + 0.002f) {
+        ++code_far;
+      }
+    }
+  };
+  for (int64_t t = 0; t < T; ++t) {
+    const size_t off = size_t(pt[size_t(pos[size_t(t)] / kPageTokens)]) * layout.IndexPageBytes();
+    const int slot = int(pos[size_t(t)] % kPageTokens);
+    float sa, sb;
+    std::memcpy(&sa, g_pool.data() + off + layout.IndexScaleOffset(slot), 4);
+    std::memcpy(&sb, cpu_pool.data() + off + layout.IndexScaleOffset(slot), 4);
+    EXPECT_TRUE(IsPowerOfTwo(sa)) << "key scale " << sa;
+    compare(g_pool.data() + off + layout.IndexValueOffset(slot),
+            cpu_pool.data() + off + layout.IndexValueOffset(slot), sa, sb);
+    for (int j = 0; j < kH; ++j) {
+      const size_t o = size_t(t * kH + j);
+      // Weights carry q_scale: equal scales <=> weights within rounding.
+      const float qs_ratio = g_w[o] / cpu_w[o];
+      const bool same_scale = std::fabs(qs_ratio - 1.0f) < 1e-5f;
+      compare(g_q8.data() + o * kD, cpu_q8.data() + o * kD, same_scale ? 1.0f : 0.0f, 1.0f);
+    }
+  }
+  const int vectors = int(T * (kH + 1));
+  EXPECT_LE(vec_scale_diff * 100, vectors) << vec_scale_diff << " of " << vectors;
+  EXPECT_LE(code_diff * 500, vectors * kD) << code_diff;
+  EXPECT_EQ(code_far, 0);
+  std::printf("  prep: %d vectors, %d scale mismatches, %d code mismatches (1 step)\n", vectors,
+              vec_scale_diff, code_diff);
+}
+
+TEST(CudaBlockFilter, KeepsFirstLastAndBestBlocks) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(60);
+  const std::vector<int64_t> lens = {5000, 20000, 300};
+  const int block = 512, keep = 6, G = 8;
+  const HostBatch hb = MakeBatch(rng, lens, block);
+  const HostQueries hq = MakeQueries(rng, {{4999}, {19998, 19999}, {299}});
+  DeviceBatch db(hb, hq);
+  std::vector<int32_t> heads;
+  for (size_t t = 0; t < hq.pos.size(); ++t) {
+    for (int e = 0; e < G; ++e) heads.push_back(3 * e + int(t % 3));
+  }
+  DeviceBuffer<int32_t> d_heads(heads);
+  const int64_t stride = keep * block;
+  DeviceBuffer<int32_t> klist(lens.size() * size_t(stride)), klen(lens.size());
+  BlockFilterParams p;
+  p.keys = db.keys;
+  p.queries = db.queries;
+  p.rows_per_query = G;
+  p.head_list = d_heads.get();
+  p.keep_blocks = keep;
+  p.key_list = klist.get();
+  p.key_list_len = klen.get();
+  p.key_list_stride = stride;
+  ASSERT_CUDA(LaunchBlockFilter(p, 0));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto g_list = klist.Download();
+  const auto g_len = klen.Download();
+  for (size_t s = 0; s < lens.size(); ++s) {
+    const int64_t nb = CeilDiv(lens[s], block);
+    // Reference block scores in double: max over the sequence's queries.
+    std::vector<double> bs(size_t(nb), -1e300);
+    for (int64_t t = hq.start[s]; t < hq.start[s + 1]; ++t) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const double cnt = double(BlockCount(lens[s], b, block));
+        double score = 0.0;
+        for (int e = 0; e < G; ++e) {
+          const int j = heads[size_t(t * G + e)];
+          double dot = 0.0;
+          for (int d = 0; d < kD; ++d) {
+            dot += double(Fp8E4M3ToFloat(hq.q8[size_t((t * kH + j) * kD + d)])) *
+                   (double(hb.sums[size_t((s * hb.sum_stride + b) * kD + d)]) / cnt);
+          }
+          score += double(hq.w[size_t(t * kH + j)]) * std::max(dot, 0.0);
+        }
+        bs[size_t(b)] = std::max(bs[size_t(b)], score);
+      }
+    }
+    // Kept blocks from the GPU list.
+    std::set<int64_t> kept;
+    int64_t expect_len = 0;
+    for (int32_t i = 0; i < g_len[s]; ++i) {
+      const int32_t k = g_list[s * size_t(stride) + size_t(i)];
+      if (i > 0) {
+        EXPECT_GT(k, g_list[s * size_t(stride) + size_t(i) - 1]) << "ascending keys";
+      }
+      kept.insert(k / block);
+    }
+    for (int64_t b : kept) expect_len += BlockCount(lens[s], b, block);
+    EXPECT_EQ(int64_t(g_len[s]), expect_len) << "every key of each kept block";
+    EXPECT_EQ(int64_t(kept.size()), std::min<int64_t>(keep, nb));
+    EXPECT_TRUE(kept.count(0) == 1) << "first block kept";
+    EXPECT_TRUE(kept.count(nb - 1) == 1) << "last block kept";
+    // Any dropped middle block scores no better than the worst kept middle block.
+    double worst_kept = 1e300, best_dropped = -1e300, smax = 0.0;
+    for (int64_t b = 0; b < nb; ++b) smax = std::max(smax, std::fabs(bs[size_t(b)]));
+    for (int64_t b = 1; b + 1 < nb; ++b) {
+      if (kept.count(b)) worst_kept = std::min(worst_kept, bs[size_t(b)]);
+      else best_dropped = std::max(best_dropped, bs[size_t(b)]);
+    }
+    if (worst_kept < 1e300 && best_dropped > -1e300) {
+      EXPECT_GE(worst_kept, best_dropped - 1e-4 * smax) << "seq " << s;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace pd::kernels::cuda

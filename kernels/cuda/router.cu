@@ -1,0 +1,327 @@
+// MISA router (head scores over the pooled summaries + top-h heads) and the
+// pooled-summary block filter, on bf16 tensor cores (mma.sync m16n8k16) with
+// each block mean split into bf16 hi + lo parts.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/block_topk.cuh"
+#include "kernels/cuda/indexer_cuda.h"
+#include "kernels/cuda/ptx.cuh"
+#include "kernels/numeric.h"
+
+namespace pd::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChunk = 64;             // summary blocks staged in shared memory at a time
+constexpr int kRowPad = 136;           // bf16 per staged row (128 + 8: conflict-free B reads)
+
+cudaError_t Invalid(const char** error, const char* what) {
+  if (error != nullptr) *error = what;
+  return cudaErrorInvalidValue;
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  return uint32_t(FloatToBf16(lo)) | (uint32_t(FloatToBf16(hi)) << 16);
+}
+
+// Stages kbar (hi and lo bf16 parts) of blocks [b0, b0 + kChunk) of one sequence.
+__device__ void StageMeans(const float* sums, int64_t ntok, int block, int64_t b0, int64_t nb,
+                           uint16_t* hi, uint16_t* lo) {
+  for (int i = threadIdx.x; i < kChunk * 128; i += blockDim.x) {
+    const int r = i >> 7, d = i & 127;
+    const int64_t b = b0 + r;
+    float m = 0.0f;
+    if (b < nb) m = sums[b * 128 + d] / float(BlockCount(ntok, b, block));
+    const uint16_t h = FloatToBf16(m);
+    hi[r * kRowPad + d] = h;
+    lo[r * kRowPad + d] = FloatToBf16(m - Bf16ToFloat(h));
+  }
+}
+
+// A fragments (16 rows x 128) of e4m3 query vectors rows[0..15] (row pointers).
+__device__ __forceinline__ void LoadQueryFragments(const uint8_t* row_g, const uint8_t* row_g8,
+                                                   uint32_t (&a)[8][4]) {
+  const int c4 = threadIdx.x & 3;
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const int k = kk * 16 + 2 * c4;
+    a[kk][0] = PackBf16(Fp8E4M3ToFloat(row_g[k]), Fp8E4M3ToFloat(row_g[k + 1]));
+    a[kk][1] = PackBf16(Fp8E4M3ToFloat(row_g8[k]), Fp8E4M3ToFloat(row_g8[k + 1]));
+    a[kk][2] = PackBf16(Fp8E4M3ToFloat(row_g[k + 8]), Fp8E4M3ToFloat(row_g[k + 9]));
+    a[kk][3] = PackBf16(Fp8E4M3ToFloat(row_g8[k + 8]), Fp8E4M3ToFloat(row_g8[k + 9]));
+  }
+}
+
+// dots for 16 query rows x 8 blocks (staged rows n0..n0+7): acc per mma layout.
+__device__ __forceinline__ void DotTile(const uint32_t (&a)[8][4], const uint16_t* hi,
+                                        const uint16_t* lo, int n0, float (&acc)[4]) {
+  const int lane = threadIdx.x & 31, g8 = lane >> 2, c4 = lane & 3;
+  acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+  const uint16_t* h = hi + (n0 + g8) * kRowPad + 2 * c4;
+  const uint16_t* l = lo + (n0 + g8) * kRowPad + 2 * c4;
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const uint32_t bh[2] = {*reinterpret_cast<const uint32_t*>(h + kk * 16),
+                            *reinterpret_cast<const uint32_t*>(h + kk * 16 + 8)};
+    const uint32_t bl[2] = {*reinterpret_cast<const uint32_t*>(l + kk * 16),
+                            *reinterpret_cast<const uint32_t*>(l + kk * 16 + 8)};
+    ptx::MmaM16N8K16Bf16(acc, a[kk], bh);
+    ptx::MmaM16N8K16Bf16(acc, a[kk], bl);
+  }
+}
+
+// Per CTA: `qpc` queries of one sequence; warp w serves query w / (H/16), heads
+// 16 * (w % (H/16)) + [0, 16).
+__global__ void __launch_bounds__(kThreads) RouterKernel(const RouterParams p, int qpc) {
+  __shared__ __align__(16) uint16_t hi[kChunk * kRowPad];
+  __shared__ __align__(16) uint16_t lo[kChunk * kRowPad];
+  __shared__ float r_sh[8][64];
+  const int H = p.heads, wpq = H / 16;
+  const int seq = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g8 = lane >> 2;
+  const int64_t qs0 = p.queries.query_start[seq], qs1 = p.queries.query_start[seq + 1];
+  const int64_t q0 = qs0 + int64_t(blockIdx.x) * qpc;
+  if (q0 >= qs1) return;
+  const int nq = int(qs1 - q0 < qpc ? qs1 - q0 : qpc);
+  const int block = p.keys.layout.summary_block;
+  const int64_t ntok = p.keys.num_tokens[seq];
+  const int64_t m_total = (ntok + block - 1) / block;
+  const float* sums = p.keys.summary_sums + seq * p.keys.summary_stride * 128;
+
+  const int qi = warp / wpq, ht = warp % wpq;
+  const bool active_warp = warp < qpc * wpq && qi < nq;
+  const int64_t t = q0 + qi;
+  int64_t nb = 0;
+  uint32_t a[8][4];
+  if (active_warp) {
+    const int64_t pos = p.queries.positions[t];
+    nb = pos / block + 1 < m_total ? pos / block + 1 : m_total;
+    const uint8_t* q = p.queries.q8 + (t * H + 16 * ht) * 128;
+    LoadQueryFragments(q + g8 * 128, q + (g8 + 8) * 128, a);
+  }
+  int64_t nb_max = 0;
+  for (int i = 0; i < nq; ++i) {
+    const int64_t pos = p.queries.positions[q0 + i];
+    const int64_t n = pos / block + 1 < m_total ? pos / block + 1 : m_total;
+    nb_max = n > nb_max ? n : nb_max;
+  }
+  float s0 = 0.0f, s1 = 0.0f;  // rows g8 and g8 + 8
+  for (int64_t b0 = 0; b0 < nb_max; b0 += kChunk) {
+    __syncthreads();
+    StageMeans(sums, ntok, block, b0, nb_max, hi, lo);
+    __syncthreads();
+    if (!active_warp) continue;
+    for (int n0 = 0; n0 < kChunk && b0 + n0 < nb; n0 += 8) {
+      float acc[4];
+      DotTile(a, hi, lo, n0, acc);
+      const int64_t b = b0 + n0 + 2 * (lane & 3);
+      if (b < nb) {
+        s0 += fmaxf(acc[0], 0.0f);
+        s1 += fmaxf(acc[2], 0.0f);
+      }
+      if (b + 1 < nb) {
+        s0 += fmaxf(acc[1], 0.0f);
+        s1 += fmaxf(acc[3], 0.0f);
+      }
+    }
+  }
+  if (active_warp) {
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+    if ((lane & 3) == 0) {
+      const int j0 = 16 * ht + g8, j1 = j0 + 8;
+      r_sh[qi][j0] = fabsf(p.queries.weights[t * H + j0]) * s0;
+      r_sh[qi][j1] = fabsf(p.queries.weights[t * H + j1]) * s1;
+    }
+  }
+  __syncthreads();
+  // Top-h per query: one warp per query, `h` rounds of a warp arg-max.
+  if (warp < nq) {
+    const int64_t tq = q0 + warp;
+    uint64_t k0 = 0, k1 = 0;
+    if (lane < H) k0 = topk::CandidateKey(r_sh[warp][lane], lane);
+    if (lane + 32 < H) k1 = topk::CandidateKey(r_sh[warp][lane + 32], lane + 32);
+    if (p.scores != nullptr) {
+      if (lane < H) p.scores[tq * H + lane] = r_sh[warp][lane];
+      if (lane + 32 < H) p.scores[tq * H + lane + 32] = r_sh[warp][lane + 32];
+    }
+    uint64_t chosen = 0;  // bit j: head j is active
+    for (int e = 0; e < p.active_heads; ++e) {
+      uint64_t best = k0 > k1 ? k0 : k1;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const uint64_t other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
+      }
+      const int j = topk::CandidateIndex(best);
+      chosen |= uint64_t(1) << j;
+      if (k0 == best) k0 = 0;
+      if (k1 == best) k1 = 0;
+    }
+    // Ascending head order: lane j < H writes its rank among the chosen heads.
+    for (int j = lane; j < H; j += 32) {
+      if ((chosen >> j) & 1u) {
+        const int rank = __popcll(chosen & ((uint64_t(1) << j) - 1));
+        p.active[tq * p.active_heads + rank] = j;
+      }
+    }
+  }
+}
+
+// Block filter: one CTA per sequence.
+constexpr int kMaxFilterBlocks = 4096;
+
+__global__ void __launch_bounds__(kThreads) BlockFilterKernel(const BlockFilterParams p) {
+  __shared__ uint64_t keys[kMaxFilterBlocks];
+  __shared__ float qf[8][128];
+  __shared__ float wq[8];
+  const int seq = blockIdx.x;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t qs0 = p.queries.query_start[seq], qs1 = p.queries.query_start[seq + 1];
+  const int block = p.keys.layout.summary_block;
+  const int64_t ntok = p.keys.num_tokens[seq];
+  const int64_t m_total = (ntok + block - 1) / block;
+  const float* sums = p.keys.summary_sums + seq * p.keys.summary_stride * 128;
+  int64_t maxpos = -1;
+  for (int64_t t = qs0; t < qs1; ++t) maxpos = max(maxpos, p.queries.positions[t]);
+  const int64_t nvis = maxpos < 0 ? 0 : (m_total < maxpos / block + 1 ? m_total : maxpos / block + 1);
+  const int n = int(nvis < kMaxFilterBlocks ? nvis : kMaxFilterBlocks);
+  const int G = p.rows_per_query;
+  for (int i = threadIdx.x; i < n; i += kThreads) keys[i] = 0;
+  // Block score: max over the sequence's queries of sum_j w_j * relu(q_j . kbar_b).
+  for (int64_t t = qs0; t < qs1; ++t) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * 128; i += kThreads) {
+      const int e = i >> 7, d = i & 127;
+      const int j = p.head_list != nullptr ? p.head_list[t * G + e] : e;
+      qf[e][d] = Fp8E4M3ToFloat(p.queries.q8[(t * p.heads + j) * 128 + d]);
+      if (d == 0) wq[e] = p.queries.weights[t * p.heads + j];
+    }
+    __syncthreads();
+    for (int b = warp; b < n; b += kThreads / 32) {
+      const float cnt = float(BlockCount(ntok, b, block));
+      float kb[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) kb[c] = sums[int64_t(b) * 128 + lane * 4 + c] / cnt;
+      float score = 0.0f;
+      for (int e = 0; e < G; ++e) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) dot = fmaf(qf[e][lane * 4 + c], kb[c], dot);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        score = fmaf(wq[e], fmaxf(dot, 0.0f), score);
+      }
+      if (lane == 0) {
+        const uint64_t k = topk::CandidateKey(score, b);
+        if (k > keys[b]) keys[b] = k;
+      }
+    }
+  }
+  __syncthreads();
+  // First and last visible blocks always kept: give them the largest keys.
+  if (threadIdx.x == 0 && n > 0) {
+    keys[0] = ~uint64_t(0);
+    keys[n - 1] = ~uint64_t(0) - 1;
+  }
+  __syncthreads();
+  const int N = topk::NextPow2(n > 2 ? n : 2);
+  for (int i = n + threadIdx.x; i < N; i += kThreads) keys[i] = 0;
+  __syncthreads();
+  topk::BitonicSortDesc(keys, N);
+  const int keep = min(p.keep_blocks, n);
+  // Kept block ids (any order) -> ascending via a rank count, then their keys.
+  __shared__ int kept[1024];
+  for (int i = threadIdx.x; i < keep; i += kThreads) {
+    const uint64_t k = keys[i];
+    int b;
+    if (k == ~uint64_t(0)) b = 0;
+    else if (k == ~uint64_t(0) - 1) b = n - 1;
+    else b = topk::CandidateIndex(k);
+    kept[i] = b;
+  }
+  __syncthreads();
+  int32_t* out = p.key_list + seq * p.key_list_stride;
+  __shared__ int base[1024];
+  if (threadIdx.x == 0) {
+    // Tiny insertion sort of the kept ids (keep <= 1024), then prefix offsets.
+    for (int i = 1; i < keep; ++i) {
+      const int v = kept[i];
+      int j = i - 1;
+      while (j >= 0 && kept[j] > v) {
+        kept[j + 1] = kept[j];
+        --j;
+      }
+      kept[j + 1] = v;
+    }
+    int off = 0;
+    for (int i = 0; i < keep; ++i) {
+      base[i] = off;
+      off += int(BlockCount(ntok, kept[i], block));
+    }
+    p.key_list_len[seq] = off;
+  }
+  __syncthreads();
+  for (int i = 0; i < keep; ++i) {
+    const int64_t first = int64_t(kept[i]) * block;
+    const int cnt = int(BlockCount(ntok, kept[i], block));
+    for (int s = threadIdx.x; s < cnt; s += kThreads) out[base[i] + s] = int32_t(first + s);
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchMisaRouter(const RouterParams& p, cudaStream_t stream, const char** error) {
+  if (p.head_dim != 128 || p.keys.layout.index_head_dim != 128) {
+    return Invalid(error, "router: head_dim must be 128");
+  }
+  if (p.heads != 16 && p.heads != 32 && p.heads != 64) {
+    return Invalid(error, "router: heads must be 16, 32 or 64");
+  }
+  if (p.active_heads < 1 || p.active_heads > p.heads) {
+    return Invalid(error, "router: active_heads must be in [1, heads]");
+  }
+  if (p.keys.summary_sums == nullptr || p.keys.num_tokens == nullptr || p.active == nullptr ||
+      p.queries.q8 == nullptr || p.queries.weights == nullptr ||
+      p.queries.positions == nullptr || p.queries.query_start == nullptr) {
+    return Invalid(error, "router: null pointer among summary_sums, num_tokens, active, q8, "
+                          "weights, positions, query_start");
+  }
+  if (p.keys.layout.summary_block < 1) return Invalid(error, "router: summary_block must be >= 1");
+  if (p.queries.num_queries == 0 || p.queries.max_queries_per_seq == 0) return cudaSuccess;
+  const int qpc = 8 / (p.heads / 16);
+  const dim3 grid(unsigned((p.queries.max_queries_per_seq + qpc - 1) / qpc),
+                  unsigned(p.queries.num_seqs));
+  RouterKernel<<<grid, kThreads, 0, stream>>>(p, qpc);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchBlockFilter(const BlockFilterParams& p, cudaStream_t stream,
+                              const char** error) {
+  if (p.head_dim != 128 || p.keys.layout.index_head_dim != 128) {
+    return Invalid(error, "block filter: head_dim must be 128");
+  }
+  if (p.rows_per_query < 1 || p.rows_per_query > 8 || p.rows_per_query > p.heads) {
+    return Invalid(error, "block filter: rows_per_query must be in [1, min(8, heads)]");
+  }
+  if (p.keep_blocks < 1 || p.keep_blocks > 1024) {
+    return Invalid(error, "block filter: keep_blocks must be in [1, 1024]");
+  }
+  if (p.key_list_stride < int64_t(p.keep_blocks) * p.keys.layout.summary_block) {
+    return Invalid(error, "block filter: key_list_stride < keep_blocks * summary_block");
+  }
+  if (p.queries.max_context > int64_t(kMaxFilterBlocks) * p.keys.layout.summary_block) {
+    return Invalid(error, "block filter: more than 4096 summary blocks per sequence");
+  }
+  if (p.keys.summary_sums == nullptr || p.key_list == nullptr || p.key_list_len == nullptr) {
+    return Invalid(error, "block filter: null summary_sums, key_list or key_list_len");
+  }
+  BlockFilterKernel<<<dim3(unsigned(p.queries.num_seqs)), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace pd::kernels::cuda
