@@ -1,0 +1,523 @@
+// Benchmarks of the CUDA indexer selection kernels (kernels/cuda/indexer_cuda.h):
+// prefill selection (dense DSA vs MISA), decode selection (dense, MISA, MISA +
+// pooled-summary block filter), each against the anchors of issue #3 measured
+// on an H200. Prints a table and writes JSON (--json PATH).
+//
+// Inputs are random but not trivial: every key is N(0,1) plus a mean that
+// drifts every 512 tokens (so block summaries differ), FP8 e4m3 with a ue8m0
+// scale per key, written by a GPU kernel into a paged cache; queries likewise
+// per head. Times are CUDA-event medians after warm-up, rotating among several
+// query sets (prefill) or several copies of the caches (decode) so that the
+// inputs of consecutive runs are not L2-resident.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bench/kernels/bench_util.h"
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/indexer_cuda.h"
+#include "kernels/kv_layout.h"
+#include "kernels/numeric.h"
+
+namespace pd::bench {
+namespace {
+
+using kernels::KvLayout;
+using kernels::cuda::DeviceBuffer;
+namespace kc = kernels::cuda;
+
+constexpr int kH = 64, kD = 128, kTopk = 2048;
+
+__device__ __forceinline__ uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+__device__ __forceinline__ float Normal(uint64_t key) {
+  const uint64_t h = Mix(key);
+  const float u1 = (float(uint32_t(h)) + 0.5f) * 2.3283064e-10f;
+  const float u2 = float(uint32_t(h >> 32)) * 2.3283064e-10f;
+  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+// Warp per (seq, token): 128 values, FP8 with a ue8m0 scale, into the pool.
+__global__ void FillKeys(uint8_t* pool, const int32_t* page_table, int64_t pt_stride,
+                         int64_t tokens, int num_seqs, uint64_t seed, KvLayout layout) {
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (wid >= tokens * num_seqs) return;
+  const int64_t seq = wid / tokens, t = wid % tokens;
+  float v[4], amax = 0.0f;
+  for (int e = 0; e < 4; ++e) {
+    const int d = 4 * lane + e;
+    const float drift = Normal(seed ^ (uint64_t(seq) << 40) ^ (uint64_t(t / 512) << 8) ^ d ^ 0xabcdef);
+    v[e] = Normal(seed + ((uint64_t(seq) << 44) | (uint64_t(t) << 8) | uint64_t(d))) + 0.5f * drift;
+    amax = fmaxf(amax, fabsf(v[e]));
+  }
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float s = kernels::Fp8Scale(amax, true);
+  uint32_t packed = 0;
+  for (int e = 0; e < 4; ++e) packed |= uint32_t(kernels::FloatToFp8E4M3(v[e] / s)) << (8 * e);
+  uint8_t* pg = pool + int64_t(page_table[seq * pt_stride + t / 64]) * layout.IndexPageBytes();
+  reinterpret_cast<uint32_t*>(pg + layout.IndexValueOffset(int(t % 64)))[lane] = packed;
+  if (lane == 0) *reinterpret_cast<float*>(pg + layout.IndexScaleOffset(int(t % 64))) = s;
+}
+
+// Warp per (query, head): q8 and its weight (random sign, scale folded in).
+__global__ void FillQueries(uint8_t* q8, float* w, int64_t vectors, uint64_t seed) {
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (wid >= vectors) return;
+  float v[4], amax = 0.0f;
+  for (int e = 0; e < 4; ++e) {
+    v[e] = Normal(seed + (uint64_t(wid) << 8) + 4 * lane + e);
+    amax = fmaxf(amax, fabsf(v[e]));
+  }
+  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float s = kernels::Fp8Scale(amax, true);
+  uint32_t packed = 0;
+  for (int e = 0; e < 4; ++e) packed |= uint32_t(kernels::FloatToFp8E4M3(v[e] / s)) << (8 * e);
+  reinterpret_cast<uint32_t*>(q8 + wid * 128)[lane] = packed;
+  if (lane == 0) w[wid] = Normal(~seed + uint64_t(wid)) * s * 0.125f;
+}
+
+// Sequences of equal length in one pool, contiguous pages, with summaries.
+struct Caches {
+  KvLayout layout;
+  int num_seqs = 0;
+  int64_t tokens = 0, pt_stride = 0, sum_stride = 0;
+  DeviceBuffer<uint8_t> pool;
+  DeviceBuffer<int32_t> page_table;
+  DeviceBuffer<int64_t> lens;
+  DeviceBuffer<float> sums;
+
+  Caches(int seqs, int64_t n, uint64_t seed) : num_seqs(seqs), tokens(n) {
+    pt_stride = kernels::NumPages(n);
+    sum_stride = kernels::CeilDiv(n, layout.summary_block);
+    pool = DeviceBuffer<uint8_t>(size_t(seqs) * pt_stride * layout.IndexPageBytes());
+    std::vector<int32_t> pt(size_t(seqs) * pt_stride);
+    for (size_t i = 0; i < pt.size(); ++i) pt[i] = int32_t(i);
+    page_table = DeviceBuffer<int32_t>(pt);
+    lens = DeviceBuffer<int64_t>(std::vector<int64_t>(size_t(seqs), n));
+    sums = DeviceBuffer<float>(size_t(seqs) * sum_stride * kD);
+    PD_BENCH_CUDA(pool.error());
+    PD_BENCH_CUDA(sums.error());
+    const int64_t warps = n * seqs;
+    FillKeys<<<unsigned((warps * 32 + 255) / 256), 256>>>(pool.get(), page_table.get(), pt_stride,
+                                                         n, seqs, seed, layout);
+    PD_BENCH_CUDA(cudaGetLastError());
+    DeviceBuffer<int64_t> from(std::vector<int64_t>(size_t(seqs), 0));
+    kc::SummaryParams sp;
+    sp.pool = pool.get();
+    sp.page_table = page_table.get();
+    sp.page_table_stride = pt_stride;
+    sp.summary_sums = sums.get();
+    sp.summary_stride = sum_stride;
+    sp.from = from.get();
+    sp.to = lens.get();
+    sp.num_seqs = seqs;
+    sp.max_blocks_touched = sum_stride;
+    sp.layout = layout;
+    PD_BENCH_CUDA(kc::LaunchUpdateSummaries(sp, 0));
+    PD_BENCH_CUDA(cudaDeviceSynchronize());
+  }
+
+  // Sequences [first, first + count) as an IndexKeyBatch.
+  kc::IndexKeyBatch Keys(int first) const {
+    kc::IndexKeyBatch k;
+    k.pool = pool.get();
+    k.page_table = page_table.get() + int64_t(first) * pt_stride;
+    k.page_table_stride = pt_stride;
+    k.num_tokens = lens.get() + first;
+    k.summary_sums = sums.get() + int64_t(first) * sum_stride * kD;
+    k.summary_stride = sum_stride;
+    k.layout = layout;
+    return k;
+  }
+};
+
+struct QuerySet {
+  DeviceBuffer<uint8_t> q8;
+  DeviceBuffer<float> w;
+  QuerySet(int64_t T, uint64_t seed) : q8(size_t(T) * kH * kD), w(size_t(T) * kH) {
+    PD_BENCH_CUDA(q8.error());
+    FillQueries<<<unsigned((T * kH * 32 + 255) / 256), 256>>>(q8.get(), w.get(), T * kH, seed);
+    PD_BENCH_CUDA(cudaGetLastError());
+  }
+};
+
+// Mean over queries of |A_t ∩ B_t| / |B_t| (rows of `topk`, -1 padded).
+double Recall(const std::vector<int32_t>& a, const std::vector<int32_t>& b, int64_t T, int topk) {
+  const int nth = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  std::vector<double> part(size_t(nth), 0.0);
+  std::vector<std::thread> th;
+  for (int k = 0; k < nth; ++k) {
+    th.emplace_back([&, k] {
+      std::vector<int32_t> sb;
+      for (int64_t t = k; t < T; t += nth) {
+        sb.assign(b.begin() + t * topk, b.begin() + (t + 1) * topk);
+        sb.erase(std::remove(sb.begin(), sb.end(), -1), sb.end());
+        std::sort(sb.begin(), sb.end());
+        if (sb.empty()) {
+          part[size_t(k)] += 1.0;
+          continue;
+        }
+        int64_t hit = 0;
+        for (int i = 0; i < topk; ++i) {
+          const int32_t x = a[size_t(t * topk + i)];
+          if (x >= 0 && std::binary_search(sb.begin(), sb.end(), x)) ++hit;
+        }
+        part[size_t(k)] += double(hit) / double(sb.size());
+      }
+    });
+  }
+  for (auto& t : th) t.join();
+  double s = 0.0;
+  for (double p : part) s += p;
+  return s / double(T);
+}
+
+struct Options {
+  std::string json = "indexer_bench.json";
+  bool quick = false;
+  bool prefill = true, decode = true;
+};
+
+std::vector<Row> g_rows;
+std::map<std::string, std::string> g_meta;
+
+void PrintRow(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void PrintRow(const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  std::vfprintf(stdout, fmt, ap);
+  va_end(ap);
+  std::fflush(stdout);
+}
+
+double CopyBandwidthGBs() {
+  const size_t bytes = size_t(1) << 30;
+  DeviceBuffer<uint8_t> a(bytes), b(bytes);
+  PD_BENCH_CUDA(cudaMemset(a.get(), 1, bytes));
+  const auto ms = TimeMs([&](int) { cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice); },
+                         2, 10);
+  return 2.0 * bytes / (Median(ms) * 1e-3) / 1e9;
+}
+
+// ---------------------------------------------------------------------------
+// Prefill: Q queries at positions [K - Q, K) (or all at K - 1), one sequence.
+void Prefill(int64_t K, int64_t Q, bool all_visible, double anchor_ms, const Options& opt,
+             bool compare_mma_sync) {
+  Caches cache(1, K, 1000 + uint64_t(K));
+  const int nsets = 2;
+  std::vector<QuerySet> qs;
+  for (int i = 0; i < nsets; ++i) qs.emplace_back(Q, 77 + 1000 * uint64_t(i) + uint64_t(K));
+  std::vector<int64_t> pos(static_cast<size_t>(Q));
+  double pairs = 0.0;
+  for (int64_t t = 0; t < Q; ++t) {
+    pos[size_t(t)] = all_visible ? K - 1 : K - Q + t;
+    pairs += double(pos[size_t(t)] + 1);
+  }
+  DeviceBuffer<int64_t> d_pos(pos);
+  DeviceBuffer<int32_t> d_start(std::vector<int32_t>{0, int32_t(Q)});
+  DeviceBuffer<int32_t> out_dense(size_t(Q) * kTopk), out_misa(size_t(Q) * kTopk);
+  DeviceBuffer<int32_t> active(size_t(Q) * 8);
+
+  auto queries = [&](int set) {
+    kc::IndexQueryBatch q;
+    q.q8 = qs[size_t(set)].q8.get();
+    q.weights = qs[size_t(set)].w.get();
+    q.positions = d_pos.get();
+    q.query_start = d_start.get();
+    q.num_queries = Q;
+    q.num_seqs = 1;
+    q.max_queries_per_seq = Q;
+    q.max_context = K;
+    return q;
+  };
+  kc::SelectParams dense;
+  dense.keys = cache.Keys(0);
+  dense.queries = queries(0);
+  dense.rows_per_query = kH;
+  dense.topk = kTopk;
+  dense.out = out_dense.get();
+  kc::SelectPlan dplan;
+  const char* why = nullptr;
+  if (kc::PlanSelectLaunch(dense, &dplan, &why) != cudaSuccess) {
+    std::fprintf(stderr, "plan: %s\n", why);
+    std::exit(2);
+  }
+  kc::SelectParams misa = dense;
+  misa.rows_per_query = 8;
+  misa.head_list = active.get();
+  misa.out = out_misa.get();
+  kc::SelectPlan mplan;
+  PD_BENCH_CUDA(kc::PlanSelectLaunch(misa, &mplan, &why));
+  DeviceBuffer<uint8_t> ws(std::max(dplan.workspace_bytes, mplan.workspace_bytes));
+  PD_BENCH_CUDA(ws.error());
+  kc::RouterParams router;
+  router.keys = cache.Keys(0);
+  router.queries = queries(0);
+  router.active_heads = 8;
+  router.active = active.get();
+
+  const int reps = opt.quick ? 3 : (K >= 65536 ? 7 : 15);
+  auto run_dense = [&](int i) {
+    dense.queries = queries(i % nsets);
+    PD_BENCH_CUDA(kc::LaunchSelect(dense, dplan, ws.get(), 0));
+  };
+  auto run_router = [&](int i) {
+    router.queries = queries(i % nsets);
+    PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
+  };
+  auto run_misa_select = [&](int i) {
+    misa.queries = queries(i % nsets);
+    PD_BENCH_CUDA(kc::LaunchSelect(misa, mplan, ws.get(), 0));
+  };
+  const double t_dense = Median(TimeMs(run_dense, 1, reps));
+  const double t_router = Median(TimeMs(run_router, 1, reps));
+  const double t_mselect = Median(TimeMs(run_misa_select, 1, reps));
+  const double t_misa = Median(TimeMs([&](int i) { run_router(i); run_misa_select(i); }, 1, reps));
+  // Outputs of the same query set for the recall.
+  run_dense(0);
+  run_router(0);
+  run_misa_select(0);
+  PD_BENCH_CUDA(cudaDeviceSynchronize());
+  const double recall = Recall(out_misa.Download(), out_dense.Download(), Q, kTopk);
+  const double dense_tf = 2.0 * kH * kD * pairs / (t_dense * 1e-3) / 1e12;
+  const double misa_tf = 2.0 * 8 * kD * pairs / (t_mselect * 1e-3) / 1e12;
+  const std::string shape = std::to_string(Q) + "q x " + std::to_string(K / 1024) + "K" +
+                            (all_visible ? " all-visible" : " causal");
+  PrintRow("%-26s dense %8.3f ms %6.0f TF | misa(h=8) %7.3f ms = router %6.3f + select %7.3f "
+           "(%5.0f TF) | %5.2fx | recall %.4f | anchor %.2f ms\n",
+           shape.c_str(), t_dense, dense_tf, t_misa, t_router, t_mselect, misa_tf,
+           t_dense / t_misa, recall, anchor_ms);
+  g_rows.push_back(Row()
+                       .S("bench", "prefill_select")
+                       .S("shape", shape)
+                       .N("queries", double(Q))
+                       .N("keys", double(K))
+                       .N("visible_pairs", pairs)
+                       .N("dense_ms", t_dense)
+                       .N("dense_tflops", dense_tf)
+                       .N("misa_ms", t_misa)
+                       .N("misa_router_ms", t_router)
+                       .N("misa_select_ms", t_mselect)
+                       .N("misa_select_tflops", misa_tf)
+                       .N("misa_speedup_vs_our_dense", t_dense / t_misa)
+                       .N("misa_speedup_vs_anchor", anchor_ms / t_misa)
+                       .N("misa_recall_vs_dense", recall)
+                       .N("anchor_dense_ms", anchor_ms)
+                       .N("splits_dense", dplan.splits)
+                       .N("splits_misa", mplan.splits));
+  if (compare_mma_sync) {
+    dense.use_wgmma = false;
+    const double t_sync = Median(TimeMs(run_dense, 1, reps));
+    dense.use_wgmma = true;
+    PrintRow("%-26s dense with mma.sync m16n8k32 instead of wgmma: %8.3f ms (%5.0f TF)\n",
+             shape.c_str(), t_sync, 2.0 * kH * kD * pairs / (t_sync * 1e-3) / 1e12);
+    g_rows.push_back(Row().S("bench", "prefill_dense_mma_sync").S("shape", shape).N("ms", t_sync));
+  }
+  // Sorted output cost (the CPU reference's order).
+  if (K == 32768 && !all_visible) {
+    dense.sorted = true;
+    const double t_sorted = Median(TimeMs(run_dense, 1, reps));
+    dense.sorted = false;
+    PrintRow("%-26s dense with sorted rows: %8.3f ms\n", shape.c_str(), t_sorted);
+    g_rows.push_back(Row().S("bench", "prefill_dense_sorted").S("shape", shape).N("ms", t_sorted));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Decode: B requests, one query each at the end of a K-token context.
+void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
+  const double bytes_per_copy = double(B) * K * 132.0;
+  const int copies = int(std::clamp(std::ceil(400e6 / bytes_per_copy), 1.0, 16.0));
+  Caches cache(B * copies, K, 5000 + uint64_t(K) + uint64_t(B));
+  std::vector<QuerySet> qs;
+  for (int c = 0; c < copies; ++c) qs.emplace_back(B, 9000 + uint64_t(c) * 31 + uint64_t(B));
+  std::vector<int64_t> pos(size_t(B), K - 1);
+  std::vector<int32_t> start(size_t(B) + 1);
+  for (int b = 0; b <= B; ++b) start[size_t(b)] = b;
+  DeviceBuffer<int64_t> d_pos(pos);
+  DeviceBuffer<int32_t> d_start(start);
+  DeviceBuffer<int32_t> out_dense(size_t(B) * kTopk), out_misa(size_t(B) * kTopk),
+      out_filt(size_t(B) * kTopk), active(size_t(B) * 8);
+  const int keep_blocks = 16;  // of K / 1024 blocks
+  const int64_t kl_stride = int64_t(keep_blocks) * 1024;
+  DeviceBuffer<int32_t> klist(size_t(B) * kl_stride), klen(static_cast<size_t>(B));
+  auto queries = [&](int c) {
+    kc::IndexQueryBatch q;
+    q.q8 = qs[size_t(c)].q8.get();
+    q.weights = qs[size_t(c)].w.get();
+    q.positions = d_pos.get();
+    q.query_start = d_start.get();
+    q.num_queries = B;
+    q.num_seqs = B;
+    q.max_queries_per_seq = 1;
+    q.max_context = K;
+    return q;
+  };
+  kc::SelectParams dense;
+  dense.keys = cache.Keys(0);
+  dense.queries = queries(0);
+  dense.rows_per_query = kH;
+  dense.topk = kTopk;
+  dense.out = out_dense.get();
+  kc::SelectPlan dplan, mplan, fplan;
+  PD_BENCH_CUDA(kc::PlanSelectLaunch(dense, &dplan, nullptr));
+  kc::SelectParams misa = dense;
+  misa.rows_per_query = 8;
+  misa.head_list = active.get();
+  misa.out = out_misa.get();
+  PD_BENCH_CUDA(kc::PlanSelectLaunch(misa, &mplan, nullptr));
+  kc::SelectParams filt = misa;
+  filt.key_list = klist.get();
+  filt.key_list_len = klen.get();
+  filt.key_list_stride = kl_stride;
+  filt.max_key_list_len = kl_stride;
+  filt.out = out_filt.get();
+  PD_BENCH_CUDA(kc::PlanSelectLaunch(filt, &fplan, nullptr));
+  DeviceBuffer<uint8_t> ws(std::max({dplan.workspace_bytes, mplan.workspace_bytes,
+                                     fplan.workspace_bytes}));
+  kc::RouterParams router;
+  router.keys = cache.Keys(0);
+  router.queries = queries(0);
+  router.active_heads = 8;
+  router.active = active.get();
+  kc::BlockFilterParams bf;
+  bf.keys = cache.Keys(0);
+  bf.queries = queries(0);
+  bf.rows_per_query = 8;
+  bf.head_list = active.get();
+  bf.keep_blocks = keep_blocks;
+  bf.key_list = klist.get();
+  bf.key_list_len = klen.get();
+  bf.key_list_stride = kl_stride;
+
+  auto set_copy = [&](int i) {
+    const int c = i % copies;
+    dense.keys = misa.keys = filt.keys = router.keys = bf.keys = cache.Keys(c * B);
+    dense.queries = misa.queries = filt.queries = router.queries = bf.queries = queries(c);
+  };
+  auto run_dense = [&](int i) {
+    set_copy(i);
+    PD_BENCH_CUDA(kc::LaunchSelect(dense, dplan, ws.get(), 0));
+  };
+  auto run_misa = [&](int i) {
+    set_copy(i);
+    PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
+    PD_BENCH_CUDA(kc::LaunchSelect(misa, mplan, ws.get(), 0));
+  };
+  auto run_filt = [&](int i) {
+    set_copy(i);
+    PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
+    PD_BENCH_CUDA(kc::LaunchBlockFilter(bf, 0));
+    PD_BENCH_CUDA(kc::LaunchSelect(filt, fplan, ws.get(), 0));
+  };
+  const int reps = opt.quick ? 5 : 30;
+  const double t_dense = Median(TimeMs(run_dense, 2, reps)) * 1e3;
+  const double t_misa = Median(TimeMs(run_misa, 2, reps)) * 1e3;
+  const double t_filt = Median(TimeMs(run_filt, 2, reps)) * 1e3;
+  run_dense(0);
+  run_misa(0);
+  run_filt(0);
+  PD_BENCH_CUDA(cudaDeviceSynchronize());
+  const auto d = out_dense.Download();
+  const double rec_misa = Recall(out_misa.Download(), d, B, kTopk);
+  const double rec_filt = Recall(out_filt.Download(), d, B, kTopk);
+  const double key_bytes = double(B) * K * 132.0;
+  const int64_t kept = std::min<int64_t>(keep_blocks, kernels::CeilDiv(K, 1024)) * 1024;
+  const double filt_bytes = double(B) * (double(kept) * 132.0 + double(kernels::CeilDiv(K, 1024)) * 512.0);
+  PrintRow("decode B=%-3d K=%3lldK  dense %7.1f us (%5.0f GB/s) | misa %7.1f us recall %.4f | "
+           "misa+filter(16 blk) %7.1f us %5.1f MB recall %.4f | anchor %s\n",
+           B, (long long)(K / 1024), t_dense, key_bytes / (t_dense * 1e-6) / 1e9, t_misa, rec_misa,
+           t_filt, filt_bytes / 1e6, rec_filt,
+           anchor_us > 0 ? (std::to_string(int(anchor_us)) + " us").c_str() : "-");
+  g_rows.push_back(Row()
+                       .S("bench", "decode_select")
+                       .N("batch", B)
+                       .N("keys", double(K))
+                       .N("dense_us", t_dense)
+                       .N("dense_key_bytes", key_bytes)
+                       .N("dense_gbps", key_bytes / (t_dense * 1e-6) / 1e9)
+                       .N("misa_us", t_misa)
+                       .N("misa_recall_vs_dense", rec_misa)
+                       .N("filter_us", t_filt)
+                       .N("filter_keep_blocks", keep_blocks)
+                       .N("filter_bytes", filt_bytes)
+                       .N("filter_recall_vs_dense", rec_filt)
+                       .N("anchor_us", anchor_us)
+                       .N("splits_dense", dplan.splits)
+                       .N("copies_rotated", copies));
+}
+
+}  // namespace
+}  // namespace pd::bench
+
+int main(int argc, char** argv) {
+  using namespace pd::bench;
+  Options opt;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--json" && i + 1 < argc) {
+      opt.json = argv[++i];
+    } else if (a == "--quick") {
+      opt.quick = true;
+    } else if (a == "--prefill-only") {
+      opt.decode = false;
+    } else if (a == "--decode-only") {
+      opt.prefill = false;
+    } else {
+      std::fprintf(stderr, "usage: %s [--json PATH] [--quick] [--prefill-only|--decode-only]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  cudaDeviceProp prop{};
+  PD_BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
+  g_meta["device"] = prop.name;
+  g_meta["sms"] = std::to_string(prop.multiProcessorCount);
+  g_meta["l2_bytes"] = std::to_string(prop.l2CacheSize);
+  g_meta["command"] = argv[0];
+  const double bw = CopyBandwidthGBs();
+  g_meta["copy_gbps"] = std::to_string(bw);
+  std::printf("device %s, %d SMs, L2 %d MB, d2d copy %.0f GB/s (read + write)\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, bw);
+  if (opt.prefill) {
+    std::printf("\n== prefill selection, H=64 D=128 top-2048 (anchor: DeepGEMM FP8 indexer + radix top-k, H200) ==\n");
+    const int64_t Ks[] = {8192, 32768, 65536, 131072};
+    const double anchors[] = {0.90, 4.90, 10.08, 20.44};
+    for (int i = 0; i < 4; ++i) {
+      if (opt.quick && i == 3) break;
+      Prefill(Ks[i], 8192, false, anchors[i], opt, i == 1);
+    }
+    Prefill(65536, 1024, true, 1.34, opt, false);
+  }
+  if (opt.decode) {
+    std::printf("\n== decode selection, one query per request, top-2048 (anchor: H200, 128K) ==\n");
+    for (int64_t K : {int64_t(32768), int64_t(131072)}) {
+      for (int B : {1, 32, 128}) {
+        double anchor = -1;
+        if (K == 131072) anchor = B == 1 ? 69 : (B == 32 ? 216 : 659);
+        Decode(B, K, anchor, opt);
+      }
+    }
+  }
+  if (!WriteJson(opt.json, g_meta, g_rows)) {
+    std::fprintf(stderr, "cannot write %s\n", opt.json.c_str());
+    return 1;
+  }
+  std::printf("wrote %s\n", opt.json.c_str());
+  return 0;
+}
