@@ -26,6 +26,10 @@ struct MemoryRegion {
   uint8_t* base = nullptr;
   size_t bytes = 0;
   bool on_device = false;  // CUDA device memory
+  // The memory outlives this stream (a KV cache arena): a backend may keep its
+  // registration for later streams until ForgetRegion. False for per-stream
+  // buffers, whose registration must end with the stream.
+  bool persistent = false;
 };
 
 // Who is on the other side of a stream (for per-peer resource caches).

@@ -159,6 +159,11 @@ class ControlChannel::Impl {
     writing_ = true;
     asio::async_write(socket_, asio::buffer(outq_.front()),
                       [this](const boost::system::error_code& ec, size_t) {
+                        if (failed_) {  // the frame's buffer lived until now
+                          writing_ = false;
+                          outq_.clear();
+                          return;
+                        }
                         if (ec) {
                           Fail(absl::UnavailableError(absl::StrCat(
                               "control channel to ", peer_, ": write failed: ", ec.message())));
@@ -258,7 +263,7 @@ class ControlChannel::Impl {
     close_timer_.cancel();
     socket_.shutdown(tcp::socket::shutdown_both, ec);
     socket_.close(ec);
-    outq_.clear();
+    if (!writing_) outq_.clear();  // else the write completion clears it
     std::function<void()> notify;
     {
       absl::MutexLock lock(&mu_);

@@ -852,7 +852,7 @@ absl::StatusOr<std::unique_ptr<KvSender>> KvSender::Start(Backend& backend,
   auto plan = MakeChunkPlan(params, src, dst);
   if (!plan.ok()) return Reject(*channel, Annotate(plan.status(), "receiver's accept"));
 
-  MemoryRegion local{cache.arena(), cache.arena_bytes(), cache.on_device()};
+  MemoryRegion local{cache.arena(), cache.arena_bytes(), cache.on_device(), /*persistent=*/true};
   std::unique_ptr<StagingBuffer> bounce;
   if (staged && cache.on_device()) {
     auto b = ops.AllocateStaging(uint64_t(accept->staging_slots) * accept->slot_bytes);
@@ -916,7 +916,7 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> KvReceiver::Accept(Backend& backend,
   auto plan = MakeChunkPlan(params, src, dst);
   if (!plan.ok()) return fail(plan.status());
 
-  MemoryRegion region{cache.arena(), cache.arena_bytes(), cache.on_device()};
+  MemoryRegion region{cache.arena(), cache.arena_bytes(), cache.on_device(), /*persistent=*/true};
   std::unique_ptr<StagingBuffer> staging;
   uint32_t slots = 0;
   if (staged) {

@@ -1,0 +1,169 @@
+// KV streams over the real UCX backend, in one process with two ucp contexts
+// (sender and receiver), over TCP and over shared memory (UCX_TLS).
+#include "transport/ucx/ucx_backend.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <thread>
+
+#include "transport/fault_injection.h"
+#include "transport/kv_stream.h"
+#include "transport/resource_counters.h"
+#include "transport/testing/kv_test_util.h"
+
+namespace pd::transport {
+namespace {
+
+constexpr int kLayers = 3;
+constexpr int64_t kTokens = 3000;
+const char kFingerprint[] = "feedfacecafebeef";
+
+struct Stream {
+  absl::StatusOr<std::unique_ptr<KvSender>> sender = absl::UnknownError("unset");
+  absl::StatusOr<std::unique_ptr<KvReceiver>> receiver = absl::UnknownError("unset");
+  ControlChannel* receiver_channel = nullptr;
+};
+
+Stream StartStream(Backend& tx, Backend& rx, const kvcache::KvCache& src, int32_t seq,
+                   kvcache::KvCache& dst, SenderOptions so, ReceiverOptions ro) {
+  Stream out;
+  auto listener = ControlListener::Listen("127.0.0.1", 0);
+  EXPECT_TRUE(listener.ok());
+  std::thread t([&] {
+    auto ch = (*listener)->Accept(absl::Now() + absl::Seconds(10));
+    if (!ch.ok()) {
+      out.receiver = ch.status();
+      return;
+    }
+    out.receiver_channel = ch->get();
+    out.receiver = KvReceiver::Accept(rx, std::move(*ch), dst, ro);
+  });
+  auto ch = ControlChannel::Connect("127.0.0.1", (*listener)->port(), absl::Now() + absl::Seconds(10));
+  EXPECT_TRUE(ch.ok());
+  out.sender = KvSender::Start(tx, std::move(*ch), src, {"ucx-req", kFingerprint, seq, kTokens}, so);
+  t.join();
+  return out;
+}
+
+// Per-request resources (endpoints, rkeys, staging, streams) must be back to
+// their baseline after every stream; the arena registration is per backend.
+void ExpectRequestResourcesReleased(const ResourceSnapshot& base) {
+  ResourceSnapshot now = GetResourceCounters();
+  for (Resource r : {Resource::kRemoteKey, Resource::kEndpoint, Resource::kPinnedBuffer, Resource::kStream}) {
+    EXPECT_EQ(now[r], base[r]) << ResourceName(r) << "; now " << now.ToString();
+  }
+  EXPECT_EQ(now.pinned_bytes, base.pinned_bytes);
+}
+
+class UcxStreamTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    setenv("UCX_TLS", GetParam(), 1);
+    baseline_ = GetResourceCounters();
+    src_ = *testing::MakeCache(testing::V32Layout(1024), kLayers, kTokens);
+    dst_ = *testing::MakeCache(testing::V32Layout(1024), kLayers, kTokens);
+    seq_ = *testing::MakeFilledSequence(*src_, kTokens, 7);
+    auto tx = NewUcxBackend();
+    ASSERT_TRUE(tx.ok()) << tx.status();
+    auto rx = NewUcxBackend();
+    ASSERT_TRUE(rx.ok()) << rx.status();
+    tx_ = std::move(*tx);
+    rx_ = std::move(*rx);
+    so_.max_chunk_bytes = 256 << 10;
+    ro_.model_fingerprint = kFingerprint;
+  }
+  void TearDown() override {
+    tx_.reset();
+    rx_.reset();
+    EXPECT_EQ(GetResourceCounters(), baseline_) << GetResourceCounters().ToString();
+    unsetenv("UCX_TLS");
+  }
+
+  ResourceSnapshot baseline_;
+  std::unique_ptr<kvcache::KvCache> src_, dst_;
+  int32_t seq_ = -1;
+  std::unique_ptr<Backend> tx_, rx_;
+  SenderOptions so_;
+  ReceiverOptions ro_;
+};
+
+TEST_P(UcxStreamTest, RoundTripIsByteExactAndRegistersOnce) {
+  for (int round = 0; round < 2; ++round) {
+    {
+      Stream st = StartStream(*tx_, *rx_, *src_, seq_, *dst_, so_, ro_);
+      ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+      ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+      for (int l = 0; l < kLayers; ++l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+      absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(20));
+      ASSERT_TRUE(fin.ok()) << fin;
+      ASSERT_TRUE((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(20)).ok());
+      absl::Status cmp = testing::CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens);
+      EXPECT_TRUE(cmp.ok()) << cmp;
+      ASSERT_TRUE(dst_->Release((*st.receiver)->sequence()).ok());
+    }
+    ExpectRequestResourcesReleased(baseline_);
+    // The receiver's arena was registered once, and stays registered.
+    EXPECT_EQ(GetResourceCounters()[Resource::kRegisteredRegion],
+              baseline_[Resource::kRegisteredRegion] + 1);
+  }
+}
+
+TEST_P(UcxStreamTest, StagedRoundTrip) {
+  so_.staged = true;
+  ro_.staging_slots = 3;
+  {
+    Stream st = StartStream(*tx_, *rx_, *src_, seq_, *dst_, so_, ro_);
+    ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+    ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+    for (int l = 0; l < kLayers; ++l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+    ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(20)).ok());
+    absl::Status cmp = testing::CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens);
+    EXPECT_TRUE(cmp.ok()) << cmp;
+  }
+  ExpectRequestResourcesReleased(baseline_);
+  // The per-stream ring registration ended with the stream.
+  EXPECT_EQ(GetResourceCounters()[Resource::kRegisteredRegion], baseline_[Resource::kRegisteredRegion]);
+}
+
+TEST_P(UcxStreamTest, CorruptionOverUcxIsResent) {
+  FaultPolicy policy;
+  policy.corrupt_writes = {0, 5};
+  FaultInjectingBackend faulty(*tx_, policy);
+  {
+    Stream st = StartStream(faulty, *rx_, *src_, seq_, *dst_, so_, ro_);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    for (int l = 0; l < kLayers; ++l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+    ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(20)).ok());
+    EXPECT_EQ((*st.sender)->stats().resends, 2u);
+    EXPECT_TRUE(testing::CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens).ok());
+  }
+  ExpectRequestResourcesReleased(baseline_);
+}
+
+TEST_P(UcxStreamTest, ReceiverVanishesSenderReportsUnavailable) {
+  FaultPolicy policy;
+  policy.fence_delay = absl::Milliseconds(30);
+  FaultInjectingBackend slow(*tx_, policy);
+  int64_t free_before = dst_->free_pages();
+  {
+    Stream st = StartStream(slow, *rx_, *src_, seq_, *dst_, so_, ro_);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    for (int l = 0; l < kLayers; ++l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+    absl::Time t0 = absl::Now();
+    st.receiver_channel->Sever();
+    absl::Status fin = (*st.sender)->Finish(t0 + absl::Seconds(5));
+    EXPECT_LT(absl::Now() - t0, absl::Seconds(2));
+    EXPECT_EQ(fin.code(), absl::StatusCode::kUnavailable) << fin;
+    EXPECT_EQ((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5)).code(),
+              absl::StatusCode::kUnavailable);
+    EXPECT_EQ(dst_->free_pages(), free_before);
+  }
+  ExpectRequestResourcesReleased(baseline_);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, UcxStreamTest, ::testing::Values("tcp", "posix"),
+                         [](const auto& info) { return std::string(info.param); });
+
+}  // namespace
+}  // namespace pd::transport
