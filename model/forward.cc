@@ -124,7 +124,7 @@ absl::StatusOr<std::vector<float>> CpuModel::Forward(const ForwardBatch& batch,
   PD_RETURN_IF_ERROR(Validate(batch));
   const int64_t n = int64_t(batch.tokens.size());
   const int hidden = cfg_.hidden_size;
-  std::vector<int64_t> positions(size_t(n));
+  std::vector<int64_t> positions(static_cast<size_t>(n));
   {
     int64_t r = 0;
     for (const Segment& s : batch.segments) {
@@ -324,7 +324,7 @@ void CpuModel::Ffn(const LayerWeights& lw, const float* h, int64_t n, float* out
                cfg_.norm_topk_prob, cfg_.routed_scaling_factor, idx.data(), wts.data());
   // Shared expert over every token, then each routed expert over its tokens.
   DenseFfn(lw.shared, h, n, out);
-  std::vector<std::vector<std::pair<int64_t, float>>> routed(size_t(experts));
+  std::vector<std::vector<std::pair<int64_t, float>>> routed(static_cast<size_t>(experts));
   for (int64_t t = 0; t < n; ++t) {
     for (int j = 0; j < k; ++j) routed[size_t(idx[size_t(t * k + j)])].push_back({t, wts[size_t(t * k + j)]});
   }
