@@ -19,6 +19,7 @@ using internal::DecodeBf16;
 using internal::DecodeFp8;
 using internal::Dot;
 using internal::Dot4;
+using internal::ExpShiftSum;
 
 void CheckLayout(const char* fn, const KvLayout& l) {
   PD_KCHECK(l.kv_lora_rank > 0 && l.kv_lora_rank % kQuantGroup == 0,
@@ -142,6 +143,7 @@ void SparseMlaAttention(const MlaCacheView& cache, const float* q_abs, const flo
   const int per_group = int(CeilDiv(heads, groups));
   groups = int(CeilDiv(heads, per_group));
 
+  const size_t record_bytes = l.MlaTokenBytes();
   ParallelFor(pool, num_queries * groups, 1, [&](int64_t begin, int64_t end) {
     thread_local AttnScratch s;
     s.kv.resize(size_t(kChunk) * width);
@@ -160,16 +162,18 @@ void SparseMlaAttention(const MlaCacheView& cache, const float* q_abs, const flo
         std::memcpy(s.q.data() + size_t(g) * width + r, q_pe + qh * rope, size_t(rope) * 4);
       }
       std::fill(s.acc.begin(), s.acc.begin() + int64_t(nh) * r, 0.0f);
-      const int32_t* idx = indices + t * topk;
-      float* mxp = s.mx.data();   // running max of each head's scaled logits
+      float* mxp = s.mx.data();    // running max of each head's scaled logits
       float* sump = s.sum.data();  // running sum of exp(logit - max)
       for (int g = 0; g < nh; ++g) {
         mxp[g] = -std::numeric_limits<float>::infinity();
         sump[g] = 0.0f;
       }
+      const int32_t* idx = indices + t * topk;
+      // Collects the next (up to kChunk) valid records from slot i on and
+      // prefetches them: the records are scattered over the pool, and the
+      // prefetch of chunk k+1 overlaps the work on chunk k.
       int i = 0;
-      while (i < topk) {
-        // Gather the next chunk of valid indices and dequantise their records.
+      auto gather = [&](const uint8_t** recs) {
         int n = 0;
         for (; i < topk && n < kChunk; ++i) {
           const int32_t tok = idx[i];
@@ -178,11 +182,18 @@ void SparseMlaAttention(const MlaCacheView& cache, const float* q_abs, const flo
                     "SparseMlaAttention: query %lld index %d = %d outside the cache's %lld "
                     "tokens",
                     static_cast<long long>(t), i, tok, static_cast<long long>(cache.num_tokens));
-          DecodeRecord(Record(cache.pool, cache.page_table, l, tok), l,
-                       s.kv.data() + size_t(n) * width);
-          ++n;
+          const uint8_t* rec = Record(cache.pool, cache.page_table, l, tok);
+          for (size_t off = 0; off < record_bytes; off += 64) __builtin_prefetch(rec + off);
+          recs[n++] = rec;
         }
-        if (n == 0) break;
+        return n;
+      };
+      const uint8_t* cur[kChunk];
+      const uint8_t* next[kChunk];
+      int n = gather(cur);
+      while (n > 0) {
+        const int n_next = gather(next);
+        for (int c = 0; c < n; ++c) DecodeRecord(cur[c], l, s.kv.data() + size_t(c) * width);
         for (int g = 0; g < nh; ++g) {
           const float* qg = s.q.data() + size_t(g) * width;
           float* lg = s.logits.data() + size_t(g) * kChunk;
@@ -195,7 +206,7 @@ void SparseMlaAttention(const MlaCacheView& cache, const float* q_abs, const flo
             cmax = std::max(cmax, lg[c]);
           }
           const float new_max = std::max(mxp[g], cmax);
-          float* acc = s.acc.data() + size_t(g) * r;
+          float* __restrict acc = s.acc.data() + size_t(g) * r;
           if (new_max > mxp[g]) {
             const float f = std::exp(mxp[g] - new_max);  // 0 on the first chunk
             sump[g] *= f;
@@ -203,34 +214,27 @@ void SparseMlaAttention(const MlaCacheView& cache, const float* q_abs, const flo
             for (int d = 0; d < r; ++d) acc[d] *= f;
             mxp[g] = new_max;
           }
-          float add = 0.0f;
-          for (c = 0; c < n; ++c) {
-            lg[c] = std::exp(lg[c] - new_max);
-            add += lg[c];
-          }
-          sump[g] += add;
-          // acc += sum_c p_c * c_kv[c], in register-sized column blocks.
-          for (int d0 = 0; d0 < r; d0 += 64) {
-            const int dn = std::min(64, r - d0);
-            float blk[64];
-            std::memcpy(blk, acc + d0, size_t(dn) * 4);
-            if (dn == 64) {
-              for (c = 0; c < n; ++c) {
-                const float p = lg[c];
-                const float* kvc = s.kv.data() + size_t(c) * width + d0;
+          sump[g] += ExpShiftSum(lg, n, new_max);
+          // acc += sum_c p_c * c_kv[c], four tokens per pass over acc.
+          const float* kv = s.kv.data();
+          for (c = 0; c + 4 <= n; c += 4) {
+            const float p0 = lg[c], p1 = lg[c + 1], p2 = lg[c + 2], p3 = lg[c + 3];
+            const float* __restrict k0 = kv + size_t(c) * width;
+            const float* __restrict k1 = k0 + width;
+            const float* __restrict k2 = k1 + width;
+            const float* __restrict k3 = k2 + width;
 #pragma omp simd
-                for (int d = 0; d < 64; ++d) blk[d] += p * kvc[d];
-              }
-            } else {
-              for (c = 0; c < n; ++c) {
-                const float p = lg[c];
-                const float* kvc = s.kv.data() + size_t(c) * width + d0;
-                for (int d = 0; d < dn; ++d) blk[d] += p * kvc[d];
-              }
-            }
-            std::memcpy(acc + d0, blk, size_t(dn) * 4);
+            for (int d = 0; d < r; ++d) acc[d] += p0 * k0[d] + p1 * k1[d] + p2 * k2[d] + p3 * k3[d];
+          }
+          for (; c < n; ++c) {
+            const float p = lg[c];
+            const float* __restrict kc = kv + size_t(c) * width;
+#pragma omp simd
+            for (int d = 0; d < r; ++d) acc[d] += p * kc[d];
           }
         }
+        std::copy(next, next + n_next, cur);
+        n = n_next;
       }
       for (int g = 0; g < nh; ++g) {
         const int64_t qh = t * heads + h0 + g;

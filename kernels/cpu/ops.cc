@@ -401,9 +401,10 @@ void LayerNorm(const float* x, int64_t m, int64_t n, const float* gamma, const f
 }
 
 void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
-    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    out[i] = g / (1.0f + internal::FastExp(-g)) * up[i];
   }
 }
 
@@ -411,13 +412,9 @@ void Softmax(float* x, int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) {
     float* xr = x + r * n;
     float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
     for (int64_t i = 0; i < n; ++i) mx = std::max(mx, xr[i]);
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; ++i) {
-      xr[i] = std::exp(xr[i] - mx);
-      sum += xr[i];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / internal::ExpShiftSum(xr, n, mx);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) xr[i] *= inv;
   }

@@ -13,13 +13,19 @@ inline constexpr int kKeyTile = 16;
 // Queries per tile of the blocked scorer (each key tile is reused by all of them).
 inline constexpr int kQueryTile = 16;
 
+enum class TopKOrder : uint8_t {
+  kByScore,  // score descending, ties to the lower index (cpu::TopK's order)
+  kByIndex,  // the same set, in ascending index order
+};
+
 // Same contract as cpu::TopK (ops.h): the min(k, n) best indices of scores[0, n)
 // by score descending, ties to the lower index, NaN last, then -1 up to k;
 // returns the number of valid indices. Uses a threshold from strided group
 // maxima (the k-th largest group maximum is a lower bound of the k-th largest
-// score) so only a few candidates are sorted. When `sorted` is false the valid
-// indices are the same set in unspecified order.
-int FastTopK(const float* scores, int64_t n, int k, int32_t* out, bool sorted = true);
+// score) so only a few candidates are sorted. With kByIndex the valid indices
+// (the same set) are written in ascending index order.
+int FastTopK(const float* scores, int64_t n, int k, int32_t* out,
+             TopKOrder order = TopKOrder::kByScore);
 
 // Sort key for the order above: a smaller key is a better (score, index) pair.
 // +0 and -0 compare equal; NaN is worse than every number.
