@@ -17,6 +17,7 @@ namespace {
 
 using internal::DecodeBf16;
 using internal::DecodeFp8;
+using internal::EncodeFp8;
 using internal::Dot;
 using internal::Dot4;
 using internal::ExpShiftSum;
@@ -88,9 +89,10 @@ void WriteMlaCache(const MlaCacheRef& cache, const float* c_kv, const float* k_p
     for (int g = 0; g < l.MlaScaleCount(); ++g) {
       const float* xg = x + g * kQuantGroup;
       float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
       for (int i = 0; i < kQuantGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
       const float s = Fp8Scale(amax, /*ue8m0=*/true);
-      for (int i = 0; i < kQuantGroup; ++i) rec[g * kQuantGroup + i] = FloatToFp8E4M3(xg[i] / s);
+      EncodeFp8(xg, kQuantGroup, s, rec + g * kQuantGroup);
       std::memcpy(rec + l.MlaScaleOffset() + 4 * size_t(g), &s, 4);
     }
     const float* pe = k_pe + t * rope;

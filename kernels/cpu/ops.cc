@@ -499,7 +499,7 @@ void QuantizeFp8(const float* x, int64_t rows, int64_t n, int group, bool ue8m0,
       for (int64_t c = c0; c < c1; ++c) amax = std::max(amax, std::fabs(xs[c]));
       const float s = Fp8Scale(amax, ue8m0);
       scales[r * groups + g] = s;
-      for (int64_t c = c0; c < c1; ++c) q[r * n + c] = FloatToFp8E4M3(xs[c] / s);
+      internal::EncodeFp8(xs + c0, c1 - c0, s, q + r * n + c0);
     }
   }
 }

@@ -49,6 +49,33 @@ TEST(Decode, Fp8MatchesScalarForEveryCode) {
   }
 }
 
+TEST(Encode, Fp8MatchesScalarEncoder) {
+  // Every e4m3 value, the midpoints between neighbours (ties-to-even) and their
+  // float neighbours, random magnitudes from 2^-30 to 2^12, and specials.
+  std::vector<float> x;
+  for (int c = 0; c < 0x7e; ++c) {
+    const float v = Fp8E4M3ToFloat(uint8_t(c)), w = Fp8E4M3ToFloat(uint8_t(c + 1));
+    const float mid = (v + w) / 2;
+    for (float y : {v, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e9f)}) {
+      x.push_back(y);
+      x.push_back(-y);
+    }
+  }
+  std::mt19937 rng(19);
+  std::uniform_real_distribution<float> e(-30.0f, 12.0f);
+  for (int i = 0; i < 200000; ++i) x.push_back((i & 1 ? -1.0f : 1.0f) * std::exp2(e(rng)));
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float y : {inf, -inf, std::nanf(""), 464.0f, 480.0f, 1e30f, 0.0f, -0.0f, 1e-30f})
+    x.push_back(y);
+  for (float scale : {1.0f, 0.25f, 3.0f}) {
+    std::vector<uint8_t> q(x.size());
+    internal::EncodeFp8(x.data(), int64_t(x.size()), scale, q.data());
+    for (size_t i = 0; i < x.size(); ++i) {
+      ASSERT_EQ(int(q[i]), int(FloatToFp8E4M3(x[i] / scale))) << "x = " << x[i] << " scale " << scale;
+    }
+  }
+}
+
 TEST(Decode, F16AndBf16MatchScalarForEveryCode) {
   std::vector<uint16_t> codes(65536);
   std::iota(codes.begin(), codes.end(), 0);

@@ -140,6 +140,35 @@ inline void DecodeF16(const uint16_t* __restrict h, int64_t n, float* __restrict
   }
 }
 
+// q[i] = FloatToFp8E4M3(x[i] / scale) (bit-exact with the scalar encoder:
+// round-to-nearest-even, saturation to +-448, NaN -> 0x7f), branch-free.
+inline void EncodeFp8(const float* __restrict x, int64_t n, float scale,
+                      uint8_t* __restrict q) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] / scale;
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const uint32_t sign = (u >> 24) & 0x80u;
+    const uint32_t a = u & 0x7fffffffu;
+    // Normal range (|v| >= 2^-6): round the mantissa to 3 bits, nearest-even,
+    // letting a carry ripple into the exponent; rebias 127 -> 7 (120 << 3).
+    const uint32_t t = (a + 0x7ffffu + ((a >> 20) & 1u)) >> 20;
+    const uint32_t normal = (t > 960u + 0x7eu ? 0x7eu : t - 960u);
+    // Subnormal range: multiples of 2^-9; |v| * 512 < 8.5 is rounded to
+    // nearest-even by adding and subtracting 2^23 (8 is the smallest normal).
+    float av;
+    std::memcpy(&av, &a, 4);
+    const float rq = (av * 512.0f + 8388608.0f) - 8388608.0f;
+    const uint32_t sub = uint32_t(int32_t(rq));
+    const uint32_t is_sub = 0u - uint32_t(a < 0x3c800000u);
+    const uint32_t is_nan = 0u - uint32_t(a > 0x7f800000u);
+    uint32_t code = (sub & is_sub) | (normal & ~is_sub);
+    code = ((sign | code) & ~is_nan) | (0x7fu & is_nan);
+    q[i] = uint8_t(code);
+  }
+}
+
 // exp(x) in fp32, branch-free so that loops calling it vectorise: Cody-Waite
 // range reduction x = n ln2 + r, |r| <= ln2/2, Cephes' degree-7 minimax
 // polynomial, then scaling by 2^n. Max error about 1 ulp over the normal range
