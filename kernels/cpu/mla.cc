@@ -109,6 +109,8 @@ void ReadMlaToken(const MlaCacheView& cache, int64_t s, float* c_kv, float* k_pe
   CheckLayout("ReadMlaToken", l);
   PD_KCHECK(s >= 0 && s < cache.num_tokens, "ReadMlaToken: token %lld outside [0, %lld)",
             static_cast<long long>(s), static_cast<long long>(cache.num_tokens));
+  PD_KCHECK(cache.pool != nullptr && cache.page_table != nullptr,
+            "ReadMlaToken: null cache pool or page table");
   const uint8_t* rec = Record(cache.pool, cache.page_table, l, s);
   for (int g = 0; g < l.MlaScaleCount(); ++g) {
     float sc;
@@ -130,6 +132,10 @@ void SparseMlaAttention(const MlaCacheView& cache, const float* q_abs, const flo
   PD_KCHECK(heads > 0, "SparseMlaAttention: heads must be positive, got %d", heads);
   PD_KCHECK(topk >= 0, "SparseMlaAttention: negative topk %d", topk);
   if (num_queries <= 0) return;
+  PD_KCHECK(q_abs != nullptr && q_pe != nullptr && indices != nullptr && out != nullptr,
+            "SparseMlaAttention: null q_abs, q_pe, indices or out");
+  PD_KCHECK(topk == 0 || (cache.pool != nullptr && cache.page_table != nullptr),
+            "SparseMlaAttention: null cache pool or page table");
   const int r = l.kv_lora_rank;
   const int rope = l.rope_dim;
   const int width = r + rope;
@@ -139,7 +145,7 @@ void SparseMlaAttention(const MlaCacheView& cache, const float* q_abs, const flo
   // the pool busy.
   const int threads = pool ? pool->num_threads() : 1;
   int groups = 1;
-  if (num_queries < 4 * threads) {
+  if (threads > 1 && num_queries < 4 * threads) {
     groups = int(std::min<int64_t>(heads, CeilDiv(4 * threads, num_queries)));
   }
   const int per_group = int(CeilDiv(heads, groups));
