@@ -333,7 +333,10 @@ class UcxSender final : public DataSender {
   void Close() {
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    p.flags = state_->failed ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    // Flush-close only a healthy endpoint whose every fence completed (a
+    // finished stream); anything else may face a dead peer: force.
+    const bool clean = !state_->failed && state_->fences_done.load() == fences_posted_;
+    p.flags = clean ? 0 : UCP_EP_CLOSE_FLAG_FORCE;
     ucs_status_ptr_t r = ucp_ep_close_nbx(ep_, &p);
     if (r != nullptr && !UCS_PTR_IS_ERR(r)) {
       const absl::Time deadline = absl::Now() + absl::Seconds(2);
