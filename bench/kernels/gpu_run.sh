@@ -39,6 +39,20 @@ timeout -k 5 ${BENCH_S:-240} $BUILD/bench/kernels/pd_indexer_bench $BARGS --json
   > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
 cat "$OUT/bench.log"
 
+# 4b. Nsight Compute on one dense and one MISA selection launch (stall reasons).
+if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
+  for c in "dense 32768 8192" "misa 65536 8192"; do
+    timeout -k 5 ${NCU_S:-90} ncu --clock-control none --launch-skip 1 --launch-count 1 \
+      -k regex:SelectKernel --section SpeedOfLight --section WarpStateStats \
+      --section SchedulerStats --section Occupancy --section LaunchStats \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+      $BUILD/bench/kernels/pd_indexer_bench --case $c >> "$OUT/ncu.txt" 2>&1
+    echo "ncu $c rc=$?"
+  done
+  grep -E "Duration|Throughput|Issued Ipc|Stall|Warp Cycles|Achieved Occupancy|Registers|No Eligible|Active Warps" \
+    "$OUT/ncu.txt" | head -60
+fi
+
 # 5. compute-sanitizer on small cases (bounds, shared-memory races).
 if command -v compute-sanitizer >/dev/null; then
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck $BUILD/kernels/cuda/kernels_cuda_indexer_test Decode \

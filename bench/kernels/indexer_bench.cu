@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -462,6 +463,44 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
                        .N("copies_rotated", copies));
 }
 
+// One prefill selection (dense or MISA), launched twice (for ncu: skip one).
+void ProfileCase(const std::string& mode, int64_t K, int64_t Q) {
+  Caches cache(1, K, 4242);
+  QuerySet qs(Q, 99);
+  std::vector<int64_t> pos(static_cast<size_t>(Q));
+  for (int64_t t = 0; t < Q; ++t) pos[size_t(t)] = K - Q + t;
+  DeviceBuffer<int64_t> d_pos(pos);
+  DeviceBuffer<int32_t> d_start(std::vector<int32_t>{0, int32_t(Q)});
+  DeviceBuffer<int32_t> out(size_t(Q) * kTopk), active(size_t(Q) * 8);
+  kc::IndexQueryBatch q;
+  q.q8 = qs.q8.get();
+  q.weights = qs.w.get();
+  q.positions = d_pos.get();
+  q.query_start = d_start.get();
+  q.num_queries = Q;
+  q.max_queries_per_seq = Q;
+  q.max_context = K;
+  kc::RouterParams router;
+  router.keys = cache.Keys(0);
+  router.queries = q;
+  router.active = active.get();
+  kc::SelectParams p;
+  p.keys = cache.Keys(0);
+  p.queries = q;
+  p.rows_per_query = mode == "misa" ? 8 : kH;
+  p.head_list = mode == "misa" ? active.get() : nullptr;
+  p.out = out.get();
+  kc::SelectPlan plan;
+  PD_BENCH_CUDA(kc::PlanSelectLaunch(p, &plan, nullptr));
+  DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+  for (int i = 0; i < 2; ++i) {
+    if (mode == "misa") PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
+    PD_BENCH_CUDA(kc::LaunchSelect(p, plan, ws.get(), 0));
+  }
+  PD_BENCH_CUDA(cudaDeviceSynchronize());
+  std::printf("profile case %s K=%lld Q=%lld done\n", mode.c_str(), (long long)K, (long long)Q);
+}
+
 }  // namespace
 }  // namespace pd::bench
 
@@ -478,9 +517,14 @@ int main(int argc, char** argv) {
       opt.decode = false;
     } else if (a == "--decode-only") {
       opt.prefill = false;
+    } else if (a == "--case" && i + 3 < argc) {
+      const std::string mode = argv[i + 1];
+      ProfileCase(mode, std::atoll(argv[i + 2]), std::atoll(argv[i + 3]));
+      return 0;
     } else {
-      std::fprintf(stderr, "usage: %s [--json PATH] [--quick] [--prefill-only|--decode-only]\n",
-                   argv[0]);
+      std::fprintf(stderr, "usage: %s [--json PATH] [--quick] [--prefill-only|--decode-only]\n"
+                   "       %s --case dense|misa KEYS QUERIES   (one selection, twice: for ncu)\n",
+                   argv[0], argv[0]);
       return 2;
     }
   }

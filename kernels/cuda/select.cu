@@ -11,34 +11,52 @@ namespace pd::kernels::cuda {
 namespace select_internal {
 namespace {
 
-constexpr int kMergeThreads = 256;
+constexpr int kMergeThreads = 512;
+constexpr int kMergeUnroll = 8;  // list loads in flight per thread
 constexpr int kMaxSplits = 1024;
 
 // One CTA per query: exact top-k over the union of the query's split lists.
+// The lists are walked as one flat range [0, splits * longest) so that every
+// thread keeps kMergeUnroll independent loads in flight.
 __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a) {
   __shared__ int cnt[kMaxSplits];
   __shared__ uint64_t buf[kSelectMaxTopk];
   __shared__ topk::Scratch sc;
+  __shared__ int total_sh, longest_sh;
   const int64_t t = blockIdx.x;
   const int S = a.splits, k = a.topk, tid = threadIdx.x;
-  int local = 0;
+  if (tid == 0) {
+    total_sh = 0;
+    longest_sh = 0;
+    sc.write_pos = 0;
+  }
+  __syncthreads();
+  int local = 0, longest = 0;
   for (int s = tid; s < S; s += kMergeThreads) {
     cnt[s] = a.counts[t * S + s];
     local += cnt[s];
+    longest = max(longest, cnt[s]);
   }
-  if (tid == 0) sc.write_pos = 0;
-  // Block sum of the list lengths.
-  __shared__ int total_sh;
-  if (tid == 0) total_sh = 0;
-  __syncthreads();
   if (local != 0) atomicAdd(&total_sh, local);
+  if (longest != 0) atomicMax(&longest_sh, longest);
   __syncthreads();
-  const int total = total_sh;
+  const int total = total_sh, P = longest_sh;
+  const int64_t flat = int64_t(S) * P;
   const uint64_t* base = a.lists + t * S * int64_t(kSelectListCap);
   auto for_each = [&](auto&& f) {
-    for (int s = 0; s < S; ++s) {
-      const uint64_t* L = base + int64_t(s) * kSelectListCap;
-      for (int i = tid; i < cnt[s]; i += kMergeThreads) f(L[i]);
+    for (int64_t f0 = 0; f0 < flat; f0 += int64_t(kMergeThreads) * kMergeUnroll) {
+      uint64_t x[kMergeUnroll];
+#pragma unroll
+      for (int u = 0; u < kMergeUnroll; ++u) {
+        const int64_t fi = f0 + int64_t(u) * kMergeThreads + tid;
+        x[u] = 0;
+        if (fi < flat) {
+          const int s = int(fi / P), i = int(fi - int64_t(s) * P);
+          if (i < cnt[s]) x[u] = base[int64_t(s) * kSelectListCap + i];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kMergeUnroll; ++u) f(x[u]);
     }
   };
   const int m = total < k ? total : k;

@@ -283,18 +283,27 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
     }
     const int row = wg * 64 + 16 * w4 + g8 + (hi1 ? 8 : 0);
     const int32_t key = sm.kidx[stage][row];
-    if (key >= 0) {
-      const float ks = sm.kscale[stage][row];
+    const float ks = sm.kscale[stage][row];
+    // Odd lanes (hi0) serve queries NQ/2 + k, even lanes queries k: one list
+    // append per (warp, query) group via ballot + popc.
+    const unsigned group = hi0 ? 0xaaaaaaaau : 0x55555555u;
+    const unsigned lt_mask = (1u << lane) - 1u;
 #pragma unroll
-      for (int k = 0; k < NQ / 2; ++k) {
-        const int q = (hi0 ? NQ / 2 : 0) + k;
-        if (int64_t(key) <= sm.pos[q]) {
-          const uint64_t x = topk::CandidateKey(r2[k] * ks, key);
-          if (x > sm.thr[q]) {
-            const int slot = atomicAdd(&sm.cnt[q], 1);
-            lists[q * list_stride + slot] = x;
-          }
-        }
+    for (int k = 0; k < NQ / 2; ++k) {
+      const int q = (hi0 ? NQ / 2 : 0) + k;
+      uint64_t x = 0;
+      bool pass = false;
+      if (key >= 0 && int64_t(key) <= sm.pos[q]) {
+        x = topk::CandidateKey(r2[k] * ks, key);
+        pass = x > sm.thr[q];
+      }
+      const unsigned gm = __ballot_sync(0xffffffffu, pass) & group;
+      if (pass) {
+        const int leader = __ffs(gm) - 1;
+        int base = 0;
+        if (lane == leader) base = atomicAdd(&sm.cnt[q], __popc(gm));
+        base = __shfl_sync(gm, base, leader);
+        lists[q * list_stride + base + __popc(gm & lt_mask)] = x;
       }
     }
   }
@@ -314,12 +323,18 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
     }
     int32_t* o = a.out + t * k;
     if (a.sorted) {
+      // Compact to the top k first: the sort then runs on <= k entries.
+      int m = n;
+      if (n > k) {
+        CompactList(L, n, k, sm, q);
+        m = k;
+      }
       uint64_t* buf = reinterpret_cast<uint64_t*>(sm.keys);
-      const int N = topk::NextPow2(max(n, 2));
-      for (int i = tid; i < N; i += kThreads) buf[i] = i < n ? L[i] : 0ull;
+      const int N = topk::NextPow2(max(m, 2));
+      for (int i = tid; i < N; i += kThreads) buf[i] = i < m ? L[i] : 0ull;
       __syncthreads();
       topk::BitonicSortDesc(buf, N);
-      for (int i = tid; i < k; i += kThreads) o[i] = i < n ? topk::CandidateIndex(buf[i]) : -1;
+      for (int i = tid; i < k; i += kThreads) o[i] = i < m ? topk::CandidateIndex(buf[i]) : -1;
       __syncthreads();
     } else {
       int m = n;

@@ -41,12 +41,22 @@ bool PlanSelect(const SelectPlanInput& in, SelectPlan* plan, const char** error)
   const int64_t max_splits = CeilDivI(ctx, kSelectKeysPerIter);
   int64_t splits = in.num_splits;
   if (splits == 0) {
-    // Fill the machine: split the key axis until there are ctas_per_sm CTAs per
-    // SM, but never below kSelectMinSplitKeys keys per split.
+    // Fill the machine: pick the split count with the fewest CTA waves per
+    // unit of work, ceil(ctas * s / slots) / s (ties: fewer splits, which means
+    // less merging), never below kSelectMinSplitKeys keys per split.
     const int64_t ctas = std::max<int64_t>(1, p.groups_per_seq * in.num_seqs);
-    const int64_t want = int64_t(in.num_sms) * in.ctas_per_sm;
-    splits = ctas >= want ? 1 : CeilDivI(want, ctas);
-    splits = std::min<int64_t>(splits, std::max<int64_t>(1, ctx / kSelectMinSplitKeys));
+    const int64_t slots = int64_t(in.num_sms) * in.ctas_per_sm;
+    const int64_t limit = std::max<int64_t>(1, std::min<int64_t>(ctx / kSelectMinSplitKeys,
+                                                                 CeilDivI(4 * slots, ctas)));
+    splits = 1;
+    double best = double(CeilDivI(ctas, slots));
+    for (int64_t s = 2; s <= limit; ++s) {
+      const double cost = double(CeilDivI(ctas * s, slots)) / double(s);
+      if (cost < best * 0.999) {
+        best = cost;
+        splits = s;
+      }
+    }
   }
   splits = std::clamp<int64_t>(splits, 1, max_splits);
   p.keys_per_split =

@@ -77,13 +77,16 @@ TEST(SelectPlan, DecodeSplitsToFillTheMachine) {
   SelectPlanInput in = Prefill(1, 131072, 64);
   SelectPlan p;
   ASSERT_TRUE(PlanSelect(in, &p, nullptr));
-  EXPECT_EQ(p.splits, 256);  // 2 CTAs per SM on 132 SMs, 512 keys each
+  EXPECT_EQ(p.splits, 256);  // >= 264 slots wanted, 512 keys each (the floor)
   EXPECT_EQ(p.keys_per_split, 512);
   in = Prefill(128, 131072, 64);
   in.num_seqs = 128;
   in.max_queries_per_seq = 1;
   ASSERT_TRUE(PlanSelect(in, &p, nullptr));
-  EXPECT_EQ(p.splits, 3);  // ceil(264 / 128)
+  EXPECT_EQ(p.splits, 2);  // 256 CTAs: one wave of the 264 slots
+  in = Prefill(1024, 65536, 8);  // 64 CTAs along the queries
+  ASSERT_TRUE(PlanSelect(in, &p, nullptr));
+  EXPECT_EQ(p.splits, 4);  // 256 CTAs, one wave (5 would need two)
 }
 
 TEST(SelectPlan, RejectsBadInput) {
