@@ -28,6 +28,7 @@
 ABSL_FLAG(std::string, model, "", "model directory (config.json, safetensors shards, tokenizer.json)");
 ABSL_FLAG(std::string, prompt, "", "generate: prompt text (encoded with the model's tokenizer.json)");
 ABSL_FLAG(std::string, token_ids, "", "generate: prompt as comma-separated token ids (instead of --prompt)");
+ABSL_FLAG(int64_t, random_prompt, 0, "generate: use a random prompt of this many tokens (seeded by --seed)");
 ABSL_FLAG(bool, add_bos, true, "generate: prepend the BOS token (config bos_token_id) to --prompt");
 ABSL_FLAG(int64_t, max_new_tokens, 32, "generate: tokens to generate");
 ABSL_FLAG(double, temperature, 0.0, "generate: sampling temperature (0 = greedy)");
@@ -62,14 +63,15 @@ Usage: misa-pd <command> [flags]
 
 Commands:
   generate           Run the model on a prompt and print the generated tokens and text.
-                       --model DIR (--prompt TEXT | --token-ids 1,2,3) [--max-new-tokens N]
-                       [--temperature T --top-p P --top-k K --seed S] [--selection-mode M]
+                       --model DIR (--prompt TEXT | --token_ids 1,2,3 | --random_prompt N)
+                       [--max_new_tokens N] [--temperature T --top_p P --top_k K --seed S]
+                       [--selection_mode M] [--prefill_chunk N]
   selection-report   Per layer: recall of the selection mode against dense DSA, and its time.
-                       --model DIR [--prompt TEXT | --prompt-tokens N --seed S]
-                       [--selection-mode M] [--compare misa,misa_dagger,hisa] [--json FILE]
+                       --model DIR [--prompt TEXT | --prompt_tokens N --seed S]
+                       [--selection_mode M] [--compare misa,misa_dagger,hisa] [--json FILE]
   write-checkpoint   Write a randomly initialised checkpoint in the Hugging Face DeepSeek-V3.2
                      layout (plus a byte-level tokenizer.json for the tiny preset).
-                       --preset tiny|v32 --out DIR [--seed S] [--layers N --experts E --shard-mb M]
+                       --preset tiny|v32 --out DIR [--seed S] [--layers N --experts E --shard_mb M]
   info               Print a model directory's configuration and fingerprint.
                        --model DIR
   help               This text. `misa-pd --help` lists every flag.
@@ -130,6 +132,17 @@ std::string JoinIds(const std::vector<int32_t>& ids) {
   return s;
 }
 
+// BOS followed by n-1 random ids other than BOS/EOS, from `seed`.
+std::vector<int32_t> RandomPrompt(const model::ModelConfig& cfg, int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> prompt = {int32_t(cfg.bos_token_id)};
+  while (int64_t(prompt.size()) < n) {
+    int32_t t = int32_t(rng() % uint64_t(cfg.vocab_size));
+    if (t != cfg.bos_token_id && t != cfg.eos_token_id) prompt.push_back(t);
+  }
+  return prompt;
+}
+
 absl::Status RunGenerate() {
   const int64_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
   PD_ASSIGN_OR_RETURN(model::ConfigOverrides overrides, OverridesFromFlags());
@@ -137,7 +150,12 @@ absl::Status RunGenerate() {
   if (path.empty()) return absl::InvalidArgumentError("--model DIR is required");
   PD_ASSIGN_OR_RETURN(model::ModelDirectory dir, model::OpenModelDirectory(path, overrides));
   const model::ModelConfig& cfg = dir.weights->config;
-  PD_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptFromFlags(cfg, dir.tokenizer.get()));
+  std::vector<int32_t> prompt;
+  if (int64_t n = absl::GetFlag(FLAGS_random_prompt); n > 0) {
+    prompt = RandomPrompt(cfg, n, absl::GetFlag(FLAGS_seed));
+  } else {
+    PD_ASSIGN_OR_RETURN(prompt, PromptFromFlags(cfg, dir.tokenizer.get()));
+  }
   PD_ASSIGN_OR_RETURN(auto cache, kvcache::KvCache::Create(model::CacheOptionsFor(
                                       cfg, int64_t(prompt.size()) + std::max<int64_t>(max_new, 1), 1)));
   PD_ASSIGN_OR_RETURN(auto m, model::CreateCpuModel(dir.weights, cache.get()));
@@ -200,12 +218,7 @@ absl::Status RunSelectionReport() {
   } else {
     const int64_t n = absl::GetFlag(FLAGS_prompt_tokens);
     if (n <= 0) return absl::InvalidArgumentError("--prompt_tokens must be positive");
-    std::mt19937_64 rng(absl::GetFlag(FLAGS_seed));
-    prompt.push_back(int32_t(cfg.bos_token_id));
-    while (int64_t(prompt.size()) < n) {
-      int32_t t = int32_t(rng() % uint64_t(cfg.vocab_size));
-      if (t != cfg.bos_token_id && t != cfg.eos_token_id) prompt.push_back(t);
-    }
+    prompt = RandomPrompt(cfg, n, absl::GetFlag(FLAGS_seed));
   }
   std::vector<kernels::SelectionMode> modes;
   std::string compare = absl::GetFlag(FLAGS_compare);
