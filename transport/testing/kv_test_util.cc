@@ -44,15 +44,16 @@ kernels::KvLayout V32Layout(int summary_block) {
   return l;
 }
 
-absl::StatusOr<std::unique_ptr<kvcache::KvCache>> MakeCache(const kernels::KvLayout& layout,
-                                                            int layers, int64_t tokens, int sequences) {
+absl::StatusOr<std::unique_ptr<kvcache::KvCache>> MakeCache(
+    const kernels::KvLayout& layout, int layers, int64_t tokens, int sequences,
+    std::unique_ptr<kvcache::Allocator> allocator) {
   kvcache::KvCacheOptions o;
   o.layout = layout;
   o.num_layers = layers;
   o.num_pages = kernels::NumPages(tokens) * sequences;
   o.max_sequences = sequences;
   o.max_tokens_per_sequence = tokens;
-  return kvcache::KvCache::Create(o);
+  return kvcache::KvCache::Create(o, std::move(allocator));
 }
 
 absl::StatusOr<int32_t> MakeFilledSequence(kvcache::KvCache& cache, int64_t tokens, uint64_t seed) {

@@ -19,9 +19,9 @@ namespace pd::transport::testing {
 kernels::KvLayout V32Layout(int summary_block = 1024);
 
 // A host cache with room for `sequences` sequences of `tokens` tokens.
-absl::StatusOr<std::unique_ptr<kvcache::KvCache>> MakeCache(const kernels::KvLayout& layout,
-                                                            int layers, int64_t tokens,
-                                                            int sequences = 2);
+absl::StatusOr<std::unique_ptr<kvcache::KvCache>> MakeCache(
+    const kernels::KvLayout& layout, int layers, int64_t tokens, int sequences = 2,
+    std::unique_ptr<kvcache::Allocator> allocator = kvcache::NewHostAllocator());
 
 // Creates a sequence of `tokens` tokens and fills every byte of its pages (all
 // layers, both page objects) and summary blocks from a seeded generator.

@@ -109,7 +109,7 @@ class Worker {
   bool cuda() const { return cuda_; }
   // Tells the progress thread that operations are in flight.
   void Busy() {
-    busy_until_ = absl::ToUnixNanos(absl::Now() + absl::Seconds(1));
+    busy_until_ = absl::ToUnixNanos(absl::Now() + absl::Milliseconds(1));
     ucp_worker_signal(worker_);
   }
 
@@ -171,6 +171,34 @@ class Registration {
     reg->rkey_.assign(static_cast<const char*>(rkey), len);
     ucp_rkey_buffer_release(rkey);
     reg->token_ = ResourceToken(Resource::kRegisteredRegion, r.bytes);
+    return reg;
+  }
+  // Allocates and registers `bytes` of host memory in one call.
+  static absl::StatusOr<std::shared_ptr<Registration>> Allocate(Worker& w, size_t bytes) {
+    ucp_mem_map_params_t p{};
+    p.field_mask = UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+    p.length = bytes;
+    p.flags = UCP_MEM_MAP_ALLOCATE;
+    ucp_mem_h memh = nullptr;
+    ucs_status_t s = ucp_mem_map(w.context(), &p, &memh);
+    if (s != UCS_OK) return UcsError(s, absl::StrCat("ucp_mem_map(ALLOCATE) of ", bytes, " bytes"));
+    ucp_mem_attr_t attr{};
+    attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+    s = ucp_mem_query(memh, &attr);
+    if (s != UCS_OK) {
+      ucp_mem_unmap(w.context(), memh);
+      return UcsError(s, "ucp_mem_query");
+    }
+    MemoryRegion r{static_cast<uint8_t*>(attr.address), bytes, false, true};
+    auto reg = std::shared_ptr<Registration>(new Registration(w, r));
+    reg->memh_ = memh;
+    void* rkey = nullptr;
+    size_t len = 0;
+    s = ucp_rkey_pack(w.context(), memh, &rkey, &len);
+    if (s != UCS_OK) return UcsError(s, "ucp_rkey_pack");
+    reg->rkey_.assign(static_cast<const char*>(rkey), len);
+    ucp_rkey_buffer_release(rkey);
+    reg->token_ = ResourceToken(Resource::kRegisteredRegion, bytes);
     return reg;
   }
   ~Registration() {
@@ -417,6 +445,16 @@ class UcxBackend final : public Backend {
     cache_.erase(base);
   }
 
+  // For NewUcxArenaAllocator: allocate + register, entered in the cache.
+  absl::StatusOr<uint8_t*> AllocateArena(size_t bytes) {
+    PD_ASSIGN_OR_RETURN(std::shared_ptr<Registration> reg, Registration::Allocate(*worker_, bytes));
+    uint8_t* base = reg->region().base;
+    std::memset(base, 0, bytes);
+    absl::MutexLock lock(&mu_);
+    cache_[base] = std::move(reg);
+    return base;
+  }
+
  private:
   std::unique_ptr<Worker> worker_;
   const std::string name_;
@@ -425,7 +463,28 @@ class UcxBackend final : public Backend {
   std::map<const uint8_t*, std::shared_ptr<Registration>> cache_ ABSL_GUARDED_BY(mu_);
 };
 
+class UcxArenaAllocator final : public kvcache::Allocator {
+ public:
+  explicit UcxArenaAllocator(UcxBackend& b) : backend_(b) {}
+  absl::StatusOr<void*> Allocate(size_t bytes) override {
+    PD_ASSIGN_OR_RETURN(uint8_t* p, backend_.AllocateArena(bytes));
+    return static_cast<void*>(p);
+  }
+  // Drops the backend's reference; UCX frees the memory once no stream uses it.
+  void Free(void* p, size_t) override { backend_.ForgetRegion(static_cast<uint8_t*>(p)); }
+  bool on_device() const override { return false; }
+
+ private:
+  UcxBackend& backend_;
+};
+
 }  // namespace
+
+std::unique_ptr<kvcache::Allocator> NewUcxArenaAllocator(Backend& ucx_backend) {
+  auto* b = dynamic_cast<UcxBackend*>(&ucx_backend);
+  if (b == nullptr) return nullptr;
+  return std::make_unique<UcxArenaAllocator>(*b);
+}
 
 absl::StatusOr<std::unique_ptr<Backend>> NewUcxBackend(const UcxOptions& options) {
   PD_ASSIGN_OR_RETURN(std::unique_ptr<Worker> w, Worker::Create(options));

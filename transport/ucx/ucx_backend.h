@@ -16,6 +16,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
+#include "kvcache/kv_cache.h"
 #include "transport/backend.h"
 
 namespace pd::transport {
@@ -31,6 +32,14 @@ struct UcxOptions {
 // Creates the context, worker and progress thread. Unavailable (with UCX's
 // error text) when UCX cannot initialise.
 absl::StatusOr<std::unique_ptr<Backend>> NewUcxBackend(const UcxOptions& options = {});
+
+// A KV-arena allocator whose memory UCX itself allocates and registers
+// (ucp_mem_map with UCP_MEM_MAP_ALLOCATE) in `ucx_backend`'s context. Shared
+// memory transports can then map the arena into the sender, so puts are
+// direct copies instead of messages; Listen reuses this registration. Host
+// memory only. `ucx_backend` (from NewUcxBackend) must outlive the allocator
+// and every cache that uses it. Null when `ucx_backend` is not a UCX backend.
+std::unique_ptr<kvcache::Allocator> NewUcxArenaAllocator(Backend& ucx_backend);
 
 }  // namespace pd::transport
 
