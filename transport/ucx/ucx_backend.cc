@@ -98,6 +98,12 @@ class Worker {
     stop_ = true;
     if (worker_ != nullptr) ucp_worker_signal(worker_);
     if (thread_.joinable()) thread_.join();
+    // Let in-flight wireup messages of force-closed endpoints finish: UCX 1.13
+    // asserts in ucp_worker_destroy when it purges a half-done wireup.
+    if (worker_ != nullptr) {
+      const absl::Time until = absl::Now() + absl::Milliseconds(50);
+      while (absl::Now() < until) ucp_worker_progress(worker_);
+    }
     if (epfd_ >= 0) ::close(epfd_);
     if (worker_ != nullptr) ucp_worker_destroy(worker_);
     if (context_ != nullptr) ucp_cleanup(context_);
