@@ -17,9 +17,9 @@ namespace {
 
 using internal::DecodeBf16;
 using internal::DecodeFp8;
-using internal::EncodeFp8;
 using internal::Dot;
 using internal::Dot4;
+using internal::EncodeFp8;
 using internal::ExpShiftSum;
 
 void CheckLayout(const char* fn, const KvLayout& l) {
