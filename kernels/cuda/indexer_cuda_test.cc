@@ -198,10 +198,16 @@ struct DeviceBatch {
 // Checks one GPU row against the CPU row; scores[s] are the CPU scores of keys
 // 0..pos. Returns the number of boundary swaps.
 int CheckRow(const int32_t* gpu, const int32_t* cpu_row, const std::vector<float>& scores,
-             int64_t pos, int topk, bool sorted, const std::string& what) {
-  const int valid = int(std::min<int64_t>(topk, pos + 1));
+             int64_t pos, int topk, bool sorted, const std::string& what, int valid = -1) {
+  if (valid < 0) valid = int(std::min<int64_t>(topk, pos + 1));
+  if (valid == 0) {
+    for (int i = 0; i < topk; ++i) EXPECT_EQ(gpu[i], -1) << what << " slot " << i;
+    return 0;
+  }
   float smax = 0.0f;
-  for (float s : scores) smax = std::max(smax, std::fabs(s));
+  for (float s : scores) {
+    if (!std::isnan(s)) smax = std::max(smax, std::fabs(s));
+  }
   const float tol = 2e-3f * smax + 1e-30f;
   std::set<int32_t> g, c;
   for (int i = 0; i < topk; ++i) {
@@ -418,6 +424,83 @@ TEST(CudaSelect, MisaDecodeBatchSmallBlocks) {
   c.summary_block = 256;
   c.sorted = false;
   RunSelectCase(c, 20);
+}
+
+// Selection restricted to per-sequence key lists (the block-filter path):
+// the CPU reference scores the listed keys (RoutedScores with keys) and takes
+// their top-k (TopK); keys past the query position are masked out first.
+TEST(CudaSelect, OverKeyLists) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(70);
+  const std::vector<int64_t> lens = {3000, 9000, 200, 7001};
+  const HostBatch hb = MakeBatch(rng, lens, 1024);
+  const HostQueries hq = MakeQueries(rng, {{2999}, {8998, 8999}, {199}, {7000}});
+  DeviceBatch db(hb, hq);
+  const int64_t T = int64_t(hq.pos.size());
+  const int64_t stride = 6000;
+  std::vector<int32_t> klist(lens.size() * size_t(stride), -7), klen(lens.size());
+  for (size_t s = 0; s < lens.size(); ++s) {
+    // Random blocks of 128 keys (as the filter emits) plus a few odd ranges.
+    std::vector<int32_t> keys;
+    for (int64_t b = 0; b * 128 < lens[s]; ++b) {
+      if (rng() % 3 != 0) continue;
+      const int64_t end = std::min<int64_t>((b + 1) * 128 - int64_t(rng() % 7), lens[s]);
+      for (int64_t k = b * 128; k < end; ++k) keys.push_back(int32_t(k));
+    }
+    if (int64_t(keys.size()) > stride) keys.resize(size_t(stride));
+    klen[s] = int32_t(keys.size());
+    std::copy(keys.begin(), keys.end(), klist.begin() + int64_t(s) * stride);
+  }
+  DeviceBuffer<int32_t> d_klist(klist), d_klen(klen);
+  for (int G : {64, 8}) {
+    std::vector<int32_t> heads(size_t(T) * G);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int e = 0; e < G; ++e) heads[size_t(t * G + e)] = G == kH ? e : 7 * e + int(t % 7);
+    }
+    DeviceBuffer<int32_t> d_heads(heads);
+    for (int topk : {2048, 500}) {
+      DeviceBuffer<int32_t> d_out(size_t(T) * topk);
+      SelectParams p;
+      p.keys = db.keys;
+      p.queries = db.queries;
+      p.rows_per_query = G;
+      p.head_list = G == kH ? nullptr : d_heads.get();
+      p.key_list = d_klist.get();
+      p.key_list_len = d_klen.get();
+      p.key_list_stride = stride;
+      p.max_key_list_len = *std::max_element(klen.begin(), klen.end());
+      p.topk = topk;
+      p.sorted = topk == 500;
+      p.out = d_out.get();
+      SelectPlan plan;
+      ASSERT_CUDA(PlanSelectLaunch(p, &plan, nullptr));
+      DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+      ASSERT_CUDA(LaunchSelect(p, plan, ws.get(), 0));
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      const auto gpu = d_out.Download();
+      for (size_t s = 0; s < lens.size(); ++s) {
+        for (int64_t t = hq.start[s]; t < hq.start[s + 1]; ++t) {
+          const int64_t pos = hq.pos[size_t(t)];
+          std::vector<int32_t> vis;
+          for (int32_t i = 0; i < klen[s]; ++i) {
+            const int32_t k = klist[s * size_t(stride) + size_t(i)];
+            if (k <= pos) vis.push_back(k);
+          }
+          std::vector<float> ls(vis.size());
+          cpu::RoutedScores(hb.View(int(s)), hq.q8.data() + t * kH * kD, hq.w.data() + t * kH,
+                            heads.data() + t * G, G, vis.data(), int64_t(vis.size()), ls.data());
+          std::vector<int32_t> top(static_cast<size_t>(topk));
+          const int valid = cpu::TopK(ls.data(), int64_t(vis.size()), topk, top.data());
+          std::vector<int32_t> cpu_row(size_t(topk), -1);
+          for (int i = 0; i < valid; ++i) cpu_row[size_t(i)] = vis[size_t(top[size_t(i)])];
+          std::vector<float> scores(size_t(pos + 1), std::nanf(""));
+          for (size_t i = 0; i < vis.size(); ++i) scores[size_t(vis[i])] = ls[i];
+          CheckRow(gpu.data() + t * topk, cpu_row.data(), scores, pos, topk, p.sorted,
+                   "key list G=" + std::to_string(G) + " seq " + std::to_string(s), valid);
+        }
+      }
+    }
+  }
 }
 
 TEST(CudaSelect, RejectsBadParameters) {

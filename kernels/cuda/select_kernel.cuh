@@ -49,7 +49,9 @@ struct alignas(1024) Smem {
   float w[kRows];                             // head weight of each B row
   int64_t pos[kMaxQueriesPerCta];             // -1 for padding queries
   unsigned long long thr[kMaxQueriesPerCta];  // list entry threshold (enter iff key > thr)
+  float thr_f[kMaxQueriesPerCta];             // score of thr: score > thr_f enters at once
   int cnt[kMaxQueriesPerCta];                 // list fill
+  unsigned need;                              // bit q: list q may overflow in the next stage
   topk::Scratch sc;
 };
 static_assert(sizeof(Smem::keys) >= kCap * sizeof(uint64_t),
@@ -61,8 +63,15 @@ __device__ __forceinline__ uint32_t Lds32(const uint8_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
-// Compacts list `L` (n entries, n > topk) to its top-k, in place, and returns
-// the new threshold. Whole CTA.
+// The float whose OrderedScoreBits are `ord` (-inf for the NaN class 0, so
+// that every non-NaN score compares above it).
+__device__ __forceinline__ float ScoreOfOrderedBits(uint32_t ord) {
+  if (ord == 0) return -__int_as_float(0x7f800000);
+  return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
+}
+
+// Compacts list `L` (n entries, n > topk) to its top-k, in place, and raises
+// the list's thresholds to the k-th key. Whole CTA.
 __device__ __forceinline__ void CompactList(uint64_t* L, int n, int topk, Smem& sm, int q) {
   uint64_t x[kPerThread];
 #pragma unroll
@@ -86,11 +95,15 @@ __device__ __forceinline__ void CompactList(uint64_t* L, int n, int topk, Smem& 
   if (threadIdx.x == 0) {
     sm.cnt[q] = topk;
     sm.thr[q] = T - 1;
+    sm.thr_f[q] = ScoreOfOrderedBits(uint32_t(T >> 32));
   }
   __syncthreads();
 }
 
-template <int G, bool kWgmma>
+// kKeyList: the keys come from a per-sequence list (any order, any page);
+// otherwise they are the contiguous range [0, kend) and each warpgroup copies
+// its whole 64-key page with loop-invariant offsets.
+template <int G, bool kWgmma, bool kKeyList>
 __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) {
   constexpr int NQ = kRows / G;
   static_assert(NQ >= 2 && NQ <= kMaxQueriesPerCta, "G must be 8, 16, 32 or 64");
@@ -109,8 +122,10 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
   if (tid < NQ) {
     sm.pos[tid] = tid < nq ? a.positions[q0 + tid] : -1;
     sm.thr[tid] = 0;
+    sm.thr_f[tid] = -__int_as_float(0x7f800000);
     sm.cnt[tid] = 0;
   }
+  if (tid == 0) sm.need = 0;
   {
     const int r = tid >> 1, half = tid & 1;
     const int qi = r / G, slot = r % G;
@@ -135,12 +150,15 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
   __syncthreads();
 
   // ---- this CTA's key slots: keys [0, kend) or key_list[0, kend) ----
-  int64_t maxpos = -1;
+  int64_t maxpos = -1, minpos = INT64_MAX;
 #pragma unroll
-  for (int q = 0; q < NQ; ++q) maxpos = max(maxpos, sm.pos[q]);
+  for (int q = 0; q < NQ; ++q) {
+    maxpos = max(maxpos, sm.pos[q]);
+    minpos = min(minpos, sm.pos[q]);  // -1 when the CTA has padding queries
+  }
   const int32_t* klist = nullptr;
   int64_t kend;
-  if (a.key_list != nullptr) {
+  if constexpr (kKeyList) {
     klist = a.key_list + int64_t(seq) * a.key_list_stride;
     kend = a.key_list_len[seq];
   } else {
@@ -153,25 +171,48 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
   uint64_t* lists = a.lists + (q0 * a.splits + split) * int64_t(kCap);
   const int64_t list_stride = int64_t(a.splits) * kCap;  // between consecutive queries
 
-  auto load_stage = [&](int stage, int it) {
-    const int r = tid >> 1, half = tid & 1;
-    const int64_t s = sbeg + int64_t(it) * kKeysPerIter + r;
-    int64_t key = -1;
-    if (s < send) key = klist != nullptr ? int64_t(klist[s]) : s;
-    if (key >= ntok) key = -1;
-    if (key >= 0) {
-      const int64_t page = ptab[key >> 6];
-      const int slotp = int(key & 63);
-      const uint8_t* pg = a.pool + page * int64_t(a.page_bytes);
-      const uint8_t* src = pg + slotp * 128 + half * 64;
-      uint8_t* dst = sm.keys[stage];
+  // Contiguous keys: warpgroup g copies page g of each stage; its thread u
+  // copies the page's 16-byte chunks u + 128 j (row (u + 128 j) / 8), and
+  // threads u < 16 the page's 64 scales.
+  const int ld_pg = tid >> 7, ld_u = tid & 127;
+  uint32_t ld_dst[4];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        ptx::CpAsync16(dst + ptx::Sw128Offset(r, (half * 4 + c) * 16), src + c * 16);
+  for (int j = 0; j < 4; ++j) {
+    const int c = ld_u + 128 * j;
+    ld_dst[j] = uint32_t(ld_pg * 64 * 128) + ptx::Sw128Offset(c >> 3, (c & 7) * 16);
+  }
+  auto load_stage = [&](int stage, int it) {
+    if constexpr (kKeyList) {
+      const int r = tid >> 1, half = tid & 1;
+      const int64_t s = sbeg + int64_t(it) * kKeysPerIter + r;
+      int64_t key = -1;
+      if (s < send) key = int64_t(klist[s]);
+      if (key >= ntok) key = -1;
+      if (key >= 0) {
+        const int64_t page = ptab[key >> 6];
+        const int slotp = int(key & 63);
+        const uint8_t* pg = a.pool + page * int64_t(a.page_bytes);
+        const uint8_t* src = pg + slotp * 128 + half * 64;
+        uint8_t* dst = sm.keys[stage];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          ptx::CpAsync16(dst + ptx::Sw128Offset(r, (half * 4 + c) * 16), src + c * 16);
+        }
+        if (half == 0) ptx::CpAsync4(&sm.kscale[stage][r], pg + a.scale_offset + slotp * 4);
       }
-      if (half == 0) ptx::CpAsync4(&sm.kscale[stage][r], pg + a.scale_offset + slotp * 4);
+      if (half == 0) sm.kidx[stage][r] = int32_t(key);
+    } else {
+      const int64_t key0 = sbeg + int64_t(it) * kKeysPerIter + ld_pg * 64;
+      if (key0 < send) {
+        const uint8_t* pg = a.pool + int64_t(ptab[key0 >> 6]) * int64_t(a.page_bytes);
+        uint8_t* dst = sm.keys[stage];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ptx::CpAsync16(dst + ld_dst[j], pg + (ld_u + 128 * j) * 16);
+        if (ld_u < 16) {
+          ptx::CpAsync16(&sm.kscale[stage][ld_pg * 64 + 4 * ld_u], pg + a.scale_offset + 16 * ld_u);
+        }
+      }
     }
-    if (half == 0) sm.kidx[stage][r] = int32_t(key);
   };
 
 #pragma unroll
@@ -185,19 +226,20 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
   float acc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  const uint64_t desc_a0 = ptx::Sw128Desc(ptx::SmemAddr(sm.keys[0]) + wg * 64 * 128);
+  const uint64_t desc_b0 = ptx::Sw128Desc(ptx::SmemAddr(sm.q));
 
   for (int it = 0; it < n_iter; ++it) {
     ptx::CpAsyncWait<kStages - 2>();
     ptx::FenceProxyAsync();
     __syncthreads();
 
-    // Compact any list that could overflow during this stage (uniform decision).
-    unsigned need = 0;
-#pragma unroll
-    for (int q = 0; q < NQ; ++q) {
-      if (sm.cnt[q] > kCap - kKeysPerIter) need |= 1u << q;
-    }
+    // Compact any list that could overflow during this stage (uniform decision:
+    // every thread reads `need` before thread 0 clears it after a barrier).
+    const unsigned need = sm.need;
     if (need != 0) {
+      __syncthreads();
+      if (tid == 0) sm.need = 0;
       for (int q = 0; q < NQ; ++q) {
         if ((need >> q) & 1u) CompactList(lists + q * list_stride, sm.cnt[q], a.topk, sm, q);
       }
@@ -215,11 +257,11 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
 #pragma unroll
       for (int i = 0; i < 64; ++i) ptx::FenceOperand(acc[i]);
       ptx::WgmmaFence();
-      const uint32_t a_base = ptx::SmemAddr(A), b_base = ptx::SmemAddr(sm.q);
+      // Descriptor start addresses are in 16-byte units: +2 per 32-byte k step.
+      const uint64_t da = desc_a0 + uint64_t((stage * kKeysPerIter * 128) >> 4);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        ptx::WgmmaM64N128K32E4M3(acc, ptx::Sw128Desc(a_base + 32 * kk),
-                                 ptx::Sw128Desc(b_base + 32 * kk), kk > 0 ? 1 : 0);
+        ptx::WgmmaM64N128K32E4M3(acc, da + 2 * kk, desc_b0 + 2 * kk, kk > 0 ? 1 : 0);
       }
       ptx::WgmmaCommit();
       ptx::WgmmaWait<0>();
@@ -282,28 +324,41 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
       r2[k] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
     }
     const int row = wg * 64 + 16 * w4 + g8 + (hi1 ? 8 : 0);
-    const int32_t key = sm.kidx[stage][row];
+    int64_t key;
+    if constexpr (kKeyList) {
+      key = sm.kidx[stage][row];
+    } else {
+      key = sbeg + int64_t(it) * kKeysPerIter + row;
+      if (key >= send) key = -1;
+    }
     const float ks = sm.kscale[stage][row];
-    // Odd lanes (hi0) serve queries NQ/2 + k, even lanes queries k: one list
-    // append per (warp, query) group via ballot + popc.
+    // Every query of the CTA sees the whole stage: skip the per-query mask.
+    const bool all_visible = !kKeyList && sbeg + int64_t(it + 1) * kKeysPerIter - 1 <= minpos;
+    // Odd lanes (hi0) serve queries NQ/2 + k, even lanes queries k. A score
+    // above the list's float threshold enters at once; equal scores (and NaN)
+    // take the exact 64-bit comparison. Entering lanes of a query share one
+    // atomicAdd.
     const unsigned group = hi0 ? 0xaaaaaaaau : 0x55555555u;
-    const unsigned lt_mask = (1u << lane) - 1u;
 #pragma unroll
     for (int k = 0; k < NQ / 2; ++k) {
       const int q = (hi0 ? NQ / 2 : 0) + k;
-      uint64_t x = 0;
-      bool pass = false;
-      if (key >= 0 && int64_t(key) <= sm.pos[q]) {
-        x = topk::CandidateKey(r2[k] * ks, key);
-        pass = x > sm.thr[q];
-      }
-      const unsigned gm = __ballot_sync(0xffffffffu, pass) & group;
+      const float score = r2[k] * ks;
+      const float tf = sm.thr_f[q];
+      bool pass = key >= 0 && (all_visible || key <= sm.pos[q]) &&
+                  (score > tf || ((score == tf || score != score) &&
+                                  topk::CandidateKey(score, int32_t(key)) > sm.thr[q]));
       if (pass) {
+        const unsigned gm = __activemask() & group;
         const int leader = __ffs(gm) - 1;
+        const int n = __popc(gm);
         int base = 0;
-        if (lane == leader) base = atomicAdd(&sm.cnt[q], __popc(gm));
+        if (lane == leader) {
+          base = atomicAdd(&sm.cnt[q], n);
+          if (base + n > kCap - kKeysPerIter) atomicOr(&sm.need, 1u << q);
+        }
         base = __shfl_sync(gm, base, leader);
-        lists[q * list_stride + base + __popc(gm & lt_mask)] = x;
+        lists[q * list_stride + base + __popc(gm & ((1u << lane) - 1u))] =
+            topk::CandidateKey(score, int32_t(key));
       }
     }
   }
@@ -348,13 +403,20 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
   }
 }
 
+template <int G, bool kWgmma, bool kKeyList>
+cudaError_t LaunchSelectKernelT(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(SelectKernel<G, kWgmma, kKeyList>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes));
+  if (attr != cudaSuccess) return attr;
+  SelectKernel<G, kWgmma, kKeyList><<<grid, kThreads, kSmemBytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
 template <int G, bool kWgmma>
 cudaError_t LaunchSelectKernel(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      SelectKernel<G, kWgmma>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes));
-  if (attr != cudaSuccess) return attr;
-  SelectKernel<G, kWgmma><<<grid, kThreads, kSmemBytes, stream>>>(args);
-  return cudaGetLastError();
+  return args.key_list != nullptr ? LaunchSelectKernelT<G, kWgmma, true>(args, grid, stream)
+                                  : LaunchSelectKernelT<G, kWgmma, false>(args, grid, stream);
 }
 
 }  // namespace pd::kernels::cuda::select_internal
