@@ -377,9 +377,11 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
   dense.out = out_dense.get();
   kc::SelectPlan dplan, mplan, fplan;
   PD_BENCH_CUDA(kc::PlanSelectLaunch(dense, &dplan, nullptr));
+  // One query per request cannot fill a tile with its 8 routed rows: MISA runs
+  // on the dense tile with the unrouted heads' weights zeroed.
   kc::SelectParams misa = dense;
-  misa.rows_per_query = 8;
   misa.head_list = active.get();
+  misa.masked_heads = 8;
   misa.out = out_misa.get();
   PD_BENCH_CUDA(kc::PlanSelectLaunch(misa, &mplan, nullptr));
   kc::SelectParams filt = misa;

@@ -52,9 +52,9 @@ struct IndexQueryBatch {
 // Selection: for each query t, the top-k keys s <= positions[t] by
 //   I[t, s] = k_scale[s] * sum_{j in heads(t)} w[t, j] * ReLU(q8[t, j] . k8[s])
 // where heads(t) is all H heads (dense DSA) or the routed heads head_list[t, :]
-// (MISA). Rows of `out` hold min(topk, visible keys) indices then -1; in
-// ascending-score order only when `sorted` (score descending, ties: lower index,
-// the order of cpu::SelectTokens); otherwise the set in unspecified order.
+// (MISA). Rows of `out` hold min(topk, visible keys) indices then -1, sorted
+// by score descending (ties: lower index, the order of cpu::SelectTokens) when
+// `sorted`, otherwise as a set in unspecified order.
 struct SelectParams {
   IndexKeyBatch keys;
   IndexQueryBatch queries;
@@ -62,6 +62,11 @@ struct SelectParams {
   int head_dim = 128;                    // D, must be 128
   int rows_per_query = 64;               // G: H (dense) or h (MISA); 8, 16, 32 or 64
   const int32_t* head_list = nullptr;    // [T, G] head ids per query; nullptr = heads 0..G-1
+  // Masked MISA (for decode, where one query's h rows cannot fill a tile): when
+  // > 0, rows_per_query must equal heads, head_list is [T, masked_heads] and the
+  // weights of the heads not listed are zeroed, which gives MISA's routed score
+  // at the dense kernel's cost.
+  int masked_heads = 0;
   const int32_t* key_list = nullptr;     // optional [num_seqs, key_list_stride] candidate keys
   const int32_t* key_list_len = nullptr; //   [num_seqs] valid entries (keys ascending, >= 0)
   int64_t key_list_stride = 0;

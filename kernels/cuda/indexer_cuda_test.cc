@@ -257,6 +257,7 @@ struct SelectCase {
   bool wgmma = true;
   int splits = 0;
   int summary_block = 1024;
+  bool masked = false;  // MISA through the dense tile with unrouted weights zeroed
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
@@ -305,8 +306,9 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   p.keys = db.keys;
   p.queries = db.queries;
   p.heads = kH;
-  p.rows_per_query = G;
+  p.rows_per_query = sc.masked ? kH : G;
   p.head_list = sc.misa ? d_heads.get() : nullptr;
+  p.masked_heads = sc.masked ? G : 0;
   p.topk = sc.topk;
   p.sorted = sc.sorted;
   p.num_splits = sc.splits;
@@ -412,6 +414,30 @@ TEST(CudaSelect, MisaRoutedHeadsPrefill) {
     c.positions = {pos};
     c.summary_block = 1024;
     RunSelectCase(c, 10 + uint32_t(h));
+  }
+}
+
+TEST(CudaSelect, MisaMaskedDenseTileDecode) {
+  SKIP_WITHOUT_GPU();
+  SelectCase c;
+  c.misa = true;
+  c.masked = true;
+  c.lens = {300, 3000, 10001, 40000};
+  c.positions = {{299}, {2999}, {10000}, {39999}};  // one query each: the 64-row tile
+  RunSelectCase(c, 21);
+  c.positions = {{299}, {2998, 2999}, {10000}, {39999}};  // 128-row tile
+  RunSelectCase(c, 22);
+}
+
+TEST(CudaSelect, DenseSingleQueryDecodeBothMmaPaths) {
+  SKIP_WITHOUT_GPU();
+  for (bool wgmma : {true, false}) {
+    SelectCase c;
+    c.lens = {1, 100, 2048, 5000, 20000, 3000};
+    c.positions = {{0}, {99}, {2047}, {4999}, {19999}, {1500}};
+    c.wgmma = wgmma;
+    c.sorted = wgmma;
+    RunSelectCase(c, 23 + uint32_t(wgmma));
   }
 }
 

@@ -116,6 +116,10 @@ cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char
   if (p.heads < p.rows_per_query || p.heads < 1) {
     return Invalid(error, "heads must be >= rows_per_query");
   }
+  if (p.masked_heads < 0 || p.masked_heads > p.heads ||
+      (p.masked_heads > 0 && (p.head_list == nullptr || p.rows_per_query != p.heads))) {
+    return Invalid(error, "masked_heads needs head_list and rows_per_query == heads");
+  }
   if (p.head_list == nullptr && p.rows_per_query != p.heads) {
     return Invalid(error, "without head_list every head is a row: rows_per_query must equal heads");
   }
@@ -150,7 +154,8 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   if (p.key_list != nullptr && p.key_list_len == nullptr) {
     return Invalid(error, "key_list given without key_list_len");
   }
-  if (plan.queries_per_cta * p.rows_per_query != kSelectRows || plan.splits < 1 ||
+  if (plan.queries_per_cta * p.rows_per_query != plan.rows_per_cta ||
+      (plan.rows_per_cta != kSelectRows && plan.rows_per_cta != 64) || plan.splits < 1 ||
       plan.splits > select_internal::kMaxSplits) {
     return Invalid(error, "plan does not match these parameters (call PlanSelectLaunch)");
   }
@@ -168,9 +173,11 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   a.query_start = p.queries.query_start;
   a.heads = p.heads;
   a.head_list = p.head_list;
+  a.masked_heads = p.masked_heads;
   a.key_list = p.key_list;
   a.key_list_len = p.key_list_len;
   a.key_list_stride = p.key_list_stride;
+  a.rows_per_cta = plan.rows_per_cta;
   a.topk = p.topk;
   a.sorted = p.sorted ? 1 : 0;
   a.splits = plan.splits;

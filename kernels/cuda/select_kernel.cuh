@@ -103,10 +103,13 @@ __device__ __forceinline__ void CompactList(uint64_t* L, int n, int topk, Smem& 
 // kKeyList: the keys come from a per-sequence list (any order, any page);
 // otherwise they are the contiguous range [0, kend) and each warpgroup copies
 // its whole 64-key page with loop-invariant offsets.
-template <int G, bool kWgmma, bool kKeyList>
+// R: B rows per CTA (128, or 64 for one query of 64 heads: decode).
+template <int G, int R, bool kWgmma, bool kKeyList>
 __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) {
-  constexpr int NQ = kRows / G;
-  static_assert(NQ >= 2 && NQ <= kMaxQueriesPerCta, "G must be 8, 16, 32 or 64");
+  constexpr int NQ = R / G;
+  constexpr int kNT = R / 8;  // n8 tiles of the accumulator
+  static_assert(R == 64 || R == 128, "R must be 64 or 128");
+  static_assert(NQ >= 1 && NQ <= kMaxQueriesPerCta, "G must be 8, 16, 32 or 64");
   extern __shared__ uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                       ~uintptr_t(1023));
@@ -126,20 +129,25 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
     sm.cnt[tid] = 0;
   }
   if (tid == 0) sm.need = 0;
-  {
+  if ((tid >> 1) < R) {
     const int r = tid >> 1, half = tid & 1;
     const int qi = r / G, slot = r % G;
     int4 v[4] = {};
     float wv = 0.0f;
     if (qi < nq) {
       const int64_t t = q0 + qi;
-      int head = a.head_list != nullptr ? a.head_list[t * G + slot] : slot;
+      int head = (a.head_list != nullptr && a.masked_heads == 0) ? a.head_list[t * G + slot] : slot;
       head = min(max(head, 0), a.heads - 1);
+      bool keep = true;
+      if (a.masked_heads > 0) {
+        keep = false;
+        for (int e = 0; e < a.masked_heads; ++e) keep |= a.head_list[t * a.masked_heads + e] == head;
+      }
       const int4* src =
           reinterpret_cast<const int4*>(a.q8 + (t * a.heads + head) * 128 + half * 64);
 #pragma unroll
       for (int c = 0; c < 4; ++c) v[c] = src[c];
-      wv = a.weights[t * a.heads + head];
+      wv = keep ? a.weights[t * a.heads + head] : 0.0f;
     }
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -223,9 +231,9 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
 
   const int wg = warp >> 2, w4 = warp & 3, g8 = lane >> 2, c4 = lane & 3;
   const bool hi1 = (c4 & 2) != 0, hi0 = (c4 & 1) != 0;
-  float acc[64];
+  float acc[R / 2];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < R / 2; ++i) acc[i] = 0.0f;
   const uint64_t desc_a0 = ptx::Sw128Desc(ptx::SmemAddr(sm.keys[0]) + wg * 64 * 128);
   const uint64_t desc_b0 = ptx::Sw128Desc(ptx::SmemAddr(sm.q));
 
@@ -255,21 +263,25 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
     const uint8_t* A = sm.keys[stage] + wg * 64 * 128;
     if constexpr (kWgmma) {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) ptx::FenceOperand(acc[i]);
+      for (int i = 0; i < R / 2; ++i) ptx::FenceOperand(acc[i]);
       ptx::WgmmaFence();
       // Descriptor start addresses are in 16-byte units: +2 per 32-byte k step.
       const uint64_t da = desc_a0 + uint64_t((stage * kKeysPerIter * 128) >> 4);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        ptx::WgmmaM64N128K32E4M3(acc, da + 2 * kk, desc_b0 + 2 * kk, kk > 0 ? 1 : 0);
+        if constexpr (R == 128) {
+          ptx::WgmmaM64N128K32E4M3(acc, da + 2 * kk, desc_b0 + 2 * kk, kk > 0 ? 1 : 0);
+        } else {
+          ptx::WgmmaM64N64K32E4M3(acc, da + 2 * kk, desc_b0 + 2 * kk, kk > 0 ? 1 : 0);
+        }
       }
       ptx::WgmmaCommit();
       ptx::WgmmaWait<0>();
 #pragma unroll
-      for (int i = 0; i < 64; ++i) ptx::FenceOperand(acc[i]);
+      for (int i = 0; i < R / 2; ++i) ptx::FenceOperand(acc[i]);
     } else {
 #pragma unroll
-      for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+      for (int i = 0; i < R / 2; ++i) acc[i] = 0.0f;
       const int ra = 16 * w4 + g8, rb = ra + 8;
 #pragma unroll 1
       for (int kk = 0; kk < 4; ++kk) {
@@ -279,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
                                 Lds32(A + ptx::Sw128Offset(ra, k0 + 16)),
                                 Lds32(A + ptx::Sw128Offset(rb, k0 + 16))};
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
+        for (int i = 0; i < kNT; ++i) {
           const int br = 8 * i + g8;
           const uint32_t bf[2] = {Lds32(sm.q + ptx::Sw128Offset(br, k0)),
                                   Lds32(sm.q + ptx::Sw128Offset(br, k0 + 16))};
@@ -298,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
 #pragma unroll
     for (int i = 0; i < 2 * NQ; ++i) v[i] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < kNT; ++i) {
       constexpr int kTilesPerQuery = G / 8;
       const int q = i / kTilesPerQuery;
       const float2 wv = *reinterpret_cast<const float2*>(&sm.w[8 * i + 2 * c4]);
@@ -308,20 +320,27 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
       v[NQ + q] = fmaf(fmaxf(acc[4 * i + 3], 0.0f), wv.y, v[NQ + q]);
     }
     // Reduce-scatter over the quad: lane bit 1 picks the key row, bit 0 the
-    // half of the queries; each lane ends with NQ/2 complete sums.
-    float r1[NQ];
+    // half of the queries; each lane ends with NQ/2 complete sums (one query:
+    // both lanes of a pair get the sum and the even one uses it).
+    constexpr int kPer = NQ >= 2 ? NQ / 2 : 1;
+    float r2[kPer];
+    if constexpr (NQ >= 2) {
+      float r1[NQ];
 #pragma unroll
-    for (int k = 0; k < NQ; ++k) {
-      const float send = hi1 ? v[k] : v[NQ + k];
-      const float keep = hi1 ? v[NQ + k] : v[k];
-      r1[k] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
-    }
-    float r2[NQ / 2];
+      for (int k = 0; k < NQ; ++k) {
+        const float send = hi1 ? v[k] : v[NQ + k];
+        const float keep = hi1 ? v[NQ + k] : v[k];
+        r1[k] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+      }
 #pragma unroll
-    for (int k = 0; k < NQ / 2; ++k) {
-      const float send = hi0 ? r1[k] : r1[NQ / 2 + k];
-      const float keep = hi0 ? r1[NQ / 2 + k] : r1[k];
-      r2[k] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
+      for (int k = 0; k < NQ / 2; ++k) {
+        const float send = hi0 ? r1[k] : r1[NQ / 2 + k];
+        const float keep = hi0 ? r1[NQ / 2 + k] : r1[k];
+        r2[k] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
+      }
+    } else {
+      const float r1 = (hi1 ? v[1] : v[0]) + __shfl_xor_sync(0xffffffffu, hi1 ? v[0] : v[1], 2);
+      r2[0] = r1 + __shfl_xor_sync(0xffffffffu, r1, 1);
     }
     const int row = wg * 64 + 16 * w4 + g8 + (hi1 ? 8 : 0);
     int64_t key;
@@ -338,13 +357,13 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
     // above the list's float threshold enters at once; equal scores (and NaN)
     // take the exact 64-bit comparison. Entering lanes of a query share one
     // atomicAdd.
-    const unsigned group = hi0 ? 0xaaaaaaaau : 0x55555555u;
+    const unsigned group = (NQ >= 2 && hi0) ? 0xaaaaaaaau : 0x55555555u;
 #pragma unroll
-    for (int k = 0; k < NQ / 2; ++k) {
-      const int q = (hi0 ? NQ / 2 : 0) + k;
+    for (int k = 0; k < kPer; ++k) {
+      const int q = NQ >= 2 ? (hi0 ? NQ / 2 : 0) + k : 0;
       const float score = r2[k] * ks;
       const float tf = sm.thr_f[q];
-      bool pass = key >= 0 && (all_visible || key <= sm.pos[q]) &&
+      bool pass = key >= 0 && (NQ >= 2 || !hi0) && (all_visible || key <= sm.pos[q]) &&
                   (score > tf || ((score == tf || score != score) &&
                                   topk::CandidateKey(score, int32_t(key)) > sm.thr[q]));
       if (pass) {
@@ -403,20 +422,28 @@ __global__ void __launch_bounds__(kThreads, 2) SelectKernel(const SelectArgs a) 
   }
 }
 
-template <int G, bool kWgmma, bool kKeyList>
+template <int G, int R, bool kWgmma, bool kKeyList>
 cudaError_t LaunchSelectKernelT(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
   static const cudaError_t attr =
-      cudaFuncSetAttribute(SelectKernel<G, kWgmma, kKeyList>,
+      cudaFuncSetAttribute(SelectKernel<G, R, kWgmma, kKeyList>,
                            cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmemBytes));
   if (attr != cudaSuccess) return attr;
-  SelectKernel<G, kWgmma, kKeyList><<<grid, kThreads, kSmemBytes, stream>>>(args);
+  SelectKernel<G, R, kWgmma, kKeyList><<<grid, kThreads, kSmemBytes, stream>>>(args);
   return cudaGetLastError();
+}
+
+template <int G, int R, bool kWgmma>
+cudaError_t LaunchSelectKernelR(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
+  return args.key_list != nullptr ? LaunchSelectKernelT<G, R, kWgmma, true>(args, grid, stream)
+                                  : LaunchSelectKernelT<G, R, kWgmma, false>(args, grid, stream);
 }
 
 template <int G, bool kWgmma>
 cudaError_t LaunchSelectKernel(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
-  return args.key_list != nullptr ? LaunchSelectKernelT<G, kWgmma, true>(args, grid, stream)
-                                  : LaunchSelectKernelT<G, kWgmma, false>(args, grid, stream);
+  if constexpr (G == 64) {
+    if (args.rows_per_cta == 64) return LaunchSelectKernelR<G, 64, kWgmma>(args, grid, stream);
+  }
+  return LaunchSelectKernelR<G, 128, kWgmma>(args, grid, stream);
 }
 
 }  // namespace pd::kernels::cuda::select_internal

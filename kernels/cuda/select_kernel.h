@@ -22,10 +22,12 @@ struct SelectArgs {
   const int64_t* positions;     // [T]
   const int32_t* query_start;   // [num_seqs + 1]
   int heads;                    // H
-  const int32_t* head_list;     // [T, G] or nullptr
+  const int32_t* head_list;     // [T, G] or nullptr; [T, masked_heads] when masked_heads > 0
+  int masked_heads;             // > 0: rows are all heads, weights of unlisted heads zeroed
   const int32_t* key_list;      // [num_seqs, key_list_stride] or nullptr
   const int32_t* key_list_len;  // [num_seqs]
   int64_t key_list_stride;
+  int rows_per_cta;             // 128, or 64 (G == 64, one query per sequence)
   int topk;
   int sorted;
   int splits;

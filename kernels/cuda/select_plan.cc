@@ -35,7 +35,9 @@ bool PlanSelect(const SelectPlanInput& in, SelectPlan* plan, const char** error)
     return false;
   }
   SelectPlan p;
-  p.queries_per_cta = kSelectRows / in.rows_per_query;
+  // One query of 64 heads per sequence (decode) fills a 64-row tile exactly.
+  p.rows_per_cta = (in.rows_per_query == 64 && in.max_queries_per_seq <= 1) ? 64 : kSelectRows;
+  p.queries_per_cta = p.rows_per_cta / in.rows_per_query;
   p.groups_per_seq = CeilDivI(in.max_queries_per_seq, p.queries_per_cta);
   const int64_t ctx = std::max<int64_t>(in.max_context, 1);
   const int64_t max_splits = CeilDivI(ctx, kSelectKeysPerIter);

@@ -12,6 +12,7 @@ namespace pd::kernels::cuda {
 // Fixed tile shape of the selection kernel (see select_kernel.cuh).
 inline constexpr int kSelectThreads = 256;        // two consumer warpgroups
 inline constexpr int kSelectRows = 128;           // (query, head) rows per CTA: the MMA's N
+                                                  // (64 when a sequence has one 64-head query)
 inline constexpr int kSelectKeysPerIter = 128;    // keys per pipeline stage (two 64-key pages)
 inline constexpr int kSelectListCap = 4096;       // candidate slots per (query, split)
 inline constexpr int kSelectMaxTopk = 2048;       // largest top-k a CTA keeps exactly
@@ -39,7 +40,8 @@ struct SelectPlanInput {
 //   lists:  [T, splits, kSelectListCap] uint64 candidate keys
 //   counts: [T, splits] int32 valid entries of each list after the scan
 struct SelectPlan {
-  int queries_per_cta = 0;        // kSelectRows / rows_per_query
+  int rows_per_cta = 0;           // kSelectRows, or 64 for one 64-head query per sequence
+  int queries_per_cta = 0;        // rows_per_cta / rows_per_query
   int64_t groups_per_seq = 0;     // CTAs along the query axis of one sequence
   int splits = 1;                 // CTAs along the key axis
   int64_t keys_per_split = 0;     // multiple of kSelectKeysPerIter

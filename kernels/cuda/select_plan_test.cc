@@ -61,7 +61,9 @@ TEST(SelectPlan, SplitsCoverTheContextExactlyOnce) {
     if (in.num_splits == 0 && p.splits > 1) {
       EXPECT_GE(p.keys_per_split, kSelectMinSplitKeys);
     }
-    EXPECT_EQ(p.queries_per_cta * in.rows_per_query, kSelectRows);
+    EXPECT_EQ(p.queries_per_cta * in.rows_per_query, p.rows_per_cta);
+    EXPECT_EQ(p.rows_per_cta,
+              (in.rows_per_query == 64 && in.max_queries_per_seq <= 1) ? 64 : kSelectRows);
     EXPECT_GE(p.groups_per_seq * p.queries_per_cta, in.max_queries_per_seq);
     EXPECT_LT((p.groups_per_seq - 1) * p.queries_per_cta, std::max<int64_t>(in.max_queries_per_seq, 1));
     // Workspace parts are aligned, disjoint and large enough.
