@@ -259,24 +259,47 @@ void DecodeKeyRows(const IndexKeyCacheView& c, int64_t s0, int64_t s1, float* ro
 // ---------------------------------------------------------------------------
 // The two dot kernels. Both compute each dot as the fma chain over d ascending.
 
+// Query vectors per call of the tile kernel (12 accumulators + 2 key registers
+// + 1 broadcast of the 16 AVX2 registers).
+constexpr int kTileVectors = 6;
+
 // out[v][i] = sum_d q[v][d] * tile[d][i], v < NV, i < 16.
 template <int NV>
 void DotTile(const float* const* q, const float* tile, int d_count, float* out) {
+  static_assert(NV >= 1 && NV <= kTileVectors);
 #if PD_INDEXER_AVX2
-  __m256 a0[NV], a1[NV];
-  for (int v = 0; v < NV; ++v) a0[v] = a1[v] = _mm256_setzero_ps();
+  // Named accumulators (not an array) so that they stay in registers.
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 a00 = zero, a01 = zero, a10 = zero, a11 = zero, a20 = zero, a21 = zero;
+  __m256 a30 = zero, a31 = zero, a40 = zero, a41 = zero, a50 = zero, a51 = zero;
+  const float* q0 = q[0];
+  const float* q1 = q[NV > 1 ? 1 : 0];
+  const float* q2 = q[NV > 2 ? 2 : 0];
+  const float* q3 = q[NV > 3 ? 3 : 0];
+  const float* q4 = q[NV > 4 ? 4 : 0];
+  const float* q5 = q[NV > 5 ? 5 : 0];
+#define PD_DOT_STEP(v)                                  \
+  {                                                     \
+    const __m256 b = _mm256_broadcast_ss(q##v + d);     \
+    a##v##0 = _mm256_fmadd_ps(b, k0, a##v##0);          \
+    a##v##1 = _mm256_fmadd_ps(b, k1, a##v##1);          \
+  }
+#pragma GCC unroll 2
   for (int d = 0; d < d_count; ++d) {
     const __m256 k0 = _mm256_loadu_ps(tile + d * kKeyTile);
     const __m256 k1 = _mm256_loadu_ps(tile + d * kKeyTile + 8);
-    for (int v = 0; v < NV; ++v) {
-      const __m256 b = _mm256_broadcast_ss(q[v] + d);
-      a0[v] = _mm256_fmadd_ps(b, k0, a0[v]);
-      a1[v] = _mm256_fmadd_ps(b, k1, a1[v]);
-    }
+    PD_DOT_STEP(0)
+    if constexpr (NV > 1) PD_DOT_STEP(1)
+    if constexpr (NV > 2) PD_DOT_STEP(2)
+    if constexpr (NV > 3) PD_DOT_STEP(3)
+    if constexpr (NV > 4) PD_DOT_STEP(4)
+    if constexpr (NV > 5) PD_DOT_STEP(5)
   }
+#undef PD_DOT_STEP
+  const __m256 acc[2 * kTileVectors] = {a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51};
   for (int v = 0; v < NV; ++v) {
-    _mm256_storeu_ps(out + v * kKeyTile, a0[v]);
-    _mm256_storeu_ps(out + v * kKeyTile + 8, a1[v]);
+    _mm256_storeu_ps(out + v * kKeyTile, acc[2 * v]);
+    _mm256_storeu_ps(out + v * kKeyTile + 8, acc[2 * v + 1]);
   }
 #else
   for (int v = 0; v < NV; ++v) {
@@ -291,6 +314,8 @@ void DotTile(const float* const* q, const float* tile, int d_count, float* out) 
 
 void DotTileN(int nv, const float* const* q, const float* tile, int d_count, float* out) {
   switch (nv) {
+    case 6: DotTile<6>(q, tile, d_count, out); break;
+    case 5: DotTile<5>(q, tile, d_count, out); break;
     case 4: DotTile<4>(q, tile, d_count, out); break;
     case 3: DotTile<3>(q, tile, d_count, out); break;
     case 2: DotTile<2>(q, tile, d_count, out); break;
@@ -357,63 +382,99 @@ uint64_t ScoreOrderKey(float score, int32_t index) {
   return (uint64_t(DescendingKey(score)) << 32) | uint32_t(index);
 }
 
-int FastTopK(const float* s, int64_t n, int k, int32_t* out, bool sorted) {
+namespace {
+
+// Appends, in index order, the order keys of a superset of the top k of
+// s[0, n) (k < n) to *keys; returns their number. Strided groups j, j+G,
+// j+2G, ...: the k-th largest group maximum m is a lower bound of the k-th
+// largest score (k groups each hold a score >= m), so {s >= m} holds the top k.
+// NaN never becomes a maximum nor a candidate.
+size_t CollectCandidates(const float* s, int64_t n, int k, std::vector<uint64_t>* keys) {
+  keys->resize(size_t(n));
+  uint64_t* out = keys->data();
+  if (n <= 4 * int64_t(k)) {
+    for (int64_t i = 0; i < n; ++i) out[i] = ScoreOrderKey(s[i], int32_t(i));
+    return size_t(n);
+  }
+  thread_local std::vector<float> maxima;
+  // Between 2k and 4k groups (n > 4k), a multiple of 8 when that is large.
+  int64_t groups = std::min<int64_t>(4 * int64_t(k), n / 2);
+  if (groups >= 16) groups = groups / 8 * 8;
+  groups = std::max<int64_t>(groups, k);
+  maxima.assign(size_t(groups), -std::numeric_limits<float>::infinity());
+  float* m = maxima.data();
+  int64_t base = 0;
+  for (; base + groups <= n; base += groups) {
+    const float* row = s + base;
+    int64_t j = 0;
+#if PD_INDEXER_AVX2
+    for (; j + 8 <= groups; j += 8) {
+      _mm256_storeu_ps(m + j, _mm256_max_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(m + j)));
+    }
+#endif
+    for (; j < groups; ++j) m[j] = row[j] > m[j] ? row[j] : m[j];
+  }
+  for (int64_t j = 0; base + j < n; ++j) m[j] = s[base + j] > m[j] ? s[base + j] : m[j];
+  std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<float>());
+  const float thr = maxima[size_t(k - 1)];
+  size_t count = 0;
+  int64_t i = 0;
+#if PD_INDEXER_AVX2
+  const __m256 tv = _mm256_set1_ps(thr);
+  for (; i + 8 <= n; i += 8) {
+    unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + i), tv, _CMP_GE_OQ)));
+    while (mask != 0) {
+      const int b = __builtin_ctz(mask);
+      mask &= mask - 1;
+      out[count++] = ScoreOrderKey(s[i + b], int32_t(i + b));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    if (s[i] >= thr) out[count++] = ScoreOrderKey(s[i], int32_t(i));
+  }
+  return count;
+}
+
+}  // namespace
+
+int FastTopK(const float* s, int64_t n, int k, int32_t* out, TopKOrder order) {
   if (k <= 0) return 0;
   n = std::max<int64_t>(n, 0);
   const int valid = int(std::min<int64_t>(k, n));
-  thread_local std::vector<uint64_t> keys;
-  thread_local std::vector<float> maxima;
-  size_t count = 0;
-  if (n <= 4 * int64_t(k) || n < 512) {
+  std::fill(out + valid, out + k, -1);
+  if (valid == n && order == TopKOrder::kByIndex) {
+    for (int i = 0; i < valid; ++i) out[i] = i;
+    return valid;
+  }
+  thread_local std::vector<uint64_t> keys, scratch;
+  const size_t count = valid == n ? [&] {
     keys.resize(size_t(n));
     for (int64_t i = 0; i < n; ++i) keys[size_t(i)] = ScoreOrderKey(s[i], int32_t(i));
-    count = size_t(n);
-  } else {
-    // Strided groups j, j+G, j+2G, ...: the k-th largest group maximum m is a
-    // lower bound of the k-th largest score (k groups each hold a score >= m),
-    // so {s >= m} holds the top k. NaN never becomes a maximum.
-    const int64_t groups = std::min<int64_t>(n, (4 * int64_t(k) + 7) / 8 * 8);
-    maxima.assign(size_t(groups), -std::numeric_limits<float>::infinity());
-    float* m = maxima.data();
-    int64_t base = 0;
-    for (; base + groups <= n; base += groups) {
-      const float* row = s + base;
-      int64_t j = 0;
-#if PD_INDEXER_AVX2
-      for (; j + 8 <= groups; j += 8) {
-        _mm256_storeu_ps(m + j, _mm256_max_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(m + j)));
-      }
-#endif
-      for (; j < groups; ++j) m[j] = row[j] > m[j] ? row[j] : m[j];
-    }
-    for (int64_t j = 0; base + j < n; ++j) m[j] = s[base + j] > m[j] ? s[base + j] : m[j];
-    std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(),
-                     std::greater<float>());
-    const float thr = maxima[size_t(k - 1)];
-    keys.resize(size_t(n));
-    int64_t i = 0;
-#if PD_INDEXER_AVX2
-    const __m256 tv = _mm256_set1_ps(thr);
-    for (; i + 8 <= n; i += 8) {
-      unsigned mask = unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + i), tv, _CMP_GE_OQ)));
-      while (mask != 0) {
-        const int b = __builtin_ctz(mask);
-        mask &= mask - 1;
-        keys[count++] = ScoreOrderKey(s[i + b], int32_t(i + b));
-      }
-    }
-#endif
-    for (; i < n; ++i) {
-      if (s[i] >= thr) keys[count++] = ScoreOrderKey(s[i], int32_t(i));
-    }
-    if (count < size_t(valid)) return TopK(s, n, k, out);  // NaN-heavy input
+    return size_t(n);
+  }()
+                                  : CollectCandidates(s, n, k, &keys);
+  if (count < size_t(valid)) {  // NaN-heavy input: fewer numbers than k above the bound
+    TopK(s, n, k, out);
+    if (order == TopKOrder::kByIndex) std::sort(out, out + valid);
+    return valid;
   }
-  if (size_t(valid) < count) {
-    std::nth_element(keys.begin(), keys.begin() + valid, keys.begin() + int64_t(count));
+  if (order == TopKOrder::kByScore) {
+    if (size_t(valid) < count) {
+      std::nth_element(keys.begin(), keys.begin() + (valid - 1), keys.begin() + int64_t(count));
+    }
+    std::sort(keys.begin(), keys.begin() + valid);
+    for (int r = 0; r < valid; ++r) out[r] = int32_t(keys[size_t(r)] & 0xffffffffu);
+    return valid;
   }
-  if (sorted) std::sort(keys.begin(), keys.begin() + valid);
-  for (int r = 0; r < valid; ++r) out[r] = int32_t(keys[size_t(r)] & 0xffffffffu);
-  std::fill(out + valid, out + k, -1);
+  // By index: the valid-th best key is the cut; keys are unique and in index order.
+  scratch.assign(keys.begin(), keys.begin() + int64_t(count));
+  std::nth_element(scratch.begin(), scratch.begin() + (valid - 1), scratch.end());
+  const uint64_t cut = scratch[size_t(valid - 1)];
+  int r = 0;
+  for (size_t c = 0; c < count; ++c) {
+    if (keys[c] <= cut) out[r++] = int32_t(keys[c] & 0xffffffffu);
+  }
   return valid;
 }
 
@@ -452,10 +513,10 @@ bool TileKept(const TileQueries& tq, int i, int64_t s0) {
 void ScoreRange(const float* tiles, const float* scales, int d_count, const TileQueries& tq,
                 int64_t kt0, int64_t kt1) {
   alignas(32) float acc[kQueryTile * kKeyTile];
-  alignas(32) float dots[4 * kKeyTile];
-  const float* qp[4];
-  float wt[4];
-  int slot[4];
+  alignas(32) float dots[kTileVectors * kKeyTile];
+  const float* qp[kTileVectors];
+  float wt[kTileVectors];
+  int slot[kTileVectors];
   int part[kQueryTile];
   for (int64_t kt = kt0; kt < kt1; ++kt) {
     const int64_t s0 = kt * kKeyTile;
@@ -477,7 +538,7 @@ void ScoreRange(const float* tiles, const float* scales, int d_count, const Tile
         qp[pending] = tq.eq[i * tq.stride + e];
         wt[pending] = tq.ew[i * tq.stride + e];
         slot[pending] = i;
-        if (++pending == 4) flush();
+        if (++pending == kTileVectors) flush();
       }
     }
     if (pending > 0) flush();
@@ -574,14 +635,14 @@ void HisaMeanTiles(const IndexKeyCacheView& c, int hb, int64_t nb, ThreadPool* p
 // r[j] = |w[j]| * sum_{b < nb} relu(q[j] . kbar[b]) (blocks ascending), j < heads.
 void RouterScores(const float* qf, const float* w, int heads, int d_count, const float* kbar_tiles,
                   int64_t nb, float* r) {
-  alignas(32) float dots[4 * kKeyTile];
-  const float* qp[4];
+  alignas(32) float dots[kTileVectors * kKeyTile];
+  const float* qp[kTileVectors];
   for (int j = 0; j < heads; ++j) r[j] = 0.0f;
   for (int64_t bt = 0; bt * kKeyTile < nb; ++bt) {
     const float* tile = kbar_tiles + bt * d_count * kKeyTile;
     const int nl = int(std::min<int64_t>(kKeyTile, nb - bt * kKeyTile));
-    for (int j0 = 0; j0 < heads; j0 += 4) {
-      const int nv = std::min(4, heads - j0);
+    for (int j0 = 0; j0 < heads; j0 += kTileVectors) {
+      const int nv = std::min(kTileVectors, heads - j0);
       for (int v = 0; v < nv; ++v) qp[v] = qf + size_t(j0 + v) * d_count;
       DotTileN(nv, qp, tile, d_count, dots);
       for (int v = 0; v < nv; ++v) {
@@ -595,14 +656,14 @@ void RouterScores(const float* qf, const float* w, int heads, int d_count, const
 // HISA block scores bs[b] = fma chain over heads of w[j] * relu(q[j] . mean_b), b < nb.
 void BlockScores(const float* qf, const float* w, int heads, int d_count, const float* mean_tiles,
                  int64_t nb, float* bs) {
-  alignas(32) float dots[4 * kKeyTile];
+  alignas(32) float dots[kTileVectors * kKeyTile];
   alignas(32) float acc[kKeyTile];
-  const float* qp[4];
+  const float* qp[kTileVectors];
   for (int64_t bt = 0; bt * kKeyTile < nb; ++bt) {
     const float* tile = mean_tiles + bt * d_count * kKeyTile;
     std::fill(acc, acc + kKeyTile, 0.0f);
-    for (int j0 = 0; j0 < heads; j0 += 4) {
-      const int nv = std::min(4, heads - j0);
+    for (int j0 = 0; j0 < heads; j0 += kTileVectors) {
+      const int nv = std::min(kTileVectors, heads - j0);
       for (int v = 0; v < nv; ++v) qp[v] = qf + size_t(j0 + v) * d_count;
       DotTileN(nv, qp, tile, d_count, dots);
       for (int v = 0; v < nv; ++v) AccumulateHead(w[j0 + v], dots + v * kKeyTile, acc);
@@ -792,8 +853,7 @@ struct Selector {
         if (nc == n) {
           for (int64_t c = 0; c < n; ++c) f.cand[size_t(c)] = int32_t(c);
         } else {
-          FastTopK(row, n, int(nc), f.cand.data(), /*sorted=*/false);
-          std::sort(f.cand.begin(), f.cand.begin() + nc);
+          FastTopK(row, n, int(nc), f.cand.data(), TopKOrder::kByIndex);
         }
         // Stage 2: the exact DSA score of each candidate, all heads in order.
         const float* qf = s.qf.data() + size_t(i) * heads * d_count;
