@@ -46,6 +46,9 @@ struct Manifest {
   staged @9 :Bool;           # sender asks for a staging ring instead of direct puts
   checksum @10 :Bool;        # chunks carry XXH3-64 checksums that the receiver verifies
   sourcePages @11 :List(Int32);  # the sender's page table (two-sided backends pair segments)
+  senderNode @12 :Text;      # the sender's stable node name (per-peer backend caches); may be empty
+  checksumEvery @13 :UInt32; # with checksum: chunks whose id is a multiple of this carry and are
+                             # verified by XXH3-64; 0 (older senders) means 1, every chunk
 }
 
 # Receiver -> sender: the handshake succeeded.
@@ -106,6 +109,13 @@ struct Heartbeat {
   seq @0 :UInt64;
 }
 
+# Sender -> receiver, after a failed stream: the sender posts no more writes
+# and every write it posted has landed in the receiver's memory (its data plane
+# was flushed to remote completion). The receiver may then reuse the pages.
+struct Quiesced {
+  writes @0 :UInt64;      # writes the sender posted on this stream
+}
+
 struct ControlMessage {
   union {
     manifest @0 :Manifest;
@@ -116,5 +126,6 @@ struct ControlMessage {
     done @5 :Done;
     abort @6 :Abort;
     heartbeat @7 :Heartbeat;
+    quiesced @8 :Quiesced;
   }
 }

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <exception>
+#include <iterator>
 #include <type_traits>
 
 #include "absl/strings/str_cat.h"
@@ -132,6 +133,8 @@ absl::Status Build(gen::ControlMessage::Builder root, const ControlMessage& msg)
           b.setStaged(m.staged);
           b.setChecksum(m.checksum);
           FillList(b.initSourcePages(unsigned(m.source_pages.size())), m.source_pages);
+          b.setSenderNode(TextOf(m.sender_node));
+          b.setChecksumEvery(m.checksum_every);
         } else if constexpr (std::is_same_v<T, Accept>) {
           auto b = root.initAccept();
           b.setRequestId(TextOf(m.request_id));
@@ -181,9 +184,11 @@ absl::Status Build(gen::ControlMessage::Builder root, const ControlMessage& msg)
           auto b = root.initAbort();
           b.setCode(m.code);
           b.setMessage(TextOf(m.message));
-        } else {
-          static_assert(std::is_same_v<T, Heartbeat>);
+        } else if constexpr (std::is_same_v<T, Heartbeat>) {
           root.initHeartbeat().setSeq(m.seq);
+        } else {
+          static_assert(std::is_same_v<T, Quiesced>);
+          root.initQuiesced().setWrites(m.writes);
         }
         return absl::OkStatus();
       },
@@ -218,6 +223,8 @@ absl::StatusOr<ControlMessage> Parse(gen::ControlMessage::Reader root) {
       auto sp = ReadList<int32_t>(r.getSourcePages(), "sourcePages");
       if (!sp.ok()) return sp.status();
       m.source_pages = std::move(*sp);
+      m.sender_node = StringOf(r.getSenderNode());
+      m.checksum_every = r.getChecksumEvery();
       return ControlMessage(std::move(m));
     }
     case gen::ControlMessage::ACCEPT: {
@@ -284,6 +291,8 @@ absl::StatusOr<ControlMessage> Parse(gen::ControlMessage::Reader root) {
       return ControlMessage(Abort{root.getAbort().getCode(), StringOf(root.getAbort().getMessage())});
     case gen::ControlMessage::HEARTBEAT:
       return ControlMessage(Heartbeat{root.getHeartbeat().getSeq()});
+    case gen::ControlMessage::QUIESCED:
+      return ControlMessage(Quiesced{root.getQuiesced().getWrites()});
   }
   return absl::InvalidArgumentError(absl::StrCat(
       "malformed control message: unknown message type ", uint16_t(root.which())));
@@ -309,8 +318,10 @@ std::string DescribeLayout(const ObjectLayout& l) {
 }
 
 const char* MessageName(const ControlMessage& m) {
-  static constexpr const char* kNames[] = {"manifest", "accept", "chunks", "acks",
-                                           "layer_ready", "done", "abort", "heartbeat"};
+  static constexpr const char* kNames[] = {"manifest", "accept",    "chunks",
+                                           "acks",     "layer_ready", "done",
+                                           "abort",    "heartbeat", "quiesced"};
+  static_assert(std::size(kNames) == std::variant_size_v<ControlMessage>);
   return kNames[m.index()];
 }
 

@@ -49,6 +49,11 @@ struct Manifest {
   bool staged = false;
   bool checksum = true;
   std::vector<int32_t> source_pages;
+  std::string sender_node;      // may be empty (older senders)
+  // With `checksum`: chunk ids that are multiples of this carry an XXH3-64 the
+  // receiver verifies; the others carry 0 and are not hashed. 0 (older
+  // senders) means 1: every chunk.
+  uint32_t checksum_every = 1;
   bool operator==(const Manifest&) const = default;
 };
 
@@ -118,8 +123,15 @@ struct Heartbeat {
   bool operator==(const Heartbeat&) const = default;
 };
 
-using ControlMessage =
-    std::variant<Manifest, Accept, ChunkBatch, AckBatch, LayerReady, Done, Abort, Heartbeat>;
+// Sender -> receiver after a failed stream: no more writes will be posted and
+// every posted write has landed (docs/kv-format.md, "Page quarantine").
+struct Quiesced {
+  uint64_t writes = 0;
+  bool operator==(const Quiesced&) const = default;
+};
+
+using ControlMessage = std::variant<Manifest, Accept, ChunkBatch, AckBatch, LayerReady, Done, Abort,
+                                    Heartbeat, Quiesced>;
 const char* MessageName(const ControlMessage& m);
 
 // Converts an Abort to the Status it carries (unknown codes become kUnknown) and back.

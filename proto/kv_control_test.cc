@@ -1,9 +1,13 @@
 #include "proto/kv_control.h"
 
+#include <capnp/message.h>
+#include <capnp/serialize.h>
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <random>
+
+#include "proto/testdata/kv_control_v1.capnp.h"
 
 namespace pd::proto {
 namespace {
@@ -76,6 +80,63 @@ TEST(KvControlTest, EveryMessageRoundTrips) {
   Abort ab{uint32_t(absl::StatusCode::kDataLoss), "checksum mismatch on chunk 3"};
   EXPECT_EQ(std::get<Abort>(RoundTrip(ab)), ab);
   EXPECT_EQ(std::get<Heartbeat>(RoundTrip(Heartbeat{99})), Heartbeat{99});
+  EXPECT_EQ(std::get<Quiesced>(RoundTrip(Quiesced{1234})), Quiesced{1234});
+  EXPECT_STREQ(MessageName(Quiesced{}), "quiesced");
+
+  m.sender_node = "prefill-7";
+  m.checksum_every = 64;
+  Manifest back = std::get<Manifest>(RoundTrip(m));
+  EXPECT_EQ(back.sender_node, "prefill-7");
+  EXPECT_EQ(back.checksum_every, 64u);
+}
+
+// Old peers (the schema as first released, testdata/kv_control_v1.capnp) and
+// new ones understand each other: a v1 manifest decodes with the new fields at
+// their "absent" values, and a new manifest reads correctly with the v1 schema.
+TEST(KvControlTest, FirstReleasedSchemaInteroperates) {
+  namespace v1 = ::pd::proto::capnp_v1;
+  capnp::MallocMessageBuilder old_builder;
+  auto om = old_builder.initRoot<v1::ControlMessage>().initManifest();
+  om.setRequestId("req-old");
+  om.setNumLayers(61);
+  om.setNumTokens(4096);
+  om.setChecksum(true);
+  om.setMaxChunkBytes(1 << 20);
+  kj::Array<capnp::word> words = capnp::messageToFlatArray(old_builder);
+  auto bytes = words.asBytes();
+  auto decoded = DecodePayload({bytes.begin(), bytes.size()});
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  const Manifest& m = std::get<Manifest>(*decoded);
+  EXPECT_EQ(m.request_id, "req-old");
+  EXPECT_EQ(m.num_tokens, 4096u);
+  EXPECT_TRUE(m.checksum);
+  EXPECT_EQ(m.sender_node, "");
+  EXPECT_EQ(m.checksum_every, 0u);  // absent: the stream treats 0 as "every chunk"
+
+  Manifest now = SampleManifest();
+  now.sender_node = "prefill-1";
+  now.checksum_every = 8;
+  auto frame = EncodeFrame(now);
+  ASSERT_TRUE(frame.ok());
+  std::string payload = frame->substr(kFrameHeaderBytes);
+  kj::Array<capnp::word> aligned = kj::heapArray<capnp::word>(payload.size() / 8);
+  std::memcpy(aligned.begin(), payload.data(), payload.size());
+  capnp::FlatArrayMessageReader reader(aligned.asPtr());
+  auto root = reader.getRoot<v1::ControlMessage>();
+  ASSERT_EQ(root.which(), v1::ControlMessage::MANIFEST);
+  EXPECT_EQ(std::string(root.getManifest().getRequestId().cStr()), now.request_id);
+  EXPECT_EQ(root.getManifest().getNumTokens(), now.num_tokens);
+  EXPECT_EQ(root.getManifest().getSourcePages().size(), now.source_pages.size());
+
+  // A message type v1 does not know is an unknown union member to it (which
+  // the decoder rejects by name: UnknownUnionTagIsRejected).
+  auto q = EncodeFrame(Quiesced{5});
+  ASSERT_TRUE(q.ok());
+  std::string qp = q->substr(kFrameHeaderBytes);
+  kj::Array<capnp::word> qa = kj::heapArray<capnp::word>(qp.size() / 8);
+  std::memcpy(qa.begin(), qp.data(), qp.size());
+  capnp::FlatArrayMessageReader qreader(qa.asPtr());
+  EXPECT_GT(uint16_t(qreader.getRoot<v1::ControlMessage>().which()), uint16_t(v1::ControlMessage::HEARTBEAT));
 }
 
 TEST(KvControlTest, AbortCarriesStatus) {
