@@ -365,22 +365,20 @@ void AccumulateHead(float w, const float* dot, float* acc) {
 #endif
 }
 
+// The same for 8 values (the rows of the gathered-row kernel).
+void AccumulateHead8(float w, const float* dot, float* acc) {
+#if PD_INDEXER_AVX2
+  const __m256 r = _mm256_max_ps(_mm256_loadu_ps(dot), _mm256_setzero_ps());
+  _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_set1_ps(w), r, _mm256_loadu_ps(acc)));
+#else
+  for (int i = 0; i < 8; ++i) acc[i] = std::fma(w, Relu(dot[i]), acc[i]);
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // Top-k.
 
-uint32_t DescendingKey(float x) {
-  if (std::isnan(x)) return 0xffffffffu;
-  if (x == 0.0f) x = 0.0f;  // -0 ties with +0
-  const uint32_t u = FloatBits(x);
-  const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-  return ~ascending;
-}
-
 }  // namespace
-
-uint64_t ScoreOrderKey(float score, int32_t index) {
-  return (uint64_t(DescendingKey(score)) << 32) | uint32_t(index);
-}
 
 namespace {
 
@@ -392,13 +390,14 @@ namespace {
 size_t CollectCandidates(const float* s, int64_t n, int k, std::vector<uint64_t>* keys) {
   keys->resize(size_t(n));
   uint64_t* out = keys->data();
-  if (n <= 4 * int64_t(k)) {
+  if (n < 4 * int64_t(k)) {
     for (int64_t i = 0; i < n; ++i) out[i] = ScoreOrderKey(s[i], int32_t(i));
     return size_t(n);
   }
+  // G = 2k groups (rounded down to a multiple of 8 when large; always >= k):
+  // for independent scores about G * ln(G / (G - k)) = 1.39k candidates pass.
   thread_local std::vector<float> maxima;
-  // Between 2k and 4k groups (n > 4k), a multiple of 8 when that is large.
-  int64_t groups = std::min<int64_t>(4 * int64_t(k), n / 2);
+  int64_t groups = 2 * int64_t(k);
   if (groups >= 16) groups = groups / 8 * 8;
   groups = std::max<int64_t>(groups, k);
   maxima.assign(size_t(groups), -std::numeric_limits<float>::infinity());
@@ -566,8 +565,10 @@ void ScoreRows(const float* const* q, const float* w, int ne, int d_count, const
     for (int d = 0; d < d_count; ++d) g[d * kLanes] = q[e][d];
   }
   alignas(32) float dots[kRows * kLanes];
-  thread_local std::vector<float> all;
-  all.resize(size_t(kRows) * groups * kLanes);
+  alignas(32) float acc[kRows];
+  // dots transposed: [entry][row], so the head sum runs across the rows.
+  thread_local std::vector<float> by_entry;
+  by_entry.resize(size_t(groups) * kLanes * kRows);
   const float* rp[kRows];
   for (int64_t c0 = 0; c0 < n; c0 += kRows) {
     const int nr = int(std::min<int64_t>(kRows, n - c0));
@@ -577,16 +578,16 @@ void ScoreRows(const float* const* q, const float* w, int ne, int d_count, const
     }
     for (int g = 0; g < groups; ++g) {
       DotRows(qt + size_t(g) * d_count * kLanes, rp, d_count, dots);
+      float* t = by_entry.data() + size_t(g) * kLanes * kRows;
       for (int r = 0; r < kRows; ++r) {
-        std::memcpy(&all[(size_t(r) * groups + g) * kLanes], dots + r * kLanes, sizeof(float) * kLanes);
+        for (int l = 0; l < kLanes; ++l) t[l * kRows + r] = dots[r * kLanes + l];
       }
     }
+    std::fill(acc, acc + kRows, 0.0f);
+    for (int e = 0; e < ne; ++e) AccumulateHead8(w[e], by_entry.data() + size_t(e) * kRows, acc);
     for (int r = 0; r < nr; ++r) {
-      const float* dr = &all[size_t(r) * groups * kLanes];
-      float acc = 0.0f;
-      for (int e = 0; e < ne; ++e) acc = std::fma(w[e], Relu(dr[e]), acc);
       const int64_t c = c0 + r;
-      out[c] = acc * scales[keys ? keys[c] : c];
+      out[c] = acc[r] * scales[keys ? keys[c] : c];
     }
   }
 }

@@ -4,6 +4,7 @@
 #define PD_KERNELS_CPU_INTERNAL_INDEXER_INTERNAL_H_
 
 #include <cstdint>
+#include <cstring>
 
 namespace pd::kernels::cpu::internal {
 
@@ -29,7 +30,17 @@ int FastTopK(const float* scores, int64_t n, int k, int32_t* out,
 
 // Sort key for the order above: a smaller key is a better (score, index) pair.
 // +0 and -0 compare equal; NaN is worse than every number.
-uint64_t ScoreOrderKey(float score, int32_t index);
+inline uint64_t ScoreOrderKey(float score, int32_t index) {
+  uint32_t key = 0xffffffffu;  // NaN
+  if (!(score != score)) {
+    uint32_t u;
+    const float x = score == 0.0f ? 0.0f : score;  // -0 ties with +0
+    std::memcpy(&u, &x, 4);
+    const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    key = ~ascending;
+  }
+  return (uint64_t(key) << 32) | uint32_t(index);
+}
 
 }  // namespace pd::kernels::cpu::internal
 
