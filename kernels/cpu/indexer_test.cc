@@ -911,16 +911,15 @@ TEST(SelectTokens, MisaWithFewHeadsFollowsNaiveRouterAndLosesSomeRecall) {
 }
 
 // Naive HISA in double: block means, block scores, kept rule, exact scores.
-TEST(SelectTokens, HisaMatchesNaiveReference) {
+void RunHisaNaive(int hb, int keep) {
   cpu::ThreadPool pool(2);
   Fixture f(8, 64, 64, 640, 640);
   SelectionConfig cfg = SmallConfig(SelectionMode::kHisa, 8, 64);
-  cfg.hisa_block = 32;
-  cfg.hisa_topk_blocks = 5;
+  cfg.hisa_block = hb;
+  cfg.hisa_topk_blocks = keep;
   const int64_t p0 = 560, p1 = 640;
   const int64_t num_tokens = p1;
   const auto out = Select(cfg, f.cache.View(num_tokens), f.Queries(p0, p1), &pool);
-  const int hb = cfg.hisa_block;
   const int64_t nblocks = (num_tokens + hb - 1) / hb;
   std::vector<double> means(size_t(nblocks) * 64, 0.0);
   for (int64_t b = 0; b < nblocks; ++b) {
@@ -970,10 +969,16 @@ TEST(SelectTokens, HisaMatchesNaiveReference) {
       }
     }
     ASSERT_EQ(CheckAgainstReference(out.data() + (t - p0) * cfg.topk, cfg.topk, ref, cand, tol, "hisa"), 0)
-        << "t " << t;
+        << "hisa_block " << hb << " t " << t;
     ++checked;
   }
   EXPECT_GT(checked, 40);
+}
+
+TEST(SelectTokens, HisaMatchesNaiveReference) {
+  RunHisaNaive(32, 5);
+  RunHisaNaive(24, 4);  // blocks straddle the 16-key tiles
+  RunHisaNaive(40, 3);
 }
 
 // Crafted keys: block b's tokens all hold value c_b in component 0, so block and
