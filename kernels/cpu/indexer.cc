@@ -890,7 +890,6 @@ struct Selector {
       }
     }
   }
-
 };
 
 }  // namespace

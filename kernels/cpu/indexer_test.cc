@@ -825,17 +825,24 @@ TEST(SelectTokens, ChunkEqualsQueryByQuery) {
   }
 }
 
-TEST(SelectTokens, MisaIsTheComposition) {
-  // misa = router -> top-h heads -> routed scores -> top-k;
+TEST(SelectTokens, ModesAreTheCompositionOfThePublicSteps) {
+  // dense = DenseScores -> top-k; misa = router -> top-h heads -> routed scores -> top-k;
   // misa_dagger = the same routed scores -> top-C -> dense re-score -> top-k.
   cpu::ThreadPool pool(2);
   Fixture f(8, 64, 64, 500, 55);
   SelectionConfig misa = SmallConfig(SelectionMode::kMisa, 8, 64);
   SelectionConfig dagger = SmallConfig(SelectionMode::kMisaDagger, 8, 64);
   const int64_t p0 = 400, p1 = 500;
+  SelectionConfig dense = SmallConfig(SelectionMode::kDense, 8, 64);
   const auto a = Select(misa, f.cache.View(p1), f.Queries(p0, p1), &pool);
   const auto b = Select(dagger, f.cache.View(p1), f.Queries(p0, p1), &pool);
+  const auto c = Select(dense, f.cache.View(p1), f.Queries(p0, p1), &pool);
   for (int64_t t = p0; t < p1; ++t) {
+    std::vector<float> all(size_t(t + 1));
+    std::vector<int32_t> top(size_t(dense.topk));
+    cpu::DenseScores(f.cache.View(p1), f.Q(t), f.W(t), 8, t + 1, all.data());
+    cpu::TopK(all.data(), t + 1, dense.topk, top.data());
+    for (int i = 0; i < dense.topk; ++i) ASSERT_EQ(c[size_t((t - p0) * dense.topk + i)], top[size_t(i)]) << t;
     std::vector<float> r(8), routed(size_t(t + 1)), dense(size_t(t + 1));
     std::vector<int32_t> act(2), want(size_t(misa.topk)), cand(size_t(dagger.dagger_candidates));
     cpu::MisaRouterScores(f.cache.View(p1), f.Q(t), f.W(t), 8, t, r.data());
@@ -1095,6 +1102,33 @@ TEST(IndexerBench, WholePrompt32K) {
   const int64_t len = 32768, chunk = 2048;
   const int threads = 2;
   Fixture f(8, 64, 256, len, 2024);
+  {
+    // IndexerPrep + UpdateSummaries of the whole prompt (single-threaded functions).
+    TestCache c(64, 256, len, 1);
+    std::vector<float> qp(size_t(len) * 8 * 64, 0.5f), kp(size_t(len) * 64), wp(size_t(len) * 8, 1.0f);
+    std::vector<float> g(64, 1.0f), b(64, 0.0f), inv(16, 0.01f);
+    for (size_t i = 0; i < kp.size(); ++i) kp[i] = float(i % 97) * 0.01f;
+    IndexerPrepInputs in;
+    in.q_proj = qp.data();
+    in.k_proj = kp.data();
+    in.w_proj = wp.data();
+    in.ln_gamma = g.data();
+    in.ln_beta = b.data();
+    in.positions = f.positions.data();
+    in.inv_freq = inv.data();
+    in.rope_dim = 32;
+    in.num_tokens = len;
+    std::vector<uint8_t> q8(size_t(len) * 8 * 64);
+    std::vector<float> w(size_t(len) * 8);
+    const auto p0 = std::chrono::steady_clock::now();
+    cpu::IndexerPrep(in, 8, c.Ref(), q8.data(), w.data());
+    const auto p1 = std::chrono::steady_clock::now();
+    cpu::UpdateSummaries(c.Ref(), 0, len);
+    const auto p2 = std::chrono::steady_clock::now();
+    std::printf("  IndexerPrep 32K tokens: %.3f s; UpdateSummaries 32K tokens: %.3f ms\n",
+                std::chrono::duration<double>(p1 - p0).count(),
+                std::chrono::duration<double, std::milli>(p2 - p1).count());
+  }
   cpu::ThreadPool pool(threads);
   std::printf("  tiny indexer shapes: H=8 D=64 topk=256 B=256 h=2, %d threads\n", threads);
   for (SelectionMode mode : {SelectionMode::kDense, SelectionMode::kMisa, SelectionMode::kMisaDagger,
