@@ -162,7 +162,22 @@ void RunMicroKernel(int mr, const float* a, int64_t lda, const float* b, int64_t
 struct GemmScratch {
   std::vector<float> pack;  // [kNt / kNr panels][kKc][kNr]
   std::vector<float> row;   // one converted weight row segment
+  std::vector<float> acc;   // GEMV accumulators (see AccumulatorAwayFrom)
 };
+
+// Returns n floats of `buf` placed 2048 bytes away, modulo 4096, from `ref`.
+// An accumulator updated in step with loads from weight rows must not share
+// its address bits [0, 12) with them: a load whose low 12 address bits match
+// an in-flight store waits for it ("4K aliasing"), and with row strides that
+// are multiples of 4096 bytes that hits every row (measured: it cost MatMulXW
+// its whole 2-thread speed-up).
+float* AccumulatorAwayFrom(std::vector<float>& buf, size_t n, const void* ref) {
+  buf.resize(n + 1024);
+  const uintptr_t base = reinterpret_cast<uintptr_t>(buf.data());
+  const uintptr_t want = (reinterpret_cast<uintptr_t>(ref) + 2048) & 4095u;
+  const uintptr_t shift = ((want - base) & 4095u) / sizeof(float);
+  return buf.data() + shift;
+}
 
 GemmScratch& Scratch() {
   thread_local GemmScratch s;
@@ -307,48 +322,53 @@ void MatMulXW(const float* x, int64_t m, const WeightView& w, float* y, ThreadPo
     Gemm(x, m, K, N, w, /*transposed=*/false, y, pool);
     return;
   }
-  // m < kSmallMMatMul: y[i, :] accumulates x[i, p] * W[p, :] over p, streaming whole
-  // weight rows. With a pool, the rows are split into chunks whose partial sums
-  // are added in chunk order afterwards.
+  // m < kSmallMMatMul: y[i, :] accumulates x[i, p] * W[p, :] over p, streaming
+  // whole weight rows (in column blocks of up to 4096). With a pool, the rows
+  // are split into chunks whose partial sums are added in chunk order afterwards.
   const int threads = pool ? pool->num_threads() : 1;
   const int64_t chunks = threads > 1 ? std::min<int64_t>(CeilDiv(K, 64), 4 * threads) : 1;
   const int64_t rows_per_chunk = CeilDiv(K, chunks);
   thread_local std::vector<float> partial_buf;
-  float* partial = y;
+  float* partial = nullptr;
   if (chunks > 1) {
     partial_buf.resize(size_t(chunks * m * N));
     partial = partial_buf.data();
   }
   ParallelFor(pool, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float>& row = Scratch().row;
+    GemmScratch& s = Scratch();
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      float* yc = partial + chunk * m * N;
+      float* dst = chunks > 1 ? partial + chunk * m * N : y;
       const int64_t p0 = chunk * rows_per_chunk;
       const int64_t p1 = std::min(K, p0 + rows_per_chunk);
-      for (int64_t n0 = 0; n0 < N; n0 += 4096) {  // column blocks keep y in L1/L2
+      for (int64_t n0 = 0; n0 < N; n0 += 4096) {
         const int64_t nc = std::min<int64_t>(4096, N - n0);
-        row.resize(size_t(nc));
-        for (int64_t i = 0; i < m; ++i) std::fill(yc + i * N + n0, yc + i * N + n0 + nc, 0.0f);
+        s.row.resize(size_t(nc));
+        const bool direct = w.dtype == DType::kF32;
+        const float* src0 = direct ? static_cast<const float*>(w.data) + n0 : s.row.data();
+        float* acc = AccumulatorAwayFrom(s.acc, size_t(m * nc), src0);
+        std::fill(acc, acc + m * nc, 0.0f);
         for (int64_t p = p0; p < p1; ++p) {
           const float* wr;
-          if (w.dtype == DType::kF32) {
+          if (direct) {
             wr = static_cast<const float*>(w.data) + p * w.ld + n0;
           } else {
-            ConvertRow(w, p, n0, nc, row.data());
-            wr = row.data();
+            ConvertRow(w, p, n0, nc, s.row.data());
+            wr = s.row.data();
           }
           for (int64_t i = 0; i < m; ++i) {
             const float xv = x[i * K + p];
-            float* __restrict yi = yc + i * N + n0;
+            float* __restrict yi = acc + i * nc;
 #pragma omp simd
             for (int64_t j = 0; j < nc; ++j) yi[j] += xv * wr[j];
           }
         }
+        for (int64_t i = 0; i < m; ++i)
+          std::copy(acc + i * nc, acc + (i + 1) * nc, dst + i * N + n0);
       }
     }
   });
   if (chunks > 1) {
-    for (int64_t i = 0; i < m * N; ++i) y[i] = partial[i];
+    std::copy(partial, partial + m * N, y);
     for (int64_t chunk = 1; chunk < chunks; ++chunk) {
       const float* pc = partial + chunk * m * N;
 #pragma omp simd
