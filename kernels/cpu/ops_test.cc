@@ -599,6 +599,11 @@ TEST(Gemm, Fp8RowSliceStartingMidBlock) {
   }
   // A slice of a slice.
   CheckLinear(tw, slice.Rows(60, 30), 130, 0, 7, &pool, "rows(130,30)");
+  // Another block size (64) with ue8m0 scales.
+  const TestWeight t64 = MakeWeight(values, R, C, DType::kFP8E4M3, /*pad=*/0, /*ue8m0=*/true,
+                                    /*block=*/64);
+  CheckLinear(t64, t64.View().Rows(100, 90), 100, 0, 19, &pool, "block64 rows(100,90)");
+  CheckMatMulXW(t64, t64.View().Rows(100, 90), 100, 0, 3, &pool, "block64 rows(100,90)");
 }
 
 TEST(Gemm, PoolAndInlineAreBitIdentical) {
