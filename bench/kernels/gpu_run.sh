@@ -17,7 +17,7 @@ nproc
 cmake -S . -B $BUILD -G Ninja -DPD_KERNELS_ONLY=ON -DCMAKE_BUILD_TYPE=Release > /tmp/cmake.log 2>&1 \
   || tail -30 /tmp/cmake.log
 time cmake --build $BUILD -j16 --target kernels_cuda_plan_test kernels_cuda_indexer_test \
-  pd_indexer_bench > /tmp/build.log 2>&1 || tail -60 /tmp/build.log
+  kernels_cuda_mla_test pd_indexer_bench pd_mla_bench > /tmp/build.log 2>&1 || tail -60 /tmp/build.log
 grep -E "error|warning" /tmp/build.log | head -20
 
 # 2. Resource report and SASS: the wgmma kernels must show QGMMA and no spills.
@@ -31,12 +31,15 @@ cuobjdump -sass /tmp/g64.o > /tmp/g64.sass 2>/dev/null && \
 timeout -k 5 60 $BUILD/kernels/cuda/kernels_cuda_plan_test > /tmp/test_plan.log 2>&1; echo "plan test rc=$?"
 tail -3 /tmp/test_plan.log
 timeout -k 5 ${TEST_S:-150} $BUILD/kernels/cuda/kernels_cuda_indexer_test > "$OUT/test_gpu.log" 2>&1; echo "gpu test rc=$?"
-grep -E "^\[|Failure" "$OUT/test_gpu.log" | head -60
+timeout -k 5 ${TEST_S:-150} $BUILD/kernels/cuda/kernels_cuda_mla_test >> "$OUT/test_gpu.log" 2>&1; echo "mla test rc=$?"
+grep -E "^\[|Failure|error" "$OUT/test_gpu.log" | head -80
 
 # 4. Benchmarks.
 if [ "$MODE" = quick ]; then BARGS=--quick; else BARGS=; fi
 timeout -k 5 ${BENCH_S:-240} $BUILD/bench/kernels/pd_indexer_bench $BARGS --json "$OUT/indexer_bench.json" \
   > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
+timeout -k 5 ${BENCH_S:-240} $BUILD/bench/kernels/pd_mla_bench --json "$OUT/mla_bench.json" \
+  >> "$OUT/bench.log" 2>&1; echo "mla bench rc=$?"
 cat "$OUT/bench.log"
 
 # 4b. Nsight Compute on one dense and one MISA selection launch (stall reasons).
@@ -59,6 +62,8 @@ if command -v compute-sanitizer >/dev/null; then
     > "$OUT/sanitizer.log" 2>&1; echo "memcheck rc=$?"
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool racecheck $BUILD/kernels/cuda/kernels_cuda_indexer_test MisaDecode \
     >> "$OUT/sanitizer.log" 2>&1; echo "racecheck rc=$?"
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck $BUILD/kernels/cuda/kernels_cuda_mla_test \
+    >> "$OUT/sanitizer.log" 2>&1; echo "mla memcheck rc=$?"
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Hazard" "$OUT/sanitizer.log" | head -20
 fi
 date

@@ -1,0 +1,214 @@
+// Benchmark of the sparse MLA kernels (kernels/cuda/mla_cuda.h): decode (batch
+// 128, 2 query tokens, 128 heads, top-2048, FP8 cache) and prefill (4096 tokens
+// of one 64K-token sequence), against FlashMLA's published H800 figures (410 /
+// 640 TFLOPS), plus the cache write. Prints a table, writes JSON (--json PATH).
+// FLOPs count 2 * H * topk * (576 + 512) per query token (FlashMLA's convention).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "bench/kernels/bench_util.h"
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/mla_cuda.h"
+#include "kernels/kv_layout.h"
+
+namespace pd::bench {
+namespace {
+
+using kernels::KvLayout;
+using kernels::cuda::DeviceBuffer;
+namespace kc = kernels::cuda;
+
+__device__ __forceinline__ uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+__device__ __forceinline__ float Uniform(uint64_t key) {  // [-1, 1)
+  return float(int32_t(uint32_t(Mix(key)))) * 4.656613e-10f;
+}
+
+__global__ void FillFloat(float* x, int64_t n, uint64_t seed, float scale) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = Uniform(seed + uint64_t(i)) * scale;
+}
+
+// indices[t, i] = hash % (limit_t), limit_t = base + t * step (causal prefill) or base.
+__global__ void FillIndices(int32_t* idx, int64_t T, int topk, int64_t base, int64_t step,
+                            uint64_t seed) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= T * topk) return;
+  const int64_t t = i / topk;
+  const int64_t lim = base + t * step;
+  idx[i] = int32_t(Mix(seed + uint64_t(i)) % uint64_t(lim));
+}
+
+std::vector<Row> g_rows;
+
+struct Cache {
+  KvLayout layout;
+  int64_t tokens, stride;
+  int seqs;
+  DeviceBuffer<uint8_t> pool;
+  DeviceBuffer<int32_t> page_table;
+  DeviceBuffer<int64_t> lens;
+  Cache(int s, int64_t n) : tokens(n), stride(kernels::NumPages(n)), seqs(s) {
+    pool = DeviceBuffer<uint8_t>(size_t(s) * stride * layout.MlaPageBytes());
+    PD_BENCH_CUDA(pool.error());
+    std::vector<int32_t> pt(size_t(s) * stride);
+    for (size_t i = 0; i < pt.size(); ++i) pt[i] = int32_t(i);
+    page_table = DeviceBuffer<int32_t>(pt);
+    lens = DeviceBuffer<int64_t>(std::vector<int64_t>(size_t(s), n));
+    // Write every token through the cache-write kernel, a chunk at a time.
+    const int64_t chunk = 1 << 16;
+    DeviceBuffer<float> ckv(size_t(chunk) * 512), kpe(size_t(chunk) * 64);
+    DeviceBuffer<int64_t> pos(static_cast<size_t>(chunk));
+    DeviceBuffer<int32_t> tseq(static_cast<size_t>(chunk));
+    std::vector<int64_t> hpos(static_cast<size_t>(chunk));
+    std::vector<int32_t> hseq(static_cast<size_t>(chunk));
+    for (int64_t done = 0; done < int64_t(s) * n; done += chunk) {
+      const int64_t m = std::min<int64_t>(chunk, int64_t(s) * n - done);
+      for (int64_t i = 0; i < m; ++i) {
+        hpos[size_t(i)] = (done + i) % n;
+        hseq[size_t(i)] = int32_t((done + i) / n);
+      }
+      PD_BENCH_CUDA(pos.Upload(hpos));
+      PD_BENCH_CUDA(tseq.Upload(hseq));
+      FillFloat<<<unsigned((m * 512 + 255) / 256), 256>>>(ckv.get(), m * 512, 11 + uint64_t(done) * 512, 2.0f);
+      FillFloat<<<unsigned((m * 64 + 255) / 256), 256>>>(kpe.get(), m * 64, 77 + uint64_t(done) * 64, 2.0f);
+      kc::MlaWriteParams w;
+      w.pool = pool.get();
+      w.page_table = page_table.get();
+      w.page_table_stride = stride;
+      w.layout = layout;
+      w.c_kv = ckv.get();
+      w.k_pe = kpe.get();
+      w.positions = pos.get();
+      w.token_seq = tseq.get();
+      w.num_tokens = m;
+      PD_BENCH_CUDA(kc::LaunchWriteMlaCache(w, 0));
+    }
+    PD_BENCH_CUDA(cudaDeviceSynchronize());
+  }
+};
+
+void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool causal,
+               double anchor_tflops, int reps) {
+  const int H = 128, topk = 2048;
+  Cache cache(seqs, ctx);
+  const int64_t T = int64_t(seqs) * tokens_per_seq;
+  DeviceBuffer<float> qa(size_t(T) * H * 512), qp(size_t(T) * H * 64), out(size_t(T) * H * 512),
+      lse(size_t(T) * H);
+  FillFloat<<<unsigned((T * H * 512 + 255) / 256), 256>>>(qa.get(), T * H * 512, 5, 1.0f);
+  FillFloat<<<unsigned((T * H * 64 + 255) / 256), 256>>>(qp.get(), T * H * 64, 6, 1.0f);
+  std::vector<int32_t> hseq(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) hseq[size_t(t)] = int32_t(t / tokens_per_seq);
+  DeviceBuffer<int32_t> qseq(hseq);
+  std::vector<DeviceBuffer<int32_t>> idx;
+  for (int k = 0; k < 2; ++k) {
+    idx.emplace_back(size_t(T) * topk);
+    const int64_t base = causal ? ctx - T + 1 : ctx;
+    FillIndices<<<unsigned((T * topk + 255) / 256), 256>>>(idx.back().get(), T, topk, base,
+                                                          causal ? 1 : 0, 1000 + uint64_t(k));
+  }
+  PD_BENCH_CUDA(cudaDeviceSynchronize());
+  kc::SparseMlaParams p;
+  p.cache.pool = cache.pool.get();
+  p.cache.page_table = cache.page_table.get();
+  p.cache.page_table_stride = cache.stride;
+  p.cache.num_tokens = cache.lens.get();
+  p.q_abs = qa.get();
+  p.q_pe = qp.get();
+  p.query_seq = qseq.get();
+  p.num_queries = T;
+  p.heads = H;
+  p.topk = topk;
+  p.softmax_scale = 0.0722f;
+  p.out = out.get();
+  p.lse = lse.get();
+  const double ms = Median(TimeMs(
+      [&](int i) {
+        p.indices = idx[size_t(i % 2)].get();
+        PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+      },
+      2, reps));
+  const double flops = double(T) * H * topk * (576.0 + 512.0) * 2.0;
+  const double tf = flops / (ms * 1e-3) / 1e12;
+  const double bytes = double(T) * topk * 656.0;
+  std::printf("%-8s T=%-6lld H=%d topk=%d ctx=%lldK  %8.3f ms  %6.1f TFLOPS (anchor %3.0f, 75%% = %3.0f)  "
+              "%6.0f GB/s of records gathered\n",
+              name, (long long)T, H, topk, (long long)(ctx / 1024), ms, tf, anchor_tflops,
+              0.75 * anchor_tflops, bytes / (ms * 1e-3) / 1e9);
+  g_rows.push_back(Row()
+                       .S("bench", std::string("sparse_mla_") + name)
+                       .N("query_tokens", double(T))
+                       .N("heads", H)
+                       .N("topk", topk)
+                       .N("context", double(ctx))
+                       .N("ms", ms)
+                       .N("tflops", tf)
+                       .N("anchor_flashmla_h800_tflops", anchor_tflops)
+                       .N("record_bytes", bytes));
+}
+
+void CacheWrite(int64_t T, int reps) {
+  KvLayout layout;
+  const int64_t pages = kernels::NumPages(T);
+  DeviceBuffer<uint8_t> pool(size_t(pages) * layout.MlaPageBytes());
+  std::vector<int32_t> pt(static_cast<size_t>(pages));
+  for (size_t i = 0; i < pt.size(); ++i) pt[i] = int32_t(i);
+  DeviceBuffer<int32_t> d_pt(pt);
+  std::vector<int64_t> pos(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = t;
+  DeviceBuffer<int64_t> d_pos(pos);
+  DeviceBuffer<float> ckv(size_t(T) * 512), kpe(size_t(T) * 64);
+  FillFloat<<<unsigned((T * 512 + 255) / 256), 256>>>(ckv.get(), T * 512, 3, 1.0f);
+  FillFloat<<<unsigned((T * 64 + 255) / 256), 256>>>(kpe.get(), T * 64, 4, 1.0f);
+  kc::MlaWriteParams w;
+  w.pool = pool.get();
+  w.page_table = d_pt.get();
+  w.page_table_stride = pages;
+  w.layout = layout;
+  w.c_kv = ckv.get();
+  w.k_pe = kpe.get();
+  w.positions = d_pos.get();
+  w.num_tokens = T;
+  const double ms = Median(TimeMs([&](int) { PD_BENCH_CUDA(kc::LaunchWriteMlaCache(w, 0)); }, 2, reps));
+  const double bytes = double(T) * (576.0 * 4 + 656.0);
+  std::printf("cache write T=%lld: %.3f ms, %.0f GB/s (fp32 in + 656 B records out)\n", (long long)T,
+              ms, bytes / (ms * 1e-3) / 1e9);
+  g_rows.push_back(Row().S("bench", "mla_cache_write").N("tokens", double(T)).N("ms", ms).N(
+      "gbps", bytes / (ms * 1e-3) / 1e9));
+}
+
+}  // namespace
+}  // namespace pd::bench
+
+int main(int argc, char** argv) {
+  using namespace pd::bench;
+  std::string json = "mla_bench.json";
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--json" && i + 1 < argc) {
+      json = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: %s [--json PATH]\n", argv[0]);
+      return 2;
+    }
+  }
+  cudaDeviceProp prop{};
+  PD_BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  Attention("decode", 128, 32768, 2, false, 410.0, 20);
+  Attention("prefill", 1, 65536, 4096, true, 640.0, 5);
+  CacheWrite(65536, 20);
+  std::map<std::string, std::string> meta = {{"device", prop.name}, {"command", argv[0]}};
+  if (!WriteJson(json, meta, g_rows)) return 1;
+  std::printf("wrote %s\n", json.c_str());
+  return 0;
+}

@@ -1,0 +1,258 @@
+// GPU tests of the sparse MLA kernels against the CPU reference
+// (cpu::WriteMlaCache, cpu::SparseMlaAttention) on random inputs: paged caches
+// in shuffled pages, two sequences, -1 holes in the indices, a token with no
+// valid index, top-k larger than the context. Label "gpu".
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/mla_cuda.h"
+#include "kernels/kv_layout.h"
+#include "kernels/mla.h"
+#include "kernels/numeric.h"
+#include "kernels/testing/minitest.h"
+
+namespace pd::kernels::cuda {
+namespace {
+
+constexpr int kR = 512, kRope = 64;
+
+bool HaveGpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveGpu()) MINITEST_SKIP() << "no CUDA device"
+
+#define ASSERT_CUDA(expr)                                                  \
+  do {                                                                     \
+    const cudaError_t e_ = (expr);                                         \
+    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_); \
+  } while (0)
+
+struct HostMla {
+  KvLayout layout;
+  std::vector<int64_t> lens;
+  int64_t stride = 0;
+  std::vector<uint8_t> pool;
+  std::vector<int32_t> page_table;  // [S, stride]
+};
+
+// Sequences of the given lengths in one pool (shuffled pages, garbage in unused
+// bytes), every token written by the CPU reference.
+HostMla MakeMla(std::mt19937& rng, const std::vector<int64_t>& lens) {
+  HostMla m;
+  m.lens = lens;
+  int64_t pages = 2;
+  for (int64_t n : lens) {
+    pages += NumPages(n);
+    m.stride = std::max(m.stride, NumPages(n));
+  }
+  m.pool.resize(size_t(pages) * m.layout.MlaPageBytes());
+  for (auto& b : m.pool) b = uint8_t(rng());
+  std::vector<int32_t> ids(static_cast<size_t>(pages));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  m.page_table.assign(lens.size() * size_t(m.stride), -1);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  size_t next = 0;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    for (int64_t p = 0; p < NumPages(lens[s]); ++p) m.page_table[s * m.stride + p] = ids[next++];
+    std::vector<float> ckv(size_t(lens[s]) * kR), kpe(size_t(lens[s]) * kRope);
+    for (auto& x : ckv) x = nd(rng);
+    for (auto& x : kpe) x = nd(rng);
+    std::vector<int64_t> pos(static_cast<size_t>(lens[s]));
+    std::iota(pos.begin(), pos.end(), 0);
+    MlaCacheRef ref;
+    ref.pool = m.pool.data();
+    ref.page_table = m.page_table.data() + s * m.stride;
+    ref.layout = m.layout;
+    cpu::WriteMlaCache(ref, ckv.data(), kpe.data(), pos.data(), lens[s]);
+  }
+  return m;
+}
+
+TEST(CudaMla, CacheWriteIsBitExact) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(1);
+  KvLayout layout;
+  const int64_t n = 3000, T = 333;
+  const int64_t pages = NumPages(n) + 1;
+  std::vector<uint8_t> pool(size_t(pages) * layout.MlaPageBytes());
+  for (auto& b : pool) b = uint8_t(rng());
+  std::vector<int32_t> pt(static_cast<size_t>(pages));
+  std::iota(pt.begin(), pt.end(), 0);
+  std::shuffle(pt.begin(), pt.end(), rng);
+  std::vector<int64_t> all(static_cast<size_t>(n));
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng);
+  std::vector<int64_t> pos(all.begin(), all.begin() + T);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_real_distribution<float> mag(-4.0f, 2.0f);
+  std::vector<float> ckv(size_t(T) * kR), kpe(size_t(T) * kRope);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int g = 0; g < 4; ++g) {
+      const float m = std::pow(10.0f, mag(rng));
+      for (int i = 0; i < 128; ++i) ckv[size_t(t * kR + g * 128 + i)] = nd(rng) * m;
+    }
+  }
+  for (auto& x : kpe) x = nd(rng) * 3.0f;
+  ckv[5] = 0.0f;
+  for (int i = 128; i < 256; ++i) ckv[size_t(kR + i)] = 0.0f;  // an all-zero group
+  std::vector<uint8_t> cpu_pool = pool;
+  MlaCacheRef ref;
+  ref.pool = cpu_pool.data();
+  ref.page_table = pt.data();
+  ref.layout = layout;
+  cpu::WriteMlaCache(ref, ckv.data(), kpe.data(), pos.data(), T);
+  DeviceBuffer<uint8_t> d_pool(pool);
+  DeviceBuffer<int32_t> d_pt(pt);
+  DeviceBuffer<float> d_ckv(ckv), d_kpe(kpe);
+  DeviceBuffer<int64_t> d_pos(pos);
+  MlaWriteParams p;
+  p.pool = d_pool.get();
+  p.page_table = d_pt.get();
+  p.page_table_stride = pages;
+  p.layout = layout;
+  p.c_kv = d_ckv.get();
+  p.k_pe = d_kpe.get();
+  p.positions = d_pos.get();
+  p.num_tokens = T;
+  ASSERT_CUDA(LaunchWriteMlaCache(p, 0));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto g = d_pool.Download();
+  size_t bad = 0;
+  for (size_t i = 0; i < g.size(); ++i) bad += g[i] != cpu_pool[i];
+  EXPECT_EQ(bad, 0u) << "bytes differing from cpu::WriteMlaCache (untouched bytes included)";
+}
+
+void RunAttention(int topk, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const std::vector<int64_t> lens = {5000, 200};
+  const HostMla hm = MakeMla(rng, lens);
+  const int H = 128;
+  const std::vector<int> qcount = {5, 2};
+  const float scale = 1.0f / std::sqrt(192.0f);
+  std::normal_distribution<float> nd(0.0f, 1.5f);
+  int64_t T = 0;
+  for (int c : qcount) T += c;
+  std::vector<float> q_abs(size_t(T) * H * kR), q_pe(size_t(T) * H * kRope);
+  for (auto& x : q_abs) x = nd(rng);
+  for (auto& x : q_pe) x = nd(rng);
+  std::vector<int32_t> idx(size_t(T) * topk, -1), qseq(static_cast<size_t>(T));
+  int64_t t = 0;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    for (int c = 0; c < qcount[s]; ++c, ++t) {
+      qseq[size_t(t)] = int32_t(s);
+      std::vector<int32_t> perm(static_cast<size_t>(lens[s]));
+      std::iota(perm.begin(), perm.end(), 0);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      const int n = int(std::min<int64_t>(topk, lens[s]));
+      for (int i = 0; i < n; ++i) idx[size_t(t * topk + i)] = perm[size_t(i)];
+      for (int i = 0; i < topk; ++i) {
+        if (rng() % 10 == 0) idx[size_t(t * topk + i)] = -1;  // holes
+      }
+      std::shuffle(idx.begin() + t * topk, idx.begin() + (t + 1) * topk, rng);
+      if (s == 0 && c == 3) std::fill(idx.begin() + t * topk, idx.begin() + (t + 1) * topk, -1);
+    }
+  }
+  // CPU reference per sequence.
+  std::vector<float> out(size_t(T) * H * kR), lse(size_t(T) * H);
+  t = 0;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    MlaCacheView v;
+    v.pool = hm.pool.data();
+    v.page_table = hm.page_table.data() + s * hm.stride;
+    v.num_tokens = lens[s];
+    v.layout = hm.layout;
+    cpu::SparseMlaAttention(v, q_abs.data() + t * H * kR, q_pe.data() + t * H * kRope, qcount[s],
+                            H, idx.data() + t * topk, topk, scale, out.data() + t * H * kR,
+                            lse.data() + t * H, nullptr);
+    t += qcount[s];
+  }
+  DeviceBuffer<uint8_t> d_pool(hm.pool);
+  DeviceBuffer<int32_t> d_pt(hm.page_table), d_idx(idx), d_qseq(qseq);
+  DeviceBuffer<int64_t> d_lens(lens);
+  DeviceBuffer<float> d_qa(q_abs), d_qp(q_pe), d_out(out.size()), d_lse(lse.size());
+  cudaMemset(d_out.get(), 0xff, d_out.bytes());  // NaN poison
+  SparseMlaParams p;
+  p.cache.pool = d_pool.get();
+  p.cache.page_table = d_pt.get();
+  p.cache.page_table_stride = hm.stride;
+  p.cache.num_tokens = d_lens.get();
+  p.cache.layout = hm.layout;
+  p.q_abs = d_qa.get();
+  p.q_pe = d_qp.get();
+  p.query_seq = d_qseq.get();
+  p.indices = d_idx.get();
+  p.num_queries = T;
+  p.heads = H;
+  p.topk = topk;
+  p.softmax_scale = scale;
+  p.out = d_out.get();
+  p.lse = d_lse.get();
+  ASSERT_CUDA(LaunchSparseMla(p, 0));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto g_out = d_out.Download();
+  const auto g_lse = d_lse.Download();
+  double num = 0.0, den = 0.0, worst = 0.0, worst_lse = 0.0;
+  for (int64_t r = 0; r < T * H; ++r) {
+    double rn = 0.0, rd = 0.0;
+    for (int d = 0; d < kR; ++d) {
+      const double a = g_out[size_t(r * kR + d)], b = out[size_t(r * kR + d)];
+      ASSERT_FALSE(std::isnan(a)) << "row " << r << " dim " << d << " not written";
+      rn += (a - b) * (a - b);
+      rd += b * b;
+    }
+    num += rn;
+    den += rd;
+    if (rd > 0.0) worst = std::max(worst, std::sqrt(rn / rd));
+    if (std::isinf(lse[size_t(r)])) {
+      EXPECT_TRUE(std::isinf(g_lse[size_t(r)]) && g_lse[size_t(r)] < 0) << "row " << r;
+      EXPECT_EQ(rn, 0.0) << "row " << r << " with no valid index must be zero";
+    } else {
+      worst_lse = std::max(worst_lse, std::fabs(double(g_lse[size_t(r)]) - lse[size_t(r)]));
+    }
+  }
+  const double rel = std::sqrt(num / den);
+  std::printf("  topk %d: relative L2 error %.3g overall, %.3g worst row, lse %.3g\n", topk, rel,
+              worst, worst_lse);
+  // bf16 q and p (8-bit mantissas), fp32 accumulation.
+  EXPECT_LT(rel, 1e-2);
+  EXPECT_LT(worst, 3e-2);
+  EXPECT_LT(worst_lse, 3e-2);
+}
+
+TEST(CudaMla, SparseAttentionMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  RunAttention(2048, 2);
+  RunAttention(300, 3);
+  RunAttention(37, 4);
+}
+
+TEST(CudaMla, RejectsBadParameters) {
+  SKIP_WITHOUT_GPU();
+  SparseMlaParams p;
+  p.heads = 96;
+  p.num_queries = 1;
+  const char* why = nullptr;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  ASSERT_TRUE(why != nullptr);
+  EXPECT_TRUE(std::string(why).find("multiple of 64") != std::string::npos) << why;
+  p.heads = 128;
+  p.cache.layout.kv_lora_rank = 256;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("512") != std::string::npos) << why;
+}
+
+}  // namespace
+}  // namespace pd::kernels::cuda
