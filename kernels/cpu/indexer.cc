@@ -918,12 +918,13 @@ void IndexerPrep(const IndexerPrepInputs& in, int heads, const IndexKeyCacheRef&
   std::vector<uint8_t> q(d_count);
 
   // RoPE (half-split pairs (i, i + half)), Hadamard * D^-0.5, FP8 e4m3 with one
-  // ue8m0 scale; returns the scale.
+  // ue8m0 scale; returns the scale. Every multiply-add is an explicit fma so the
+  // bits do not depend on the compiler's contraction or the target ISA.
   auto finish_vector = [&](float* v, uint8_t* out) {
     for (int i = 0; i < half; ++i) {
       const float a = v[i], b = v[i + half];
-      v[i] = a * cs[size_t(i)] - b * sn[size_t(i)];
-      v[i + half] = a * sn[size_t(i)] + b * cs[size_t(i)];
+      v[i] = std::fma(a, cs[size_t(i)], -(b * sn[size_t(i)]));
+      v[i + half] = std::fma(a, sn[size_t(i)], b * cs[size_t(i)]);
     }
     for (int h = 1; h < d_count; h <<= 1) {
       for (int i = 0; i < d_count; i += 2 * h) {
@@ -957,11 +958,13 @@ void IndexerPrep(const IndexerPrepInputs& in, int heads, const IndexKeyCacheRef&
     for (int d = 0; d < d_count; ++d) mean += kp[d];
     mean /= d_count;
     double var = 0.0;
-    for (int d = 0; d < d_count; ++d) var += (kp[d] - mean) * (kp[d] - mean);
+    for (int d = 0; d < d_count; ++d) var = std::fma(kp[d] - mean, kp[d] - mean, var);
     var /= d_count;
     const float mean_f = float(mean);
     const float rstd = float(1.0 / std::sqrt(var + double(in.ln_eps)));
-    for (int d = 0; d < d_count; ++d) x[size_t(d)] = (kp[d] - mean_f) * rstd * in.ln_gamma[d] + in.ln_beta[d];
+    for (int d = 0; d < d_count; ++d) {
+      x[size_t(d)] = std::fma((kp[d] - mean_f) * rstd, in.ln_gamma[d], in.ln_beta[d]);
+    }
     const float k_scale = finish_vector(x.data(), q.data());
     uint8_t* page = cache.pool + size_t(cache.page_table[pos / kPageTokens]) * l.IndexPageBytes();
     const int slot = int(pos % kPageTokens);
