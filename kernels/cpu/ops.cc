@@ -525,7 +525,9 @@ void QuantizeFp8(const float* x, int64_t rows, int64_t n, int group, bool ue8m0,
 }
 
 // ---------------------------------------------------------------------------
-// MoE router (DeepSeek-V3 Gate, sigmoid scores + correction bias).
+// MoE router (DeepSeek-V3 Gate, sigmoid scores + correction bias). bias may be
+// null (zero bias); the group score is then still the top-2 sum, as ops.h
+// states (DeepSeek's Gate without a bias would use the group max instead).
 // ---------------------------------------------------------------------------
 void MoeRoute(const float* logits, const float* bias, int64_t m, int experts, int n_group,
               int topk_group, int topk, bool norm_topk, float route_scale, int32_t* idx,
