@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -52,9 +53,30 @@ class DataSender {
   // True once fence `id` completed: every write before it is in the receiver's
   // memory (one-sided) or was consumed by a matching receive (two-sided).
   virtual absl::StatusOr<bool> PollFence(uint64_t id) = 0;
+  // Called once the stream posts no more writes (after a failure): OK only
+  // when every write posted so far has certainly landed in the receiver's
+  // memory (or been consumed by a receive), so the receiver may reuse it;
+  // an error when that cannot be known by the deadline (a broken data plane).
+  // Default: a fence behind every write, polled until the deadline.
+  virtual absl::Status Quiesce(absl::Time deadline) {
+    absl::StatusOr<uint64_t> fence = PostFence();
+    if (!fence.ok()) return fence.status();
+    while (true) {
+      absl::StatusOr<bool> done = PollFence(*fence);
+      if (!done.ok()) return done.status();
+      if (*done) return absl::OkStatus();
+      if (absl::Now() > deadline) return absl::DeadlineExceededError("data plane did not quiesce");
+      std::this_thread::yield();
+    }
+  }
 };
 
-// Receiver side of one stream. Used by one thread at a time.
+// Receiver side of one stream. Used by one thread at a time. Destroying it
+// ends every receive posted through it (two-sided backends complete or cancel
+// them first), so nothing lands in the region on its behalf afterwards. A
+// one-sided backend cannot stop a sender's puts into a region that stays
+// registered: the stream quarantines such memory after a failure until the
+// sender confirms (Quiesce) or is known gone (kv_stream.h).
 class DataReceiver {
  public:
   virtual ~DataReceiver() = default;

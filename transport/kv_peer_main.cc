@@ -5,6 +5,7 @@
 //   kv_peer --role=sender   --connect=HOST:PORT [--layer_delay_ms=N] [common flags]
 // common: --backend=ucx|loopback  --layers=N --tokens=N --seed=N
 //         --fingerprint=HEX --chunk_bytes=N --staged=0|1
+// receiver: --quarantine_grace_ms=N (page quarantine after a dead sender)
 //
 // Both ends generate the same deterministic KV from --seed; the receiver
 // checks every byte that landed against it. Output lines (stdout):
@@ -101,6 +102,7 @@ int Run(const Flags& f) {
     if (!ch.ok()) return Finish(ch.status());
     ReceiverOptions o;
     o.model_fingerprint = fingerprint;
+    o.quarantine_grace = absl::Milliseconds(f.Int("quarantine_grace_ms", 2000));
     {
       auto rx = KvReceiver::Accept(*backend, std::move(*ch), **cache, o);
       if (!rx.ok()) return Finish(rx.status());

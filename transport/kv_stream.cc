@@ -55,6 +55,11 @@ SideLayout LocalSide(const kvcache::KvCache& cache, int32_t seq, int64_t tokens)
   return s;
 }
 
+// Whether chunk `id` carries (and is verified by) an XXH3-64 checksum.
+bool Hashed(const proto::Manifest& m, uint32_t id) {
+  return m.checksum && id % std::max<uint32_t>(1, m.checksum_every) == 0;
+}
+
 absl::Status HashOnHost(MemoryOps& ops, const uint8_t* p, size_t n, Xxh3& h) {
   return ops.ReadOnHost(p, n, [&](const uint8_t* q, size_t m) { h.Update(q, m); });
 }
@@ -268,6 +273,7 @@ class SenderImpl final : public KvSender {
     h.page_count = c.count;
     h.bytes = c.bytes;
     h.attempt = attempts_[id];
+    const bool hashed = Hashed(manifest_, id);
     if (staged_) {
       uint32_t slot = free_slots_.front();
       free_slots_.pop_front();
@@ -282,17 +288,18 @@ class SenderImpl final : public KvSender {
           PD_RETURN_IF_ERROR(ops_.CopyToHost(b, src, s.len));
           src = b;
         }
-        if (manifest_.checksum) hash.Update(src, s.len);
+        if (hashed) hash.Update(src, s.len);
         PD_RETURN_IF_ERROR(data_->PostWrite(src, slot_base + off, s.len));
         off += s.len;
       }
     } else {
       for (const Segment& s : c.segments) {
-        if (manifest_.checksum) PD_RETURN_IF_ERROR(HashOnHost(ops_, arena + s.src, s.len, hash));
+        if (hashed) PD_RETURN_IF_ERROR(HashOnHost(ops_, arena + s.src, s.len, hash));
         PD_RETURN_IF_ERROR(data_->PostWrite(arena + s.src, s.dst, s.len));
       }
     }
-    h.checksum = manifest_.checksum ? hash.Digest() : 0;
+    h.checksum = hashed ? hash.Digest() : 0;
+    ++writes_posted_;
     state_[id] = State::kPosted;
     credit_bytes_ -= std::min(credit_bytes_, c.bytes);
     --credit_chunks_;
@@ -377,6 +384,19 @@ class SenderImpl final : public KvSender {
       if (!peer_aborted_ && channel_->status().ok()) {
         channel_->Send(proto::StatusToAbort(st)).IgnoreError();
       }
+      // The receiver holds the stream's pages in quarantine until it hears
+      // that no write of ours can still land there: flush, then say so. A
+      // data plane that cannot confirm says nothing (the receiver then waits
+      // out its grace period).
+      if (one_sided_ && channel_->status().ok()) {
+        absl::Status q = data_->Quiesce(absl::Now() + options_.quiesce_timeout);
+        if (q.ok()) {
+          channel_->Send(proto::Quiesced{writes_posted_}).IgnoreError();
+        } else {
+          LOG(WARNING) << "KV stream " << request_.request_id
+                       << " (sender): data plane did not quiesce: " << q;
+        }
+      }
     }
     channel_->Close();
     data_.reset();    // endpoint, remote key
@@ -409,6 +429,7 @@ class SenderImpl final : public KvSender {
   std::deque<Batch> batches_;
   uint64_t credit_bytes_ = 0;
   uint32_t credit_chunks_ = 0;
+  uint64_t writes_posted_ = 0;  // chunks posted (for Quiesced)
   bool receiver_done_ = false, peer_aborted_ = false;
 
   mutable absl::Mutex mu_;
@@ -463,12 +484,17 @@ class ReceiverImpl final : public KvReceiver {
       layer_left_[l] = plan_.layer_first[l + 1] - plan_.layer_first[l];
     }
     ready_.assign(manifest_.num_layers, false);
+    channel_->SetNotify([this] {
+      absl::MutexLock lock(&mu_);
+      ++wakeups_;
+    });
     thread_ = std::thread([this] { Run(); });
   }
 
   ~ReceiverImpl() override {
     Abort(absl::CancelledError("KV receiver destroyed before the stream finished"));
     thread_.join();
+    channel_->SetNotify(nullptr);
   }
 
   const proto::Manifest& manifest() const override { return manifest_; }
@@ -502,15 +528,21 @@ class ReceiverImpl final : public KvReceiver {
     return final_;
   }
 
-  void Abort(const absl::Status& why) override {
-    {
-      absl::MutexLock lock(&mu_);
-      if (done_ || !abort_.ok()) return;
-      abort_ = why.ok() ? absl::CancelledError("aborted") : why;
+  absl::Status WaitReleased(absl::Time deadline) override {
+    absl::MutexLock lock(&mu_);
+    if (!mu_.AwaitWithDeadline(absl::Condition(&released_), deadline)) {
+      return absl::DeadlineExceededError(absl::StrCat("KV stream ", manifest_.request_id,
+                                                      ": memory still held (stream running or quarantined)"));
     }
-    // Wakes the stream thread out of Receive(); it reports `abort_`.
-    channel_->Send(proto::StatusToAbort(why)).IgnoreError();
-    channel_->Close();
+    return absl::OkStatus();
+  }
+
+  // The stream thread notices `abort_` at its next wakeup and sends the Abort.
+  void Abort(const absl::Status& why) override {
+    absl::MutexLock lock(&mu_);
+    if (done_ || !abort_.ok()) return;
+    abort_ = why.ok() ? absl::CancelledError("aborted") : why;
+    ++wakeups_;
   }
 
   StreamStats stats() const override {
@@ -525,24 +557,36 @@ class ReceiverImpl final : public KvReceiver {
   }
 
   absl::Status Loop() {
+    absl::Time last_progress = absl::Now();
     while (verified_count_ < plan_.chunks.size()) {
       if (!one_sided_) PD_RETURN_IF_ERROR(PostRecvsAhead());
-      auto msg = channel_->Receive(absl::Now() + options_.progress_timeout);
+      uint64_t seen_wakeups = 0;
       {
         absl::MutexLock lock(&mu_);
         if (!abort_.ok()) return abort_;
+        seen_wakeups = wakeups_;
       }
+      auto msg = channel_->TryReceive();
       if (!msg.ok()) {
-        if (absl::IsDeadlineExceeded(msg.status())) {
-          return absl::DeadlineExceededError(absl::StrCat(
-              "KV stream ", manifest_.request_id, ": nothing from the sender for ",
-              absl::FormatDuration(options_.progress_timeout), " (", verified_count_, " of ",
-              plan_.chunks.size(), " chunks verified)"));
-        }
         return absl::UnavailableError(absl::StrCat("KV stream ", manifest_.request_id,
                                                    ": sender lost: ", msg.status().message()));
       }
-      PD_RETURN_IF_ERROR(Handle(*msg));
+      if (msg->has_value()) {
+        PD_RETURN_IF_ERROR(Handle(**msg));
+        last_progress = absl::Now();
+        continue;
+      }
+      const absl::Time deadline = last_progress + options_.progress_timeout;
+      if (absl::Now() >= deadline) {
+        return absl::DeadlineExceededError(absl::StrCat(
+            "KV stream ", manifest_.request_id, ": nothing from the sender for ",
+            absl::FormatDuration(options_.progress_timeout), " (", verified_count_, " of ",
+            plan_.chunks.size(), " chunks verified)"));
+      }
+      // Woken by a message, the channel closing, or Abort.
+      absl::MutexLock lock(&mu_);
+      auto woken = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return wakeups_ != seen_wakeups; };
+      mu_.AwaitWithDeadline(absl::Condition(&woken), deadline);
     }
     PD_RETURN_IF_ERROR(cache_.SetLength(seq_, int64_t(manifest_.num_tokens)));
     PD_RETURN_IF_ERROR(channel_->Send(proto::Done{uint32_t(plan_.chunks.size()), plan_.total_bytes}));
@@ -644,7 +688,7 @@ class ReceiverImpl final : public KvReceiver {
                                                        " outside the ring"));
       }
       const uint8_t* slot = staging_->data() + uint64_t(h.slot) * slot_bytes_;
-      if (manifest_.checksum && XXH3_64bits(slot, h.bytes) != h.checksum) return false;
+      if (Hashed(manifest_, h.chunk_id) && XXH3_64bits(slot, h.bytes) != h.checksum) return false;
       uint64_t off = 0;
       for (const Segment& s : c.segments) {
         PD_RETURN_IF_ERROR(ops_.CopyFromHost(arena + s.dst, slot + off, s.len));
@@ -652,7 +696,7 @@ class ReceiverImpl final : public KvReceiver {
       }
       return true;
     }
-    if (!manifest_.checksum) return true;
+    if (!Hashed(manifest_, h.chunk_id)) return true;
     Xxh3 hash;
     for (const Segment& s : c.segments) PD_RETURN_IF_ERROR(HashOnHost(ops_, arena + s.dst, s.len, hash));
     if (hash.Digest() == h.checksum) return true;
@@ -663,20 +707,58 @@ class ReceiverImpl final : public KvReceiver {
   }
 
   void Finalize(absl::Status st) {
+    ResourceToken quarantine;
     if (!st.ok()) {
       LOG(WARNING) << "KV stream " << manifest_.request_id << " (receiver) failed: " << st;
       if (!peer_aborted_ && channel_->status().ok()) {
         channel_->Send(proto::StatusToAbort(st)).IgnoreError();
       }
-      cache_.Release(seq_).IgnoreError();
+      if (one_sided_) quarantine = ResourceToken(Resource::kQuarantine);
     }
-    channel_->Close();
+    {
+      // Report the outcome now; the memory may be held a while longer.
+      absl::MutexLock lock(&mu_);
+      stats_.elapsed = absl::Now() - start_;
+      final_ = st;
+      done_ = true;
+    }
+    if (!st.ok() && one_sided_) AwaitQuiescence();
+    // Two-sided: destroying the receiver ends its posted receives first.
     data_.reset();
     staging_.reset();
+    if (!st.ok()) cache_.Release(seq_).IgnoreError();
+    channel_->Close();
+    quarantine.Reset();
     absl::MutexLock lock(&mu_);
-    stats_.elapsed = absl::Now() - start_;
-    final_ = st;
-    done_ = true;
+    released_ = true;
+  }
+
+  // The quarantine of a failed one-sided stream: returns once the sender
+  // confirmed that all its writes landed (Quiesced), or quarantine_grace after
+  // the control channel closed without that, or at quarantine_limit.
+  void AwaitQuiescence() {
+    const absl::Time limit = absl::Now() + options_.quarantine_limit;
+    while (true) {
+      auto msg = channel_->Receive(limit);
+      if (msg.ok()) {
+        if (std::holds_alternative<proto::Quiesced>(*msg)) {
+          VLOG(1) << "KV stream " << manifest_.request_id << ": sender quiesced";
+          return;
+        }
+        continue;  // late chunk headers, the sender's Abort
+      }
+      if (absl::IsDeadlineExceeded(msg.status())) {
+        LOG(WARNING) << "KV stream " << manifest_.request_id << ": no Quiesced from a live sender in "
+                     << absl::FormatDuration(options_.quarantine_limit) << "; releasing its pages";
+        return;
+      }
+      // The sender is gone without confirming: its in-flight writes may still land.
+      const absl::Time until = std::min(limit, absl::Now() + options_.quarantine_grace);
+      VLOG(1) << "KV stream " << manifest_.request_id << ": sender gone ("
+              << msg.status() << "); pages quarantined for " << absl::FormatDuration(until - absl::Now());
+      absl::SleepFor(until - absl::Now());
+      return;
+    }
   }
 
   std::unique_ptr<ControlChannel> channel_;
@@ -700,6 +782,8 @@ class ReceiverImpl final : public KvReceiver {
   bool peer_aborted_ = false;
 
   mutable absl::Mutex mu_;
+  uint64_t wakeups_ ABSL_GUARDED_BY(mu_) = 0;
+  bool released_ ABSL_GUARDED_BY(mu_) = false;
   // Stream thread only.
   std::vector<bool> verified_;
   uint64_t verified_count_ = 0;
@@ -811,6 +895,8 @@ absl::StatusOr<std::unique_ptr<KvSender>> KvSender::Start(Backend& backend,
   m.max_chunk_bytes = options.max_chunk_bytes;
   m.staged = staged;
   m.checksum = options.checksum;
+  m.checksum_every = std::max<uint32_t>(1, options.checksum_every);
+  m.sender_node = options.node_name;
   m.source_pages = src.pages;
   PD_RETURN_IF_ERROR(channel->Send(m));
 
@@ -926,7 +1012,8 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> KvReceiver::Accept(Backend& backend,
     staging = std::move(*b);
     region = MemoryRegion{staging->data(), staging->size(), false};
   }
-  PeerContext peer{m.request_id, options.node_name, channel->peer()};
+  PeerContext peer{m.request_id, options.node_name,
+                   m.sender_node.empty() ? channel->peer() : m.sender_node};
   auto data = backend.Listen(region, m.sender_info, peer, deadline);
   if (!data.ok()) return fail(data.status());
 

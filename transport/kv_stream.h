@@ -21,6 +21,15 @@
 // Flow control: the receiver grants credit (bytes and chunks not yet
 // acknowledged); the sender never exceeds it, so memory on both sides is bounded
 // by the credit (staging slots in staged mode).
+// Page quarantine: after a failed one-sided stream, a sender that has not yet
+// noticed the failure (or packets still in flight) can land puts in the
+// receiver's memory. The receiver therefore reports the failure at once but
+// hands back the sequence's pages and the stream's buffers only when the
+// sender confirmed (Quiesced: it flushed its writes to remote completion and
+// posts no more), or `quarantine_grace` after the sender is known gone
+// (control channel closed without a Quiesced), and at the latest
+// `quarantine_limit` after the failure. Two-sided backends need no quarantine:
+// the receiver's posted receives end with its DataReceiver.
 #ifndef PD_TRANSPORT_KV_STREAM_H_
 #define PD_TRANSPORT_KV_STREAM_H_
 
@@ -54,12 +63,19 @@ struct SenderOptions {
   // Forced when the cache is device memory and the backend cannot reach it.
   bool staged = false;
   bool checksum = true;   // XXH3-64 per chunk, verified by the receiver
+  // With `checksum`: only chunks whose id is a multiple of this are hashed and
+  // verified (a sampled check where the backend has its own integrity and
+  // hashing would bound the bandwidth, e.g. NCCL over NVLink). 1: every chunk.
+  uint32_t checksum_every = 1;
   int max_resends = 3;    // per chunk, then the stream aborts with DataLoss
   // Chunks posted before one fence + header batch.
   int max_batch_chunks = 16;
   absl::Duration handshake_timeout = absl::Seconds(10);
   // No acknowledgement or completed fence for this long fails the stream.
   absl::Duration progress_timeout = absl::Seconds(10);
+  // After a failure: how long to wait for the data plane to flush before
+  // telling the receiver its memory is free again (Quiesced).
+  absl::Duration quiesce_timeout = absl::Seconds(2);
   MemoryOps* memory_ops = nullptr;  // how to reach the cache; null: host memory
 };
 
@@ -107,6 +123,11 @@ struct ReceiverOptions {
   uint32_t staging_slots = 8;  // staged mode: ring slots of max_chunk_bytes each
   absl::Duration handshake_timeout = absl::Seconds(10);
   absl::Duration progress_timeout = absl::Seconds(10);
+  // Page quarantine after a failed one-sided stream (see the top of this
+  // file): how long after the sender is known gone its in-flight writes may
+  // still land, and the longest wait for a live sender's Quiesced.
+  absl::Duration quarantine_grace = absl::Seconds(2);
+  absl::Duration quarantine_limit = absl::Seconds(10);
   MemoryOps* memory_ops = nullptr;  // how to reach the cache; null: host memory
 };
 
@@ -122,12 +143,14 @@ class KvReceiver {
                                                             std::unique_ptr<ControlChannel> channel,
                                                             kvcache::KvCache& cache,
                                                             const ReceiverOptions& options);
-  // Fails an unfinished stream (Cancelled) and joins the stream thread.
+  // Fails an unfinished stream (Cancelled) and joins the stream thread; after a
+  // failure that waits for the quarantine to end (at most quarantine_limit).
   virtual ~KvReceiver() = default;
 
   virtual const proto::Manifest& manifest() const = 0;
   // The sequence the KV lands in. After a successful stream it belongs to the
-  // caller, with Length = manifest().num_tokens; a failed stream released it.
+  // caller, with Length = manifest().num_tokens; a failed stream releases it
+  // when its quarantine ends (WaitReleased).
   virtual int32_t sequence() const = 0;
   // True once every chunk of layer `layer` landed and passed its checksum.
   virtual bool LayerReady(int layer) const = 0;
@@ -136,6 +159,9 @@ class KvReceiver {
   virtual absl::Status WaitLayer(int layer, absl::Time deadline) = 0;
   // OK once every layer is ready (the sequence's length is then set).
   virtual absl::Status WaitDone(absl::Time deadline) = 0;
+  // OK once the stream ended and, after a failure, its sequence and buffers
+  // went back (the quarantine ended); DeadlineExceeded before that.
+  virtual absl::Status WaitReleased(absl::Time deadline) = 0;
   virtual void Abort(const absl::Status& why) = 0;
   virtual StreamStats stats() const = 0;
 };

@@ -38,6 +38,8 @@ struct StreamSetup {
     receiver.model_fingerprint = kFingerprint;
     receiver.progress_timeout = absl::Seconds(5);
     sender.progress_timeout = absl::Seconds(5);
+    // Loopback writes are synchronous: nothing is in flight once a sender is gone.
+    receiver.quarantine_grace = absl::Milliseconds(100);
   }
 };
 
@@ -92,6 +94,12 @@ class KvStreamTest : public ::testing::Test {
   void ExpectSequenceReleased() {
     EXPECT_EQ(dst_->free_pages(), dst_free_before_);
     EXPECT_EQ(dst_->live_sequences(), 1);
+  }
+  // After a failure the receiver hands its sequence back when the quarantine ends.
+  void ExpectSequenceReleased(KvReceiver& rx) {
+    absl::Status st = rx.WaitReleased(absl::Now() + absl::Seconds(5));
+    EXPECT_TRUE(st.ok()) << st;
+    ExpectSequenceReleased();
   }
 
   ResourceSnapshot baseline_;
@@ -246,7 +254,7 @@ TEST_F(KvStreamTest, PersistentCorruptionAbortsWithDataLoss) {
     absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10));
     EXPECT_EQ(rx.code(), absl::StatusCode::kDataLoss) << rx;
     EXPECT_NE(rx.message().find("sender aborted"), std::string::npos) << rx;
-    ExpectSequenceReleased();
+    ExpectSequenceReleased(**st.receiver);
   }
   ExpectNothingLeaked();
 }
@@ -265,7 +273,7 @@ TEST_F(KvStreamTest, TwoSidedCorruptionAbortsWithoutResend) {
     EXPECT_EQ(rx.code(), absl::StatusCode::kDataLoss) << rx;
     absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
     EXPECT_EQ(fin.code(), absl::StatusCode::kDataLoss) << fin;
-    ExpectSequenceReleased();
+    ExpectSequenceReleased(**st.receiver);
   }
   ExpectNothingLeaked();
 }
@@ -334,7 +342,7 @@ TEST_F(KvStreamTest, SenderDisappearsMidStream) {
     EXPECT_EQ(rx.code(), absl::StatusCode::kUnavailable) << rx;
     absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(5));
     EXPECT_EQ(fin.code(), absl::StatusCode::kUnavailable) << fin;
-    ExpectSequenceReleased();
+    ExpectSequenceReleased(**st.receiver);
     EXPECT_FALSE((*st.receiver)->LayerReady(kLayers - 1));
   }
   ExpectNothingLeaked();
@@ -359,9 +367,105 @@ TEST_F(KvStreamTest, ReceiverDisappearsMidStream) {
     EXPECT_EQ(fin.code(), absl::StatusCode::kUnavailable) << fin;
     EXPECT_EQ((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5)).code(),
               absl::StatusCode::kUnavailable);
-    ExpectSequenceReleased();
+    ExpectSequenceReleased(**st.receiver);
   }
   ExpectNothingLeaked();
+}
+
+// Page quarantine, live sender: the receiver fails while the sender's writes
+// are still in flight (write_latency). The failure is reported at once, but
+// the pages stay held until the sender has flushed every write and said so
+// (Quiesced), long before the grace period, and writes did land after the
+// failure: releasing the pages at the failure would have let them hit
+// whichever sequence got the pages next.
+TEST_F(KvStreamTest, ReceiverFailureQuarantinesPagesUntilSenderQuiesces) {
+  auto inner = NewLoopbackBackend();
+  FaultPolicy policy;
+  policy.write_latency = absl::Milliseconds(150);
+  StreamSetup s;
+  s.receiver.quarantine_grace = absl::Seconds(30);
+  s.receiver.quarantine_limit = absl::Seconds(30);
+  {
+    FaultInjectingBackend slow(*inner, policy);
+    Stream st = StartStream(slow, *inner, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    // Wait until writes are in flight, then fail the receiver.
+    const absl::Time until = absl::Now() + absl::Seconds(5);
+    while (slow.writes_in_flight() == 0 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(1));
+    ASSERT_GT(slow.writes_in_flight(), 0);
+    const absl::Time failed = absl::Now();
+    (*st.receiver)->Abort(absl::CancelledError("decode node shutting down"));
+    absl::Status rx = (*st.receiver)->WaitDone(failed + absl::Seconds(5));
+    EXPECT_EQ(rx.code(), absl::StatusCode::kCancelled) << rx;
+    const int64_t delivered_at_failure = slow.writes_delivered();
+    // Reported, but the pages are held.
+    EXPECT_LT(dst_->free_pages(), dst_free_before_);
+    EXPECT_EQ(GetResourceCounters()[Resource::kQuarantine], baseline_[Resource::kQuarantine] + 1);
+    ASSERT_TRUE((*st.receiver)->WaitReleased(failed + absl::Seconds(10)).ok());
+    const absl::Duration held = absl::Now() - failed;
+    EXPECT_EQ(slow.writes_in_flight(), 0) << "pages released with writes still in flight";
+    EXPECT_GT(slow.writes_delivered(), delivered_at_failure) << "no write landed after the failure";
+    EXPECT_LT(held, absl::Seconds(5)) << "released by the grace period, not by the sender's Quiesced";
+    EXPECT_EQ(dst_->free_pages(), dst_free_before_);
+    EXPECT_EQ((*st.sender)->Finish(absl::Now() + absl::Seconds(5)).code(), absl::StatusCode::kCancelled);
+  }
+  ExpectNothingLeaked();
+}
+
+// Page quarantine, dead sender: the sender vanishes (no Quiesced can come)
+// with writes in flight; the pages stay held for quarantine_grace after its
+// control channel dropped, by which time the last in-flight write has landed.
+TEST_F(KvStreamTest, DeadSenderPagesAreHeldForTheGracePeriod) {
+  auto inner = NewLoopbackBackend();
+  ControlChannel* sender_channel = nullptr;
+  FaultPolicy policy;
+  policy.write_latency = absl::Milliseconds(200);
+  policy.disconnect_after_writes = 12;
+  policy.on_disconnect = [&] { sender_channel->Sever(); };
+  StreamSetup s;
+  s.receiver.quarantine_grace = absl::Milliseconds(500);
+  {
+    FaultInjectingBackend faulty(*inner, policy);
+    Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    sender_channel = st.sender_channel;
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5));
+    const absl::Time failed = absl::Now();
+    EXPECT_EQ(rx.code(), absl::StatusCode::kUnavailable) << rx;
+    EXPECT_GT(faulty.writes_in_flight(), 0);
+    EXPECT_LT(dst_->free_pages(), dst_free_before_);
+    ASSERT_TRUE((*st.receiver)->WaitReleased(failed + absl::Seconds(5)).ok());
+    EXPECT_GE(absl::Now() - failed, absl::Milliseconds(450));
+    EXPECT_EQ(faulty.writes_in_flight(), 0) << "pages released with writes still in flight";
+    EXPECT_GT(faulty.late_writes(), 0) << "no write landed after the sender gave up";
+    EXPECT_EQ(dst_->free_pages(), dst_free_before_);
+  }
+  ExpectNothingLeaked();
+}
+
+// The same with no grace period: the pages come back while the dead sender's
+// writes are still in flight. This is what the quarantine prevents, and shows
+// that the two tests above can see it.
+TEST_F(KvStreamTest, WithoutGraceDeadSenderWritesOutliveThePages) {
+  auto inner = NewLoopbackBackend();
+  ControlChannel* sender_channel = nullptr;
+  FaultPolicy policy;
+  policy.write_latency = absl::Milliseconds(300);
+  policy.disconnect_after_writes = 12;
+  policy.on_disconnect = [&] { sender_channel->Sever(); };
+  StreamSetup s;
+  s.receiver.quarantine_grace = absl::ZeroDuration();
+  FaultInjectingBackend faulty(*inner, policy);
+  Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
+  ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+  sender_channel = st.sender_channel;
+  ASSERT_TRUE(SendAll(**st.sender).ok());
+  EXPECT_EQ((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5)).code(), absl::StatusCode::kUnavailable);
+  ASSERT_TRUE((*st.receiver)->WaitReleased(absl::Now() + absl::Seconds(5)).ok());
+  EXPECT_GT(faulty.writes_in_flight(), 0);
+  EXPECT_EQ(dst_->free_pages(), dst_free_before_);
 }
 
 TEST_F(KvStreamTest, DestroyingAnUnfinishedStreamAbortsThePeer) {
@@ -374,7 +478,7 @@ TEST_F(KvStreamTest, DestroyingAnUnfinishedStreamAbortsThePeer) {
     st.sender->reset();
     absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5));
     EXPECT_EQ(rx.code(), absl::StatusCode::kCancelled) << rx;
-    ExpectSequenceReleased();
+    ExpectSequenceReleased(**st.receiver);
   }
   ExpectNothingLeaked();
 }
@@ -389,7 +493,7 @@ TEST_F(KvStreamTest, IdleSenderHitsReceiverProgressDeadline) {
   EXPECT_EQ(rx.code(), absl::StatusCode::kDeadlineExceeded) << rx;
   EXPECT_EQ((*st.sender)->Finish(absl::Now() + absl::Seconds(5)).code(),
             absl::StatusCode::kDeadlineExceeded);
-  ExpectSequenceReleased();
+  ExpectSequenceReleased(**st.receiver);
 }
 
 TEST_F(KvStreamTest, NonManifestFirstMessageIsInvalidArgument) {

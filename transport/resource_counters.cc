@@ -1,6 +1,7 @@
 #include "transport/resource_counters.h"
 
 #include <atomic>
+#include <iterator>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -19,7 +20,9 @@ void AddBytes(Resource r, int64_t delta) {
 
 const char* ResourceName(Resource r) {
   static constexpr const char* kNames[] = {"registered_region", "remote_key", "pinned_buffer",
-                                           "endpoint", "communicator", "stream"};
+                                           "endpoint",          "communicator", "stream",
+                                           "quarantined_stream"};
+  static_assert(std::size(kNames) == size_t(Resource::kCount));
   return int(r) >= 0 && r < Resource::kCount ? kNames[int(r)] : "?";
 }
 

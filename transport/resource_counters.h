@@ -17,6 +17,7 @@ enum class Resource : int {
   kEndpoint,              // ucp endpoints, loopback connections
   kCommunicator,          // NCCL communicators
   kStream,                // live KvSender / KvReceiver objects
+  kQuarantine,            // failed receiver streams whose pages and buffers are held back
   kCount,
 };
 const char* ResourceName(Resource r);

@@ -126,7 +126,7 @@ TEST_F(NetnsTest, CutLinkIsUnavailableWithinTwoSeconds) {
   EXPECT_LT(absl::Now() - cut, absl::Seconds(2.5));
   const std::string none =
       "RESOURCES registered_region=0 remote_key=0 pinned_buffer=0 endpoint=0 communicator=0 stream=0 "
-      "pinned_bytes=0 registered_bytes=0";
+      "quarantined_stream=0 pinned_bytes=0 registered_bytes=0";
   EXPECT_EQ(rx.WaitForLine("RESOURCES", absl::Seconds(10)), none);
   EXPECT_EQ(tx.WaitForLine("RESOURCES", absl::Seconds(10)), none);
   EXPECT_NE(rx.Wait(), 0);

@@ -33,7 +33,8 @@ std::vector<std::string> PeerArgs(std::vector<std::string> extra) {
 
 void ExpectRequestResourcesReleased(const ResourceSnapshot& base) {
   ResourceSnapshot now = GetResourceCounters();
-  for (Resource r : {Resource::kRemoteKey, Resource::kEndpoint, Resource::kPinnedBuffer, Resource::kStream}) {
+  for (Resource r : {Resource::kRemoteKey, Resource::kEndpoint, Resource::kPinnedBuffer, Resource::kStream,
+                     Resource::kQuarantine}) {
     EXPECT_EQ(now[r], base[r]) << ResourceName(r) << "; now " << now.ToString();
   }
 }
@@ -94,6 +95,7 @@ TEST_P(PeerKillTest, SenderKilledMidStream) {
   ASSERT_TRUE(ch.ok()) << ch.status();
   ReceiverOptions o;
   o.model_fingerprint = kFingerprint;
+  o.quarantine_grace = absl::Milliseconds(500);
   {
     auto rx = KvReceiver::Accept(**backend, std::move(*ch), *cache, o);
     ASSERT_TRUE(rx.ok()) << rx.status();
@@ -104,6 +106,12 @@ TEST_P(PeerKillTest, SenderKilledMidStream) {
     EXPECT_LT(absl::Now() - killed, absl::Seconds(2));
     EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
     EXPECT_FALSE((*rx)->LayerReady(kLayers - 1));
+    // The dead sender cannot confirm that its puts landed: the pages stay
+    // quarantined for the grace period, then come back.
+    const absl::Time reported = absl::Now();
+    EXPECT_LT(cache->free_pages(), free_before);
+    ASSERT_TRUE((*rx)->WaitReleased(reported + absl::Seconds(5)).ok());
+    EXPECT_GE(absl::Now() - reported, absl::Milliseconds(400));
     EXPECT_EQ(cache->free_pages(), free_before);
     EXPECT_EQ(cache->live_sequences(), 0);
   }

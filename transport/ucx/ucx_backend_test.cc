@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <thread>
+#include <vector>
 
 #include "transport/fault_injection.h"
 #include "transport/kv_stream.h"
@@ -22,6 +23,7 @@ const char kFingerprint[] = "feedfacecafebeef";
 struct Stream {
   absl::StatusOr<std::unique_ptr<KvSender>> sender = absl::UnknownError("unset");
   absl::StatusOr<std::unique_ptr<KvReceiver>> receiver = absl::UnknownError("unset");
+  ControlChannel* sender_channel = nullptr;
   ControlChannel* receiver_channel = nullptr;
 };
 
@@ -41,6 +43,7 @@ Stream StartStream(Backend& tx, Backend& rx, const kvcache::KvCache& src, int32_
   });
   auto ch = ControlChannel::Connect("127.0.0.1", (*listener)->port(), absl::Now() + absl::Seconds(10));
   EXPECT_TRUE(ch.ok());
+  out.sender_channel = ch->get();
   out.sender = KvSender::Start(tx, std::move(*ch), src, {"ucx-req", kFingerprint, seq, kTokens}, so);
   t.join();
   return out;
@@ -72,6 +75,7 @@ class UcxStreamTest : public ::testing::TestWithParam<const char*> {
     rx_ = std::move(*rx);
     so_.max_chunk_bytes = 256 << 10;
     ro_.model_fingerprint = kFingerprint;
+    ro_.quarantine_grace = absl::Milliseconds(300);
   }
   void TearDown() override {
     tx_.reset();
@@ -157,10 +161,89 @@ TEST_P(UcxStreamTest, ReceiverVanishesSenderReportsUnavailable) {
     EXPECT_EQ(fin.code(), absl::StatusCode::kUnavailable) << fin;
     EXPECT_EQ((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5)).code(),
               absl::StatusCode::kUnavailable);
+    ASSERT_TRUE((*st.receiver)->WaitReleased(absl::Now() + absl::Seconds(5)).ok());
     EXPECT_EQ(dst_->free_pages(), free_before);
   }
   ExpectRequestResourcesReleased(baseline_);
 }
+
+// The page-reuse hazard on a real one-sided data plane. The receiver's arena
+// stays registered across streams, so a put still in flight when its stream
+// failed lands wherever it was addressed. The sender dies with writes in
+// flight (write_latency); the next sequence that gets the failed stream's
+// pages must not see any of them. With `grace` zero the pages come back at
+// once and the late puts do overwrite the new sequence (the control case).
+class UcxQuarantineTest : public UcxStreamTest {
+ protected:
+  // Streams until the sender dies with puts in flight, waits for the receiver
+  // to hand the pages back, gives them to a new sequence filled with known
+  // bytes, lets every in-flight put land, and returns the comparison of that
+  // sequence with its known bytes. `*late` counts puts that landed after the
+  // sender died.
+  absl::Status ReuseAfterDeadSender(absl::Duration grace, int64_t* late) {
+    ControlChannel* sender_channel = nullptr;
+    FaultPolicy policy;
+    policy.write_latency = absl::Milliseconds(300);
+    policy.disconnect_after_writes = 8;
+    policy.on_disconnect = [&] { sender_channel->Sever(); };
+    ro_.quarantine_grace = grace;
+    FaultInjectingBackend faulty(*tx_, policy);
+    auto ref = *testing::MakeCache(testing::V32Layout(1024), kLayers, kTokens, 1);
+    const int32_t ref_seq = *testing::MakeFilledSequence(*ref, kTokens, 77);
+    const std::vector<int32_t> free_before_pages = [&] {
+      // The pages the stream will get (the allocator hands out the same ones again after Release).
+      auto probe = dst_->CreateSequence();
+      EXPECT_TRUE(probe.ok());
+      EXPECT_TRUE(dst_->Reserve(*probe, kTokens).ok());
+      std::vector<int32_t> p = dst_->PageTable(*probe);
+      EXPECT_TRUE(dst_->Release(*probe).ok());
+      return p;
+    }();
+    absl::Status result;
+    {
+      Stream st = StartStream(faulty, *rx_, *src_, seq_, *dst_, so_, ro_);
+      if (!st.sender.ok() || !st.receiver.ok()) return absl::InternalError("the stream did not start");
+      sender_channel = st.sender_channel;
+      EXPECT_EQ(dst_->PageTable((*st.receiver)->sequence()), free_before_pages);
+      for (int l = 0; l < kLayers; ++l) (*st.sender)->SendLayer(l).IgnoreError();
+      EXPECT_EQ((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5)).code(),
+                absl::StatusCode::kUnavailable);
+      EXPECT_GT(faulty.writes_in_flight(), 0);
+      EXPECT_TRUE((*st.receiver)->WaitReleased(absl::Now() + absl::Seconds(5)).ok());
+      // The pages are free again: the next sequence gets exactly them.
+      auto reused = testing::MakeFilledSequence(*dst_, kTokens, 77);
+      if (!reused.ok()) return reused.status();
+      EXPECT_EQ(dst_->PageTable(*reused), free_before_pages);
+      EXPECT_TRUE(faulty.DrainWrites(absl::Now() + absl::Seconds(5)));
+      (*st.sender)->Finish(absl::Now() + absl::Seconds(5)).IgnoreError();
+      st.sender->reset();
+      absl::SleepFor(absl::Milliseconds(100));  // the last puts' bytes reach memory
+      result = testing::CompareSequences(*ref, ref_seq, *dst_, *reused, kTokens);
+      EXPECT_TRUE(dst_->Release(*reused).ok());
+    }
+    *late = faulty.late_writes();
+    return result;
+  }
+};
+
+TEST_P(UcxQuarantineTest, LatePutsNeverLandInReusedPages) {
+  int64_t late = 0;
+  absl::Status st = ReuseAfterDeadSender(absl::Milliseconds(800), &late);
+  EXPECT_TRUE(st.ok()) << st;
+  EXPECT_GT(late, 0) << "no put landed after the sender died: the test proved nothing";
+  ExpectRequestResourcesReleased(baseline_);
+}
+
+TEST_P(UcxQuarantineTest, WithoutQuarantineLatePutsCorruptReusedPages) {
+  int64_t late = 0;
+  absl::Status st = ReuseAfterDeadSender(absl::ZeroDuration(), &late);
+  EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+  EXPECT_GT(late, 0);
+  ExpectRequestResourcesReleased(baseline_);
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, UcxQuarantineTest, ::testing::Values("tcp", "posix"),
+                         [](const auto& info) { return std::string(info.param); });
 
 INSTANTIATE_TEST_SUITE_P(Transports, UcxStreamTest, ::testing::Values("tcp", "posix"),
                          [](const auto& info) { return std::string(info.param); });
