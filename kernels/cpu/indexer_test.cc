@@ -825,6 +825,38 @@ TEST(SelectTokens, ChunkEqualsQueryByQuery) {
   }
 }
 
+TEST(SelectTokens, UnorderedPositionsEqualQueryByQuery) {
+  // Queries need not be contiguous or sorted (e.g. several requests' tokens).
+  cpu::ThreadPool pool(2);
+  Fixture f(8, 64, 64, 600, 321);
+  std::vector<int64_t> pos(600);
+  std::iota(pos.begin(), pos.end(), 0);
+  std::shuffle(pos.begin(), pos.end(), std::mt19937(9));
+  pos.resize(70);
+  std::vector<uint8_t> q8;
+  std::vector<float> w;
+  for (int64_t p : pos) {
+    q8.insert(q8.end(), f.Q(p), f.Q(p) + 8 * 64);
+    w.insert(w.end(), f.W(p), f.W(p) + 8);
+  }
+  IndexerQueries q;
+  q.q8 = q8.data();
+  q.weights = w.data();
+  q.positions = pos.data();
+  q.num_queries = int64_t(pos.size());
+  for (SelectionMode mode : {SelectionMode::kDense, SelectionMode::kMisa, SelectionMode::kMisaDagger,
+                             SelectionMode::kHisa}) {
+    const SelectionConfig cfg = SmallConfig(mode, 8, 64);
+    const auto all = Select(cfg, f.cache.View(600), q, &pool);
+    for (size_t i = 0; i < pos.size(); ++i) {
+      const auto one = Select(cfg, f.cache.View(600), f.Queries(pos[i], pos[i] + 1), nullptr);
+      for (int r = 0; r < cfg.topk; ++r) {
+        ASSERT_EQ(all[i * size_t(cfg.topk) + size_t(r)], one[size_t(r)]) << SelectionModeName(mode) << " pos " << pos[i];
+      }
+    }
+  }
+}
+
 TEST(SelectTokens, ModesAreTheCompositionOfThePublicSteps) {
   // dense = DenseScores -> top-k; misa = router -> top-h heads -> routed scores -> top-k;
   // misa_dagger = the same routed scores -> top-C -> dense re-score -> top-k.
