@@ -674,8 +674,9 @@ void BlockScores(const float* qf, const float* w, int heads, int d_count, const 
   }
 }
 
-// kept[b] for b < nvis: block 0 and block nvis-1, plus the best other blocks
-// (score descending, ties to the lower index) up to `budget` blocks in all.
+// kept[b] for b < nvis: block 0 and block nvis-1 (both kept even when budget <
+// 2), plus the best other blocks (score descending, ties to the lower index) up
+// to `budget` blocks in all.
 void KeepBlocks(const float* bs, int64_t nvis, int budget, uint8_t* kept,
                 std::vector<uint64_t>* order) {
   std::fill(kept, kept + nvis, uint8_t(0));
@@ -693,7 +694,10 @@ void KeepBlocks(const float* bs, int64_t nvis, int budget, uint8_t* kept,
 // ---------------------------------------------------------------------------
 // SelectTokens.
 
-// Buffers shared by all threads of one call (owned by the calling thread).
+// Buffers shared by all threads of one call (thread_local in the calling
+// thread, reused across calls: about 2 * n_keys * D * 4 bytes for MISA-dagger,
+// half that otherwise). Workers keep their own TileScratch (score rows of
+// kQueryTile queries) and FinishScratch.
 struct CallBuffers {
   std::vector<float> tiles, scales;  // decoded keys [tiles][D][16], scales [tiles*16]
   std::vector<float> rows;           // decoded keys [n][D] (MISA-dagger re-score)
