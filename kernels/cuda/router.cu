@@ -292,6 +292,9 @@ cudaError_t LaunchMisaRouter(const RouterParams& p, cudaStream_t stream, const c
                           "weights, positions, query_start");
   }
   if (p.keys.layout.summary_block < 1) return Invalid(error, "router: summary_block must be >= 1");
+  if (p.queries.num_seqs < 1 || p.queries.num_seqs > 65535) {
+    return Invalid(error, "router: queries.num_seqs must be in [1, 65535]");
+  }
   if (p.queries.num_queries == 0 || p.queries.max_queries_per_seq == 0) return cudaSuccess;
   const int qpc = 8 / (p.heads / 16);
   const dim3 grid(unsigned((p.queries.max_queries_per_seq + qpc - 1) / qpc),

@@ -123,8 +123,8 @@ cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char
   if (p.head_list == nullptr && p.rows_per_query != p.heads) {
     return Invalid(error, "without head_list every head is a row: rows_per_query must equal heads");
   }
-  if (p.queries.num_seqs < 1 || p.queries.query_start == nullptr) {
-    return Invalid(error, "queries.num_seqs must be >= 1 with a query_start array");
+  if (p.queries.num_seqs < 1 || p.queries.num_seqs > 65535 || p.queries.query_start == nullptr) {
+    return Invalid(error, "queries.num_seqs must be in [1, 65535] with a query_start array");
   }
   SelectPlanInput in;
   in.num_queries = p.queries.num_queries;
