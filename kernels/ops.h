@@ -36,6 +36,8 @@ float YarnSoftmaxScale(int qk_head_dim, const YarnParams& p, float mscale_coef =
 namespace cpu {
 
 // y[m, n] = sum_k x[m, k] * W[n, k]. x: [m, w.cols]; y: [m, w.rows]. Any weight dtype.
+// Batch invariant (also MatMulXW): row i of y is bit-identical whatever m, the
+// other rows of x and the pool, so prefill and decode agree exactly.
 void Linear(const float* x, int64_t m, const WeightView& w, float* y, ThreadPool* pool);
 
 // y[m, n] = sum_k x[m, k] * W[k, n]. x: [m, w.rows]; y: [m, w.cols].

@@ -78,8 +78,6 @@ namespace cpu {
 namespace {
 
 using internal::ConvertRow;
-using internal::Dot;
-using internal::Dot4;
 
 // ---------------------------------------------------------------------------
 // GEMM over a weight view. The weight operand is packed, converted to fp32,
@@ -91,11 +89,13 @@ constexpr int kMr = 6;
 constexpr int kNr = 16;
 constexpr int kNt = 64;    // output columns per task tile (4 panels)
 constexpr int kKc = 256;   // depth of one packed tile
-// Below these row counts the unpacked GEMV-like paths win (measured on the
-// 2-core Zen 4 dev box, k = n = 2048): Linear's packed path pays a transposing
-// pack per weight tile, MatMulXW's a plain copy.
-constexpr int kSmallMLinear = 16;
-constexpr int kSmallMMatMul = 4;
+// Batch invariance: every m goes through the packed path below, whose
+// per-element summation order (sequential over k within kKc-deep tiles, tiles
+// added in order) does not depend on m, on the other rows or on the pool. So a
+// token's activations are bit-identical whether it is prefilled in a chunk of
+// 2048 or decoded alone (model/forward_test relies on this). The unpacked GEMV
+// paths this replaced were up to 2x faster at m = 1 (10.6 vs ~20 us at
+// 256x512 F32) but summed in another order.
 
 void CheckWeight(const char* fn, const WeightView& w) {
   PD_KCHECK(w.dtype == DType::kF32 || w.dtype == DType::kBF16 || w.dtype == DType::kF16 ||
@@ -162,22 +162,7 @@ void RunMicroKernel(int mr, const float* a, int64_t lda, const float* b, int64_t
 struct GemmScratch {
   std::vector<float> pack;  // [kNt / kNr panels][kKc][kNr]
   std::vector<float> row;   // one converted weight row segment
-  std::vector<float> acc;   // GEMV accumulators (see AccumulatorAwayFrom)
 };
-
-// Returns n floats of `buf` placed 2048 bytes away, modulo 4096, from `ref`.
-// An accumulator updated in step with loads from weight rows must not share
-// its address bits [0, 12) with them: a load whose low 12 address bits match
-// an in-flight store waits for it ("4K aliasing"), and with row strides that
-// are multiples of 4096 bytes that hits every row (measured: it cost MatMulXW
-// its whole 2-thread speed-up).
-float* AccumulatorAwayFrom(std::vector<float>& buf, size_t n, const void* ref) {
-  buf.resize(n + 1024);
-  const uintptr_t base = reinterpret_cast<uintptr_t>(buf.data());
-  const uintptr_t want = (reinterpret_cast<uintptr_t>(ref) + 2048) & 4095u;
-  const uintptr_t shift = ((want - base) & 4095u) / sizeof(float);
-  return buf.data() + shift;
-}
 
 GemmScratch& Scratch() {
   thread_local GemmScratch s;
@@ -262,12 +247,6 @@ void Gemm(const float* x, int64_t m, int64_t K, int64_t N, const WeightView& w, 
   });
 }
 
-// Grain (in output columns) that gives each thread several chunks.
-int64_t ColumnGrain(int64_t n, ThreadPool* pool, int64_t min_grain) {
-  const int threads = pool ? pool->num_threads() : 1;
-  return std::max<int64_t>(min_grain, CeilDiv(n, 4 * int64_t(threads)));
-}
-
 }  // namespace
 
 void Linear(const float* x, int64_t m, const WeightView& w, float* y, ThreadPool* pool) {
@@ -280,32 +259,8 @@ void Linear(const float* x, int64_t m, const WeightView& w, float* y, ThreadPool
     std::fill(y, y + m * N, 0.0f);
     return;
   }
-  if (m >= kSmallMLinear) {
-    Gemm(x, m, K, N, w, /*transposed=*/true, y, pool);
-    return;
-  }
-  // GEMV-like: one converted weight row serves the m (< kSmallMLinear)
-  // activation rows, four at a time.
-  ParallelFor(pool, N, ColumnGrain(N, pool, 8), [&](int64_t begin, int64_t end) {
-    std::vector<float>& row = Scratch().row;
-    row.resize(size_t(K));
-    for (int64_t j = begin; j < end; ++j) {
-      const float* wr;
-      if (w.dtype == DType::kF32) {
-        wr = static_cast<const float*>(w.data) + j * w.ld;
-      } else {
-        ConvertRow(w, j, 0, K, row.data());
-        wr = row.data();
-      }
-      int64_t i = 0;
-      for (; i + 4 <= m; i += 4) {
-        float d[4];
-        Dot4(wr, x + i * K, K, K, d);
-        for (int c = 0; c < 4; ++c) y[(i + c) * N + j] = d[c];
-      }
-      for (; i < m; ++i) y[i * N + j] = Dot(x + i * K, wr, K);
-    }
-  });
+  // One code path for every m: a row's result never depends on the batch.
+  Gemm(x, m, K, N, w, /*transposed=*/true, y, pool);
 }
 
 void MatMulXW(const float* x, int64_t m, const WeightView& w, float* y, ThreadPool* pool) {
@@ -318,63 +273,7 @@ void MatMulXW(const float* x, int64_t m, const WeightView& w, float* y, ThreadPo
     std::fill(y, y + m * N, 0.0f);
     return;
   }
-  if (m >= kSmallMMatMul) {
-    Gemm(x, m, K, N, w, /*transposed=*/false, y, pool);
-    return;
-  }
-  // m < kSmallMMatMul: y[i, :] accumulates x[i, p] * W[p, :] over p, streaming
-  // whole weight rows (in column blocks of up to 4096). With a pool, the rows
-  // are split into chunks whose partial sums are added in chunk order afterwards.
-  const int threads = pool ? pool->num_threads() : 1;
-  const int64_t chunks = threads > 1 ? std::min<int64_t>(CeilDiv(K, 64), 4 * threads) : 1;
-  const int64_t rows_per_chunk = CeilDiv(K, chunks);
-  thread_local std::vector<float> partial_buf;
-  float* partial = nullptr;
-  if (chunks > 1) {
-    partial_buf.resize(size_t(chunks * m * N));
-    partial = partial_buf.data();
-  }
-  ParallelFor(pool, chunks, 1, [&](int64_t begin, int64_t end) {
-    GemmScratch& s = Scratch();
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      float* dst = chunks > 1 ? partial + chunk * m * N : y;
-      const int64_t p0 = chunk * rows_per_chunk;
-      const int64_t p1 = std::min(K, p0 + rows_per_chunk);
-      for (int64_t n0 = 0; n0 < N; n0 += 4096) {
-        const int64_t nc = std::min<int64_t>(4096, N - n0);
-        s.row.resize(size_t(nc));
-        const bool direct = w.dtype == DType::kF32;
-        const float* src0 = direct ? static_cast<const float*>(w.data) + n0 : s.row.data();
-        float* acc = AccumulatorAwayFrom(s.acc, size_t(m * nc), src0);
-        std::fill(acc, acc + m * nc, 0.0f);
-        for (int64_t p = p0; p < p1; ++p) {
-          const float* wr;
-          if (direct) {
-            wr = static_cast<const float*>(w.data) + p * w.ld + n0;
-          } else {
-            ConvertRow(w, p, n0, nc, s.row.data());
-            wr = s.row.data();
-          }
-          for (int64_t i = 0; i < m; ++i) {
-            const float xv = x[i * K + p];
-            float* __restrict yi = acc + i * nc;
-#pragma omp simd
-            for (int64_t j = 0; j < nc; ++j) yi[j] += xv * wr[j];
-          }
-        }
-        for (int64_t i = 0; i < m; ++i)
-          std::copy(acc + i * nc, acc + (i + 1) * nc, dst + i * N + n0);
-      }
-    }
-  });
-  if (chunks > 1) {
-    std::copy(partial, partial + m * N, y);
-    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-      const float* pc = partial + chunk * m * N;
-#pragma omp simd
-      for (int64_t i = 0; i < m * N; ++i) y[i] += pc[i];
-    }
-  }
+  Gemm(x, m, K, N, w, /*transposed=*/false, y, pool);
 }
 
 // ---------------------------------------------------------------------------
