@@ -1,9 +1,10 @@
 // Fused indexer preparation (LayerNorm, RoPE, Hadamard, FP8 ue8m0 quantisation
 // straight into the paged key cache; the same for the query heads and the head
-// weights) and the pooled-key summary update. Each operation is evaluated in
-// the order of cpu::IndexerPrep / cpu::UpdateSummaries (no fused multiply-add
-// where the reference rounds twice), so the results agree with it up to the
-// cos/sin of the rotary angle and the LayerNorm statistics' summation order.
+// weights) and the pooled-key summary update. Each operation is evaluated with
+// the roundings of cpu::IndexerPrep / cpu::UpdateSummaries (explicit fma where
+// the reference uses fma, separate roundings elsewhere), so the results agree
+// with it up to the cos/sin of the rotary angle and the LayerNorm statistics'
+// summation order.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -40,12 +41,14 @@ __device__ __forceinline__ float FinishVector(float (&v)[4], const float* cs, co
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int d = 4 * lane + e;
+      // The reference's explicit fma: v[i] = fma(a, cos, -(b sin)),
+      // v[i + half] = fma(a, sin, b cos).
       if (d < half) {
         const float a = v[e], b = partner[e];
-        v[e] = __fsub_rn(__fmul_rn(a, cs[d]), __fmul_rn(b, sn[d]));
+        v[e] = __fmaf_rn(a, cs[d], -__fmul_rn(b, sn[d]));
       } else if (d < 2 * half) {
         const float a = partner[e], b = v[e];
-        v[e] = __fadd_rn(__fmul_rn(a, sn[d - half]), __fmul_rn(b, cs[d - half]));
+        v[e] = __fmaf_rn(a, sn[d - half], __fmul_rn(b, cs[d - half]));
       }
     }
   }
@@ -126,8 +129,7 @@ __global__ void __launch_bounds__(kPrepWarps * 32) PrepKernel(const PrepParams p
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int d = 4 * lane + e;
-        v[e] = __fadd_rn(__fmul_rn(__fmul_rn(__fsub_rn(v[e], mean_f), rstd), p.ln_gamma[d]),
-                         p.ln_beta[d]);
+        v[e] = __fmaf_rn(__fmul_rn(__fsub_rn(v[e], mean_f), rstd), p.ln_gamma[d], p.ln_beta[d]);
       }
       uint32_t packed;
       const float scale = FinishVector(v, cs, sn, half, &packed);
