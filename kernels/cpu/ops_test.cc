@@ -833,3 +833,37 @@ TEST(Bench, Gemm) {
 
 }  // namespace
 }  // namespace pd::kernels::cpu
+
+namespace pd::kernels::cpu {
+namespace {
+
+// Batch invariance: a row's output is bit-identical whatever m, the other rows
+// and the pool (the forward pass relies on it for prefill == decode).
+TEST(Gemm, RowsAreBitIdenticalWhateverTheBatch) {
+  std::mt19937 rng(99);
+  ThreadPool pool(2);
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kFP8E4M3}) {
+    const int64_t rows = 150, cols = 700;  // K spans three 256-deep tiles
+    auto wv = testing::RandomVector(rng, size_t(rows * cols));
+    auto w = testing::MakeWeight(wv, rows, cols, dt);
+    const int64_t m = 37;
+    auto x = testing::RandomVector(rng, size_t(m * cols));
+    std::vector<float> all(size_t(m * rows)), one(static_cast<size_t>(rows));
+    Linear(x.data(), m, w.View(), all.data(), &pool);
+    for (int64_t i : {int64_t(0), int64_t(5), int64_t(36)}) {
+      Linear(x.data() + i * cols, 1, w.View(), one.data(), nullptr);
+      for (int64_t j = 0; j < rows; ++j) ASSERT_EQ(one[size_t(j)], all[size_t(i * rows + j)]) << i << "," << j;
+    }
+    // MatMulXW with W as [K=rows, N=cols]: x has `rows` columns.
+    auto x2 = testing::RandomVector(rng, size_t(m * rows));
+    std::vector<float> all2(size_t(m * cols)), one2(static_cast<size_t>(cols));
+    MatMulXW(x2.data(), m, w.View(), all2.data(), &pool);
+    for (int64_t i : {int64_t(0), int64_t(17), int64_t(36)}) {
+      MatMulXW(x2.data() + i * rows, 1, w.View(), one2.data(), &pool);
+      for (int64_t j = 0; j < cols; ++j) ASSERT_EQ(one2[size_t(j)], all2[size_t(i * cols + j)]) << i << "," << j;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace pd::kernels::cpu
