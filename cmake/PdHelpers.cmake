@@ -35,7 +35,14 @@ macro(pd_setup_cuda)
     if(CMAKE_CUDA_COMPILER)
       set(CMAKE_CUDA_ARCHITECTURES OFF)
       enable_language(CUDA)
-      set(CMAKE_CUDA_STANDARD 20)
+      # CMake < 3.26 cannot express nvcc's C++20 flag (a CUDA target then fails
+      # to generate): there .cu files build as C++17, which they are written to
+      # accept. The GPU host's CMake 4.x uses C++20.
+      if(CMAKE_VERSION VERSION_LESS 3.26)
+        set(CMAKE_CUDA_STANDARD 17)
+      else()
+        set(CMAKE_CUDA_STANDARD 20)
+      endif()
       set(CMAKE_CUDA_STANDARD_REQUIRED ON)
       find_package(CUDAToolkit REQUIRED)
       set(PD_HAVE_CUDA ON)
