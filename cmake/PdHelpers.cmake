@@ -52,13 +52,14 @@ macro(pd_setup_cuda)
   endif()
 endmacro()
 
-# pd_cc_test(NAME name SRCS a.cc ... DEPS lib ... [LABELS l ...])
-# A GoogleTest unit test registered with CTest. Labels: "gpu" needs a GPU,
-# "multi_gpu" needs two, "slow" runs long; CI runs everything but gpu/multi_gpu.
-function(pd_cc_test)
+# pd_add_test(NAME name SRCS a.cc ... DEPS lib ... [LABELS l ...] [TIMEOUT s])
+# A test executable registered with CTest, linking DEPS (which include its
+# harness). Labels: "gpu" needs a GPU, "multi_gpu" needs two, "slow" runs long;
+# CI runs everything but gpu/multi_gpu. Default timeout 600 s.
+function(pd_add_test)
   cmake_parse_arguments(T "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS" ${ARGN})
   add_executable(${T_NAME} ${T_SRCS})
-  target_link_libraries(${T_NAME} PRIVATE ${T_DEPS} GTest::gtest GTest::gmock GTest::gtest_main)
+  target_link_libraries(${T_NAME} PRIVATE ${T_DEPS})
   target_compile_options(${T_NAME} PRIVATE ${PD_CXX_WARNINGS})
   add_test(NAME ${T_NAME} COMMAND ${T_NAME})
   if(NOT T_TIMEOUT)
@@ -68,4 +69,11 @@ function(pd_cc_test)
   if(T_LABELS)
     set_tests_properties(${T_NAME} PROPERTIES LABELS "${T_LABELS}")
   endif()
+endfunction()
+
+# pd_cc_test(...): a GoogleTest unit test (arguments as pd_add_test).
+function(pd_cc_test)
+  cmake_parse_arguments(T "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS" ${ARGN})
+  pd_add_test(NAME ${T_NAME} SRCS ${T_SRCS} TIMEOUT ${T_TIMEOUT} LABELS ${T_LABELS}
+              DEPS ${T_DEPS} GTest::gtest GTest::gmock GTest::gtest_main)
 endfunction()

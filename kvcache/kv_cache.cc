@@ -245,4 +245,25 @@ kernels::IndexKeyCacheRef KvCache::IndexRef(int32_t seq, int layer) const {
   return r;
 }
 
+absl::StatusOr<ScopedSequence> ScopedSequence::Create(KvCache* cache, int64_t tokens) {
+  PD_ASSIGN_OR_RETURN(int32_t seq, cache->CreateSequence());
+  ScopedSequence owned(cache, seq);
+  PD_RETURN_IF_ERROR(cache->Reserve(seq, tokens));
+  return owned;
+}
+
+ScopedSequence& ScopedSequence::operator=(ScopedSequence&& other) noexcept {
+  if (this != &other) {
+    if (cache_ != nullptr) (void)cache_->Release(seq_);
+    cache_ = other.cache_;
+    seq_ = other.seq_;
+    other.cache_ = nullptr;
+  }
+  return *this;
+}
+
+ScopedSequence::~ScopedSequence() {
+  if (cache_ != nullptr) (void)cache_->Release(seq_);
+}
+
 }  // namespace pd::kvcache

@@ -130,6 +130,28 @@ class KvCache {
   std::vector<Sequence> seqs_ ABSL_GUARDED_BY(mu_);
 };
 
+// Owns one KV sequence of a cache: created by Create, released on destruction.
+// Move-only. The cache must outlive it.
+class ScopedSequence {
+ public:
+  // A new sequence with room reserved for `tokens` tokens.
+  static absl::StatusOr<ScopedSequence> Create(KvCache* cache, int64_t tokens);
+  ScopedSequence(ScopedSequence&& other) noexcept : cache_(other.cache_), seq_(other.seq_) {
+    other.cache_ = nullptr;
+  }
+  ScopedSequence& operator=(ScopedSequence&& other) noexcept;
+  ScopedSequence(const ScopedSequence&) = delete;
+  ScopedSequence& operator=(const ScopedSequence&) = delete;
+  ~ScopedSequence();
+
+  int32_t id() const { return seq_; }
+
+ private:
+  ScopedSequence(KvCache* cache, int32_t seq) : cache_(cache), seq_(seq) {}
+  KvCache* cache_;
+  int32_t seq_;
+};
+
 }  // namespace pd::kvcache
 
 #endif  // PD_KVCACHE_KV_CACHE_H_

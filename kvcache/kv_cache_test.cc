@@ -67,6 +67,25 @@ TEST(KvCacheTest, PoolsDoNotOverlap) {
   std::memset(c.arena(), 0xab, c.arena_bytes());
 }
 
+TEST(KvCacheTest, ScopedSequenceReleasesOnDestruction) {
+  auto cache = KvCache::Create(SmallOptions());
+  ASSERT_TRUE(cache.ok());
+  KvCache& c = **cache;
+  {
+    auto a = ScopedSequence::Create(&c, 200);
+    ASSERT_TRUE(a.ok()) << a.status();
+    EXPECT_EQ(c.free_pages(), 6);
+    ScopedSequence moved = std::move(*a);
+    EXPECT_EQ(c.live_sequences(), 1);
+    EXPECT_EQ(c.Capacity(moved.id()), 256);
+    // Too large: the sequence it created is released again.
+    EXPECT_EQ(ScopedSequence::Create(&c, 64 * 7).status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_EQ(c.live_sequences(), 1);
+  }
+  EXPECT_EQ(c.live_sequences(), 0);
+  EXPECT_EQ(c.free_pages(), 10);
+}
+
 TEST(KvCacheTest, RejectsBadOptions) {
   auto o = SmallOptions();
   o.layout.kv_lora_rank = 100;

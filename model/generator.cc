@@ -36,14 +36,9 @@ absl::StatusOr<GenerateResult> Generate(Model& model, std::span<const int32_t> p
   if (options.max_new_tokens < 0) return absl::InvalidArgumentError("max_new_tokens must be >= 0");
   PD_ASSIGN_OR_RETURN(Sampler sampler, Sampler::Create(options.sampling));
   kvcache::KvCache* cache = model.cache();
-  PD_ASSIGN_OR_RETURN(int32_t seq, cache->CreateSequence());
-  struct Releaser {
-    kvcache::KvCache* cache;
-    int32_t seq;
-    ~Releaser() { (void)cache->Release(seq); }
-  } releaser{cache, seq};
   const int64_t total = int64_t(prompt.size()) + std::max<int64_t>(options.max_new_tokens, 1);
-  PD_RETURN_IF_ERROR(cache->Reserve(seq, total));
+  PD_ASSIGN_OR_RETURN(kvcache::ScopedSequence owned, kvcache::ScopedSequence::Create(cache, total));
+  const int32_t seq = owned.id();
 
   GenerateResult result;
   result.prompt_tokens = int64_t(prompt.size());

@@ -81,17 +81,11 @@ double SelectionRecall(std::span<const int32_t> selected, std::span<const int32_
 absl::StatusOr<SelectionReport> RunSelectionReport(Model& model, std::span<const int32_t> prompt,
                                                    int64_t chunk,
                                                    std::span<const kernels::SelectionMode> modes) {
-  kvcache::KvCache* cache = model.cache();
-  PD_ASSIGN_OR_RETURN(int32_t seq, cache->CreateSequence());
-  struct Releaser {
-    kvcache::KvCache* cache;
-    int32_t seq;
-    ~Releaser() { (void)cache->Release(seq); }
-  } releaser{cache, seq};
-  PD_RETURN_IF_ERROR(cache->Reserve(seq, int64_t(prompt.size())));
+  PD_ASSIGN_OR_RETURN(kvcache::ScopedSequence seq,
+                      kvcache::ScopedSequence::Create(model.cache(), int64_t(prompt.size())));
   ReportObserver observer(model.config(), modes);
   auto t0 = std::chrono::steady_clock::now();
-  PD_RETURN_IF_ERROR(Prefill(model, seq, prompt, chunk, &observer).status());
+  PD_RETURN_IF_ERROR(Prefill(model, seq.id(), prompt, chunk, &observer).status());
   SelectionReport report = std::move(observer.report());
   report.prefill_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return report;
