@@ -68,13 +68,22 @@ struct SelectParams {
   // at the dense kernel's cost.
   int masked_heads = 0;
   const int32_t* key_list = nullptr;     // optional [num_seqs, key_list_stride] candidate keys
-  const int32_t* key_list_len = nullptr; //   [num_seqs] valid entries (keys ascending, >= 0)
+  const int32_t* key_list_len = nullptr; //   [num_seqs] valid entries (distinct keys >= 0, any order)
   int64_t key_list_stride = 0;
   int64_t max_key_list_len = 0;          //   host bound (replaces max_context for the split)
-  int topk = 2048;                       // <= 2048
+  // Key lists per query instead of per sequence: key_list is [T, key_list_stride]
+  // and key_list_len [T] (MISA-dagger's and HISA's second stage). Needs
+  // rows_per_query == 64 (one query per CTA) and kernel_version 2.
+  bool key_list_per_query = false;
+  int topk = 2048;                       // <= 2048; up to 8192 with kernel_version 2, no
+                                         // key list, sorted == false (one split)
   bool sorted = false;
   int num_splits = 0;                    // 0 = choose (PlanSelect)
-  bool use_wgmma = true;                 // false: mma.sync m16n8k32 fallback (same results)
+  bool use_wgmma = true;                 // false: mma.sync m16n8k32 fallback (version 1, same results)
+  // 2: double-buffered accumulators, permuted columns, warp-partitioned lists
+  // (select_kernel_v2.cuh); 1: the first kernel (select_kernel.cuh), kept for
+  // comparison and for the mma.sync path.
+  int kernel_version = 2;
   int32_t* out = nullptr;                // [T, topk]
 };
 

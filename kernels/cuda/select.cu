@@ -101,8 +101,9 @@ int DeviceSmCount() {
 }
 
 template <int G>
-cudaError_t Dispatch(const select_internal::SelectArgs& args, dim3 grid, bool wgmma,
+cudaError_t Dispatch(const select_internal::SelectArgs& args, dim3 grid, bool wgmma, bool v2,
                      cudaStream_t stream) {
+  if (v2) return select_internal::LaunchSelectKernelV2<G>(args, grid, stream);
   return wgmma ? select_internal::LaunchSelectKernel<G, true>(args, grid, stream)
                : select_internal::LaunchSelectKernel<G, false>(args, grid, stream);
 }
@@ -126,7 +127,20 @@ cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char
   if (p.queries.num_seqs < 1 || p.queries.num_seqs > 65535 || p.queries.query_start == nullptr) {
     return Invalid(error, "queries.num_seqs must be in [1, 65535] with a query_start array");
   }
+  const bool v2 = p.kernel_version == 2 && p.use_wgmma;
+  if (p.kernel_version != 1 && p.kernel_version != 2) {
+    return Invalid(error, "kernel_version must be 1 or 2");
+  }
+  if (p.key_list_per_query && (!v2 || p.key_list == nullptr)) {
+    return Invalid(error, "key_list_per_query needs a key_list and kernel_version 2 with wgmma");
+  }
+  if (p.topk > kSelectMaxTopk && (!v2 || p.key_list != nullptr || p.sorted)) {
+    return Invalid(error, "topk > 2048 needs kernel_version 2 with wgmma, no key list, unsorted");
+  }
   SelectPlanInput in;
+  in.per_query_key_lists = p.key_list_per_query;
+  in.allow_large_topk = v2 && p.key_list == nullptr && !p.sorted;
+  in.ctas_per_sm = v2 ? 1 : 2;
   in.num_queries = p.queries.num_queries;
   in.num_seqs = p.queries.num_seqs;
   in.max_queries_per_seq = p.queries.max_queries_per_seq;
@@ -154,7 +168,11 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   if (p.key_list != nullptr && p.key_list_len == nullptr) {
     return Invalid(error, "key_list given without key_list_len");
   }
-  if (plan.queries_per_cta * p.rows_per_query != plan.rows_per_cta ||
+  const bool v2 = p.kernel_version == 2 && p.use_wgmma;
+  if (plan.list_cap != (p.topk > kSelectMaxTopk ? 4 * kSelectListCap : kSelectListCap) ||
+      (p.topk > kSelectMaxTopk && (plan.splits != 1 || !v2 || p.key_list != nullptr)) ||
+      (p.key_list_per_query && (!v2 || plan.queries_per_cta != 1 || p.key_list == nullptr)) ||
+      plan.queries_per_cta * p.rows_per_query != plan.rows_per_cta ||
       (plan.rows_per_cta != kSelectRows && plan.rows_per_cta != 64) || plan.splits < 1 ||
       plan.splits > select_internal::kMaxSplits) {
     return Invalid(error, "plan does not match these parameters (call PlanSelectLaunch)");
@@ -177,6 +195,7 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   a.key_list = p.key_list;
   a.key_list_len = p.key_list_len;
   a.key_list_stride = p.key_list_stride;
+  a.key_list_per_query = p.key_list_per_query ? 1 : 0;
   a.rows_per_cta = plan.rows_per_cta;
   a.topk = p.topk;
   a.sorted = p.sorted ? 1 : 0;
@@ -192,10 +211,10 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
                   unsigned(p.queries.num_seqs));
   cudaError_t e;
   switch (p.rows_per_query) {
-    case 8: e = Dispatch<8>(a, grid, p.use_wgmma, stream); break;
-    case 16: e = Dispatch<16>(a, grid, p.use_wgmma, stream); break;
-    case 32: e = Dispatch<32>(a, grid, p.use_wgmma, stream); break;
-    case 64: e = Dispatch<64>(a, grid, p.use_wgmma, stream); break;
+    case 8: e = Dispatch<8>(a, grid, p.use_wgmma, v2, stream); break;
+    case 16: e = Dispatch<16>(a, grid, p.use_wgmma, v2, stream); break;
+    case 32: e = Dispatch<32>(a, grid, p.use_wgmma, v2, stream); break;
+    case 64: e = Dispatch<64>(a, grid, p.use_wgmma, v2, stream); break;
     default: return Invalid(error, "rows_per_query must be 8, 16, 32 or 64");
   }
   if (e != cudaSuccess || plan.splits == 1) return e;

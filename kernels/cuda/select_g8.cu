@@ -1,9 +1,11 @@
 // Explicit instantiation of the selection kernel for 8 rows (heads) per query.
 #include "kernels/cuda/select_kernel.cuh"
+#include "kernels/cuda/select_kernel_v2.cuh"
 
 namespace pd::kernels::cuda::select_internal {
 
 template cudaError_t LaunchSelectKernel<8, true>(const SelectArgs&, dim3, cudaStream_t);
 template cudaError_t LaunchSelectKernel<8, false>(const SelectArgs&, dim3, cudaStream_t);
+template cudaError_t LaunchSelectKernelV2<8>(const SelectArgs&, dim3, cudaStream_t);
 
 }  // namespace pd::kernels::cuda::select_internal

@@ -27,6 +27,7 @@ struct SelectArgs {
   const int32_t* key_list;      // [num_seqs, key_list_stride] or nullptr
   const int32_t* key_list_len;  // [num_seqs]
   int64_t key_list_stride;
+  int key_list_per_query;       // 1: key_list rows are queries (one query per CTA), else sequences
   int rows_per_cta;             // 128, or 64 (G == 64, one query per sequence)
   int topk;
   int sorted;
@@ -41,6 +42,11 @@ struct SelectArgs {
 // Scoring + fused top-k; grid (groups_per_seq, splits, num_seqs).
 template <int G, bool kWgmma>
 cudaError_t LaunchSelectKernel(const SelectArgs& args, dim3 grid, cudaStream_t stream);
+
+// Version 2 (select_kernel_v2.cuh): double-buffered accumulators, permuted
+// columns, warp-partitioned lists; topk up to 8192 without a key list.
+template <int G>
+cudaError_t LaunchSelectKernelV2(const SelectArgs& args, dim3 grid, cudaStream_t stream);
 
 // Merge of the split lists; one CTA per query.
 cudaError_t LaunchMergeKernel(const SelectArgs& args, int64_t num_queries, cudaStream_t stream);

@@ -17,8 +17,13 @@ bool PlanSelect(const SelectPlanInput& in, SelectPlan* plan, const char** error)
     *error = "rows_per_query (heads per query) must be 8, 16, 32 or 64";
     return false;
   }
-  if (in.topk < 1 || in.topk > kSelectMaxTopk) {
-    *error = "topk must be in [1, 2048]";
+  const bool large = in.topk > kSelectMaxTopk;
+  if (in.topk < 1 || in.topk > (in.allow_large_topk ? kSelectMaxTopkLarge : kSelectMaxTopk)) {
+    *error = in.allow_large_topk ? "topk must be in [1, 8192]" : "topk must be in [1, 2048]";
+    return false;
+  }
+  if (in.per_query_key_lists && in.rows_per_query != 64) {
+    *error = "per-query key lists need rows_per_query == 64 (one query per CTA)";
     return false;
   }
   if (in.num_queries < 0 || in.num_seqs < 1 || in.max_queries_per_seq < 0 ||
@@ -36,12 +41,16 @@ bool PlanSelect(const SelectPlanInput& in, SelectPlan* plan, const char** error)
   }
   SelectPlan p;
   // One query of 64 heads per sequence (decode) fills a 64-row tile exactly.
-  p.rows_per_cta = (in.rows_per_query == 64 && in.max_queries_per_seq <= 1) ? 64 : kSelectRows;
+  p.rows_per_cta =
+      (in.rows_per_query == 64 && (in.max_queries_per_seq <= 1 || in.per_query_key_lists))
+          ? 64
+          : kSelectRows;
+  p.list_cap = large ? 4 * kSelectListCap : kSelectListCap;
   p.queries_per_cta = p.rows_per_cta / in.rows_per_query;
   p.groups_per_seq = CeilDivI(in.max_queries_per_seq, p.queries_per_cta);
   const int64_t ctx = std::max<int64_t>(in.max_context, 1);
   const int64_t max_splits = CeilDivI(ctx, kSelectKeysPerIter);
-  int64_t splits = in.num_splits;
+  int64_t splits = large ? 1 : in.num_splits;
   if (splits == 0) {
     // Fill the machine: pick the split count with the fewest CTA waves per
     // unit of work, ceil(ctas * s / slots) / s (ties: fewer splits, which means
@@ -66,7 +75,7 @@ bool PlanSelect(const SelectPlanInput& in, SelectPlan* plan, const char** error)
   p.splits = int(CeilDivI(ctx, p.keys_per_split));
   const size_t slots = size_t(in.num_queries) * size_t(p.splits);
   p.lists_offset = 0;
-  p.lists_bytes = Align256(slots * kSelectListCap * sizeof(uint64_t));
+  p.lists_bytes = Align256(slots * size_t(p.list_cap) * sizeof(uint64_t));
   p.counts_offset = p.lists_offset + p.lists_bytes;
   p.counts_bytes = Align256(slots * sizeof(int32_t));
   p.workspace_bytes = p.counts_offset + p.counts_bytes;

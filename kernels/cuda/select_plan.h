@@ -16,6 +16,8 @@ inline constexpr int kSelectRows = 128;           // (query, head) rows per CTA:
 inline constexpr int kSelectKeysPerIter = 128;    // keys per pipeline stage (two 64-key pages)
 inline constexpr int kSelectListCap = 4096;       // candidate slots per (query, split)
 inline constexpr int kSelectMaxTopk = 2048;       // largest top-k a CTA keeps exactly
+inline constexpr int kSelectMaxTopkLarge = 8192;  // version-2 kernel, no key list, no split
+                                                  // (MISA-dagger's stage 1, list cap 16384)
 inline constexpr int kSelectMinSplitKeys = 512;   // smallest key range one split CTA scans
 
 // True for the per-query row counts the kernel is instantiated for.
@@ -34,10 +36,12 @@ struct SelectPlanInput {
   int num_sms = 132;
   int ctas_per_sm = 2;            // resident CTAs per SM the kernel is built for
   int num_splits = 0;             // 0 = choose; otherwise forced (clamped to the context)
+  bool per_query_key_lists = false;  // key lists per query: one 64-head query per CTA
+  bool allow_large_topk = false;     // topk in (2048, 8192]: lists of 16384, no split
 };
 
 // Byte layout of the workspace (one allocation; every part 256-byte aligned):
-//   lists:  [T, splits, kSelectListCap] uint64 candidate keys
+//   lists:  [T, splits, list_cap] uint64 candidate keys
 //   counts: [T, splits] int32 valid entries of each list after the scan
 struct SelectPlan {
   int rows_per_cta = 0;           // kSelectRows, or 64 for one 64-head query per sequence
@@ -45,6 +49,7 @@ struct SelectPlan {
   int64_t groups_per_seq = 0;     // CTAs along the query axis of one sequence
   int splits = 1;                 // CTAs along the key axis
   int64_t keys_per_split = 0;     // multiple of kSelectKeysPerIter
+  int list_cap = kSelectListCap;  // candidate slots per (query, split): 4096, or 16384 for topk > 2048
   size_t lists_offset = 0, lists_bytes = 0;
   size_t counts_offset = 0, counts_bytes = 0;
   size_t workspace_bytes = 0;

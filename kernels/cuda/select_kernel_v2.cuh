@@ -1,0 +1,636 @@
+// The selection kernel, version 2: FP8 wgmma scoring of (query, head) rows
+// against the paged indexer keys with an exact top-k fused behind the MMA.
+// Template definitions; explicit instantiations live in select_g*.cu.
+//
+// What changed against version 1 (select_kernel.cuh), each aimed at the
+// epilogue that bound version 1 (profile in docs/perf.md):
+// - Column permutation: the B-operand rows (query, head) are stored so that
+//   the accumulator columns one lane holds are whole queries (G <= 32) or half
+//   / quarter queries (G = 64): the head sum runs in-thread, with at most one
+//   or two shuffle levels (version 1 needed a reduce-scatter over the quad).
+// - Double-buffered accumulators: each warpgroup issues the wgmma of stage
+//   n + 1 before it runs the epilogue of stage n, so the tensor core works
+//   while the ReLU / weight / threshold code runs (1 CTA of 2 warpgroups per
+//   SM, up to 255 registers per thread).
+// - Candidate lists partitioned by warp: a warp appends to its own partition
+//   of each query's list with a ballot and popc (no shared-memory atomics, no
+//   shuffles); the per-warp fill lives in registers. Lists are compacted in
+//   shared memory by a radix select that starts at the highest bit in which
+//   the list's keys differ (version 1 started at bit 63, where all candidates
+//   of a query share one byte and the histogram atomics serialised).
+// - kCap is a template parameter: 4096 (top-k <= 2048) or 16384 (top-k <=
+//   8192, MISA-dagger's stage 1).
+//
+// Exactness is version 1's argument: a key enters its list iff its 64-bit
+// candidate key beats the list's threshold, which is always the k-th best key
+// of some k keys already kept; every key better than the final k-th best is
+// therefore in the list at the end.
+#ifndef PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
+#define PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/block_topk.cuh"
+#include "kernels/cuda/ptx.cuh"
+#include "kernels/cuda/select_kernel.h"
+#include "kernels/cuda/select_plan.h"
+
+namespace pd::kernels::cuda::select_internal::v2 {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kStages = 4;
+constexpr int kKeys = kSelectKeysPerIter;  // per stage: two 64-key pages, one per warpgroup
+constexpr int kMaxQ = 16;                  // queries per CTA (128 rows / 8 heads)
+static_assert(kKeys == 128, "a stage is two 64-key pages");
+
+template <int kCap>
+struct alignas(1024) Smem {
+  uint8_t q[128 * 128];                // B operand, SW128 (16 KB)
+  uint8_t keys[kStages][kKeys * 128];  // A operands, SW128 (16 KB per stage)
+  uint64_t cbuf[kCap];                 // compaction buffer
+  float kscale[kStages][kKeys];
+  int32_t kidx[kStages][kKeys];        // key list path: key of each stage row, -1 = none
+  float wl[128];                       // head weights in lane-local column order
+  int64_t pos[kMaxQ];                  // -1 for padding queries
+  unsigned long long thr[kMaxQ];       // enter iff candidate key > thr
+  float thr_f[kMaxQ];                  // score of thr: a score above it enters at once
+  int wcnt[kWarps][kMaxQ];             // partition fill (published at compactions)
+  unsigned need;                       // bit q: a partition of list q may overflow next stage
+  topk::Scratch sc;
+  unsigned long long kmax, kmin;
+};
+static_assert(sizeof(Smem<4096>::keys) >= 8192 * sizeof(uint64_t),
+              "the final pass keeps up to 8192 survivors in the key stages");
+
+template <int kCap>
+constexpr size_t SmemBytes() {
+  return sizeof(Smem<kCap>) + 1024;
+}
+
+__device__ __forceinline__ float ScoreOfOrderedBits(uint32_t ord) {
+  if (ord == 0) return -__int_as_float(0x7f800000);
+  return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
+}
+
+__device__ __forceinline__ uint64_t ShflXor64(uint64_t v, int o) {
+  return __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(v), o);
+}
+
+// The k-th largest of buf[0, n) (1 <= k < n; keys non-zero and distinct).
+// Whole CTA. kmax / kmin must hold 0 / ~0 on entry (set before a barrier).
+template <int kCap>
+__device__ uint64_t SelectKth(const uint64_t* buf, int n, int k, Smem<kCap>& sm) {
+  const int tid = threadIdx.x, lane = tid & 31;
+  uint64_t mx = 0, mn = ~0ull;
+  for (int i = tid; i < n; i += kThreads) {
+    const uint64_t x = buf[i];
+    mx = x > mx ? x : mx;
+    mn = x < mn ? x : mn;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t a = ShflXor64(mx, o), b = ShflXor64(mn, o);
+    mx = a > mx ? a : mx;
+    mn = b < mn ? b : mn;
+  }
+  if (lane == 0) {
+    atomicMax(&sm.kmax, static_cast<unsigned long long>(mx));
+    atomicMin(&sm.kmin, static_cast<unsigned long long>(mn));
+  }
+  __syncthreads();
+  const uint64_t diff = sm.kmax ^ sm.kmin;  // != 0: n >= 2 distinct keys
+  const int hb = 63 - __clzll(static_cast<long long>(diff));
+  uint64_t mask = hb == 63 ? 0ull : (~0ull << (hb + 1));
+  uint64_t prefix = sm.kmax & mask;
+  int shift = hb - 7 > 0 ? hb - 7 : 0;
+  unsigned rem = unsigned(k);
+  topk::Scratch& sc = sm.sc;
+  for (;;) {
+    for (int i = tid; i < 256; i += kThreads) sc.hist[i] = 0;
+    __syncthreads();
+    for (int i = tid; i < n; i += kThreads) {
+      const uint64_t x = buf[i];
+      if ((x & mask) == prefix) atomicAdd(&sc.hist[unsigned(x >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (tid < 32) {
+      unsigned b[8], sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        b[j] = sc.hist[8 * lane + j];
+        sum += b[j];
+      }
+      unsigned suf = sum;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const unsigned t = __shfl_down_sync(0xffffffffu, suf, o);
+        if (lane + o < 32) suf += t;
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, suf >= rem);
+      const int top = 31 - __clz(ballot);
+      if (lane == top) {
+        unsigned above = suf - sum;
+        int d = 8 * lane;
+        unsigned cnt = b[0];
+#pragma unroll
+        for (int j = 7; j >= 0; --j) {
+          if (above + b[j] >= rem) {
+            d = 8 * lane + j;
+            cnt = b[j];
+            break;
+          }
+          above += b[j];
+        }
+        sc.digit = unsigned(d);
+        sc.above = above;
+        sc.count = cnt;
+      }
+    }
+    __syncthreads();
+    // Windows may overlap at the low end (shift clamped to 0): the overlapping
+    // bits of d equal the prefix's, since only matching keys were counted.
+    prefix |= uint64_t(sc.digit) << shift;
+    mask |= uint64_t(0xff) << shift;
+    rem -= sc.above;
+    const bool done = sc.count == rem || shift == 0;
+    __syncthreads();  // sc is rewritten by the next pass
+    if (done) break;
+    shift = shift - 8 > 0 ? shift - 8 : 0;
+  }
+  return prefix;
+}
+
+// Gathers list q's warp partitions (fill sm.wcnt[w][q]) into sm.cbuf; returns
+// the total. Ends with a barrier; resets write_pos / kmax / kmin.
+template <int kCap>
+__device__ int GatherList(const uint64_t* L, int q, Smem<kCap>& sm) {
+  constexpr int kCapW = kCap / kWarps;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int off = 0, n = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const int c = sm.wcnt[w][q];
+    off += w < warp ? c : 0;
+    n += c;
+  }
+  const int mine = sm.wcnt[warp][q];
+  const uint64_t* src = L + warp * kCapW;
+  for (int i = lane; i < mine; i += 32) sm.cbuf[off + i] = src[i];
+  if (threadIdx.x == 0) {
+    sm.sc.write_pos = 0;
+    sm.kmax = 0;
+    sm.kmin = ~0ull;
+  }
+  __syncthreads();
+  return n;
+}
+
+// Writes the entries of sm.cbuf[0, n) that are >= T to dst(p), p = 0, 1, ...
+// in no particular order (warp-aggregated positions).
+template <int kCap, class Dst>
+__device__ __forceinline__ void WriteSurvivors(int n, uint64_t T, Smem<kCap>& sm, Dst&& dst) {
+  const int lane = threadIdx.x & 31;
+  for (int i0 = threadIdx.x - lane; i0 < n; i0 += kThreads) {
+    const int i = i0 + lane;
+    const uint64_t x = i < n ? sm.cbuf[i] : 0ull;
+    const bool keep = x != 0 && x >= T;
+    const unsigned b = __ballot_sync(0xffffffffu, keep);
+    if (b == 0) continue;
+    int base = 0;
+    if (lane == 0) base = atomicAdd(&sm.sc.write_pos, __popc(b));
+    base = __shfl_sync(0xffffffffu, base, 0);
+    if (keep) dst(base + __popc(b & ((1u << lane) - 1u)), x);
+  }
+}
+
+// Compacts list q to its top k (when longer), rebalances the survivors over
+// the warp partitions and raises the threshold. Whole CTA.
+template <int kCap>
+__device__ void CompactList(uint64_t* L, int q, int k, Smem<kCap>& sm) {
+  constexpr int kCapW = kCap / kWarps;
+  const int n = GatherList(L, q, sm);
+  const int kw = (k + kWarps - 1) / kWarps;
+  const uint64_t T = n > k ? SelectKth(sm.cbuf, n, k, sm) : 1ull;
+  WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { L[(p / kw) * kCapW + p % kw] = x; });
+  __syncthreads();
+  const int m = n < k ? n : k;
+  if (threadIdx.x < kWarps) {
+    const int c = m - int(threadIdx.x) * kw;
+    sm.wcnt[threadIdx.x][q] = c < 0 ? 0 : (c > kw ? kw : c);
+  }
+  if (threadIdx.x == 0 && n > k) {
+    sm.thr[q] = T - 1;
+    sm.thr_f[q] = ScoreOfOrderedBits(uint32_t(T >> 32));
+  }
+  __syncthreads();
+}
+
+// G: heads (B rows) per query; R: B rows per CTA (128, or 64 for one 64-head
+// query); kKeyList: keys from a list (per sequence or per query) instead of
+// the contiguous range; kCap: list capacity per (query, split).
+template <int G, int R, bool kKeyList, int kCap>
+__global__ void __launch_bounds__(kThreads, 1) SelectKernelV2(const SelectArgs a) {
+  constexpr int NQ = R / G;                   // queries per CTA
+  constexpr int LC = R / 4;                   // accumulator columns per lane
+  constexpr int QL = LC >= G ? LC / G : 1;    // queries per lane
+  constexpr int LPQ = G > LC ? G / LC : 1;    // lanes sharing one query: 1, 2 or 4
+  constexpr int CPQ = LC >= G ? G : LC;       // columns per query per lane
+  constexpr int NS = LPQ == 1 ? 2 * QL : 1;   // scores per lane per stage
+  constexpr int ACC = R / 2;
+  constexpr int kCapW = kCap / kWarps;
+  static_assert(R == 64 || R == 128, "R must be 64 or 128");
+  static_assert(NQ >= 1 && NQ <= kMaxQ && LPQ <= 4, "G must be 8, 16, 32 or 64");
+  static_assert(kCapW >= 2 * 16 + 256 || kCap == 4096, "partition too small");
+  using S = Smem<kCap>;
+  extern __shared__ uint8_t smem_raw[];
+  S& sm = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2, w4 = warp & 3, g8 = lane >> 2, c4 = lane & 3;
+  const int seq = blockIdx.z, split = blockIdx.y;
+  const int64_t qs_begin = a.query_start[seq], qs_end = a.query_start[seq + 1];
+  const int64_t q0 = qs_begin + int64_t(blockIdx.x) * NQ;
+  if (q0 >= qs_end) return;
+  const int nq = int(qs_end - q0 < NQ ? qs_end - q0 : NQ);
+  const int64_t ntok = a.num_tokens[seq];
+  const int k = a.topk;
+
+  // ---- per-query state and the B operand, once per CTA ----
+  if (tid < NQ) {
+    sm.pos[tid] = tid < nq ? a.positions[q0 + tid] : -1;
+    sm.thr[tid] = 0;
+    sm.thr_f[tid] = -__int_as_float(0x7f800000);
+  }
+  if (tid == 0) sm.need = 0;
+  if ((tid >> 1) < R) {
+    // B row r is accumulator column r = 8 i + 2 c + e, held by lanes with
+    // lane % 4 == c as their local column m = 2 i + e; f = c * LC + m orders
+    // the columns lane by lane, and column f serves query f / G, slot f % G.
+    const int r = tid >> 1, half = tid & 1;
+    const int f = ((r >> 1) & 3) * LC + 2 * (r >> 3) + (r & 1);
+    const int qi = f / G, slot = f % G;
+    int4 v[4] = {};
+    float wv = 0.0f;
+    if (qi < nq) {
+      const int64_t t = q0 + qi;
+      int head = (a.head_list != nullptr && a.masked_heads == 0) ? a.head_list[t * G + slot] : slot;
+      head = min(max(head, 0), a.heads - 1);
+      bool keep = true;
+      if (a.masked_heads > 0) {
+        keep = false;
+        for (int e = 0; e < a.masked_heads; ++e) keep |= a.head_list[t * a.masked_heads + e] == head;
+      }
+      const int4* src = reinterpret_cast<const int4*>(a.q8 + (t * a.heads + head) * 128 + half * 64);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[c] = src[c];
+      wv = keep ? a.weights[t * a.heads + head] : 0.0f;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      *reinterpret_cast<int4*>(sm.q + ptx::Sw128Offset(r, (half * 4 + c) * 16)) = v[c];
+    }
+    if (half == 0) sm.wl[f] = wv;
+  }
+  for (int i = tid; i < kWarps * kMaxQ; i += kThreads) (&sm.wcnt[0][0])[i] = 0;
+  __syncthreads();
+
+  // ---- this CTA's key slots: keys [0, kend) or key_list[0, kend) ----
+  int64_t maxpos = -1, minpos = INT64_MAX;
+#pragma unroll
+  for (int q = 0; q < NQ; ++q) {
+    maxpos = max(maxpos, sm.pos[q]);
+    minpos = min(minpos, sm.pos[q]);
+  }
+  const int32_t* klist = nullptr;
+  int64_t kend;
+  if constexpr (kKeyList) {
+    const int64_t row = a.key_list_per_query ? q0 : int64_t(seq);
+    klist = a.key_list + row * a.key_list_stride;
+    kend = a.key_list_len[row];
+  } else {
+    kend = min(ntok, maxpos + 1);
+  }
+  const int64_t sbeg = int64_t(split) * a.keys_per_split;
+  const int64_t send = min(kend, sbeg + a.keys_per_split);
+  const int n_iter = send > sbeg ? int((send - sbeg + kKeys - 1) / kKeys) : 0;
+  const int32_t* ptab = a.page_table + int64_t(seq) * a.page_table_stride;
+  const int64_t list_stride = int64_t(a.splits) * kCap;  // between consecutive queries
+  uint64_t* lists = a.lists + (q0 * a.splits + split) * int64_t(kCap);
+
+  const int ld_pg = tid >> 7, ld_u = tid & 127;
+  uint32_t ld_dst[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = ld_u + 128 * j;
+    ld_dst[j] = uint32_t(ld_pg * 64 * 128) + ptx::Sw128Offset(c >> 3, (c & 7) * 16);
+  }
+  auto load_stage = [&](int stage, int it) {
+    if constexpr (kKeyList) {
+      const int r = tid >> 1, half = tid & 1;
+      const int64_t s = sbeg + int64_t(it) * kKeys + r;
+      int64_t key = -1;
+      if (s < send) key = int64_t(klist[s]);
+      if (key >= ntok) key = -1;
+      if (key >= 0) {
+        const uint8_t* pg = a.pool + int64_t(ptab[key >> 6]) * int64_t(a.page_bytes);
+        const int slotp = int(key & 63);
+        const uint8_t* src = pg + slotp * 128 + half * 64;
+        uint8_t* dst = sm.keys[stage];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          ptx::CpAsync16(dst + ptx::Sw128Offset(r, (half * 4 + c) * 16), src + c * 16);
+        }
+        if (half == 0) ptx::CpAsync4(&sm.kscale[stage][r], pg + a.scale_offset + slotp * 4);
+      }
+      if (half == 0) sm.kidx[stage][r] = int32_t(key);
+    } else {
+      const int64_t key0 = sbeg + int64_t(it) * kKeys + ld_pg * 64;
+      if (key0 < send) {
+        const uint8_t* pg = a.pool + int64_t(ptab[key0 >> 6]) * int64_t(a.page_bytes);
+        uint8_t* dst = sm.keys[stage];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ptx::CpAsync16(dst + ld_dst[j], pg + (ld_u + 128 * j) * 16);
+        if (ld_u < 16) {
+          ptx::CpAsync16(&sm.kscale[stage][ld_pg * 64 + 4 * ld_u], pg + a.scale_offset + 16 * ld_u);
+        }
+      }
+    }
+  };
+
+  // ---- lane-local query bookkeeping ----
+  // Query of local slot ql, the lanes sharing it (gmask) and their leader.
+  auto lane_query = [&](int ql) -> int {
+    if constexpr (LPQ == 1) return c4 * QL + ql;
+    else if constexpr (LPQ == 2) return c4 >> 1;
+    else return 0;
+  };
+  const unsigned gmask = LPQ == 1 ? (0x11111111u << c4)
+                                  : (LPQ == 2 ? (0x33333333u << (c4 & 2)) : 0x55555555u);
+  const bool leader = g8 == 0 && (c4 % LPQ) == 0;
+  const unsigned lt_mask = (1u << lane) - 1u;
+  int cnt_r[QL];
+  int64_t pos_r[QL];
+#pragma unroll
+  for (int ql = 0; ql < QL; ++ql) {
+    cnt_r[ql] = 0;
+    pos_r[ql] = sm.pos[lane_query(ql)];
+  }
+  auto publish_counts = [&]() {
+    if (leader) {
+#pragma unroll
+      for (int ql = 0; ql < QL; ++ql) sm.wcnt[warp][lane_query(ql)] = cnt_r[ql];
+    }
+  };
+
+  const uint64_t desc_a0 = ptx::Sw128Desc(ptx::SmemAddr(sm.keys[0]) + wg * 64 * 128);
+  const uint64_t desc_b0 = ptx::Sw128Desc(ptx::SmemAddr(sm.q));
+  auto issue_mma = [&](float (&acc)[ACC], int it) {
+    const int stage = it % kStages;
+    const uint64_t da = desc_a0 + uint64_t((stage * kKeys * 128) >> 4);
+    ptx::WgmmaFence();
+    if constexpr (R == 128) {
+      ptx::WgmmaM64N128K32E4M3Zero(acc, da, desc_b0);
+    } else {
+      ptx::WgmmaM64N64K32E4M3Zero(acc, da, desc_b0);
+    }
+#pragma unroll
+    for (int kk = 1; kk < 4; ++kk) {
+      if constexpr (R == 128) {
+        ptx::WgmmaM64N128K32E4M3(acc, da + 2 * kk, desc_b0 + 2 * kk, 1);
+      } else {
+        ptx::WgmmaM64N64K32E4M3(acc, da + 2 * kk, desc_b0 + 2 * kk, 1);
+      }
+    }
+    ptx::WgmmaCommit();
+  };
+
+  // ---- epilogue of stage `it` from its accumulator ----
+  auto epilogue = [&](const float (&acc)[ACC], int it) {
+    const int stage = it % kStages;
+    float w[LC];
+#pragma unroll
+    for (int m = 0; m < LC; m += 4) {
+      const float4 t4 = *reinterpret_cast<const float4*>(&sm.wl[c4 * LC + m]);
+      w[m] = t4.x;
+      w[m + 1] = t4.y;
+      w[m + 2] = t4.z;
+      w[m + 3] = t4.w;
+    }
+    // In-thread head sums: s[h][ql] for key rows g8 + 8h.
+    float s[2][QL];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int ql = 0; ql < QL; ++ql) {
+        float v = 0.0f;
+#pragma unroll
+        for (int mm = 0; mm < CPQ; ++mm) {
+          const int m = ql * CPQ + mm;
+          v = fmaf(fmaxf(acc[4 * (m >> 1) + 2 * h + (m & 1)], 0.0f), w[m], v);
+        }
+        s[h][ql] = v;
+      }
+    }
+    // Lanes sharing a query: reduce (scatter over the two key rows).
+    float sc[NS];
+    int hrow[NS], qloc[NS];
+    bool lane_ok = true;
+    if constexpr (LPQ == 1) {
+#pragma unroll
+      for (int ql = 0; ql < QL; ++ql) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          sc[2 * ql + h] = s[h][ql];
+          hrow[2 * ql + h] = h;
+          qloc[2 * ql + h] = ql;
+        }
+      }
+    } else if constexpr (LPQ == 2) {
+      const bool hi = (c4 & 1) != 0;
+      sc[0] = (hi ? s[1][0] : s[0][0]) + __shfl_xor_sync(0xffffffffu, hi ? s[0][0] : s[1][0], 1);
+      hrow[0] = hi ? 1 : 0;
+      qloc[0] = 0;
+    } else {
+      const bool hi = (c4 & 2) != 0;
+      const float r1 = (hi ? s[1][0] : s[0][0]) + __shfl_xor_sync(0xffffffffu, hi ? s[0][0] : s[1][0], 2);
+      sc[0] = r1 + __shfl_xor_sync(0xffffffffu, r1, 1);
+      hrow[0] = hi ? 1 : 0;
+      qloc[0] = 0;
+      lane_ok = (c4 & 1) == 0;
+    }
+    const int row0 = wg * 64 + 16 * w4 + g8;
+    int64_t key[2];
+    float ks[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 8 * h;
+      if constexpr (kKeyList) {
+        key[h] = sm.kidx[stage][row];
+      } else {
+        key[h] = sbeg + int64_t(it) * kKeys + row;
+        if (key[h] >= send) key[h] = -1;
+      }
+      ks[h] = sm.kscale[stage][row];
+    }
+    const bool all_visible = !kKeyList && sbeg + int64_t(it + 1) * kKeys - 1 <= minpos;
+    bool any_full = false;
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      const int h = hrow[j], ql = qloc[j];
+      const int q = lane_query(ql);
+      const float score = sc[j] * ks[h];
+      const float tf = sm.thr_f[q];
+      const int64_t kj = key[h];
+      bool pass = lane_ok && kj >= 0 && (all_visible || kj <= pos_r[ql]);
+      if (pass && !(score > tf)) {
+        // Equal to the float threshold, or NaN: the exact 64-bit comparison.
+        pass = !(score < tf) && topk::CandidateKey(score, int32_t(kj)) > sm.thr[q];
+      }
+      const unsigned b = __ballot_sync(0xffffffffu, pass);
+      if (b == 0) continue;
+      const unsigned gm = b & gmask;
+      if (pass) {
+        lists[q * list_stride + warp * kCapW + cnt_r[ql] + __popc(gm & lt_mask)] =
+            topk::CandidateKey(score, int32_t(kj));
+      }
+      cnt_r[ql] += __popc(gm);
+      any_full |= cnt_r[ql] > kCapW - 16;
+    }
+    if (any_full && leader) {
+      unsigned bits = 0;
+#pragma unroll
+      for (int ql = 0; ql < QL; ++ql) {
+        if (cnt_r[ql] > kCapW - 16) bits |= 1u << lane_query(ql);
+      }
+      atomicOr(&sm.need, bits);
+    }
+  };
+
+  // ---- main loop ----
+  // Four stages per trip; in trip stages s..s+3 the warpgroup issues MMA(s)
+  // and MMA(s+1), then runs each stage's epilogue while the next stage's MMA
+  // is in flight (the last of the four runs alone). The wgmma sequence is the
+  // same in every thread and free of branches (ptxas serialises wgmma issued
+  // on divergent paths or kept in flight across a loop back-edge): stages at
+  // or past n_iter hold stale data and produce no candidates (keys -1).
+  // Copies run kPrefetch stages ahead, one cp.async group per stage.
+  constexpr int kPrefetch = kStages - 1;
+#pragma unroll
+  for (int s = 0; s < kPrefetch; ++s) {
+    load_stage(s, s);
+    ptx::CpAsyncCommit();
+  }
+  float acc0[ACC], acc1[ACC];
+  // Top of the step for stage st: this thread's copies of stage st + 1 landed
+  // (groups run kPrefetch - 2 behind), barrier, compactions, next copies.
+  auto step_top = [&](int st) {
+    ptx::CpAsyncWait<kPrefetch - 2>();
+    ptx::FenceProxyAsync();
+    __syncthreads();
+    const unsigned need = sm.need;
+    if (need != 0) {
+      publish_counts();
+      __syncthreads();
+      if (tid == 0) sm.need = 0;
+      for (int q = 0; q < NQ; ++q) {
+        if ((need >> q) & 1u) CompactList(lists + q * list_stride, q, k, sm);
+      }
+#pragma unroll
+      for (int ql = 0; ql < QL; ++ql) cnt_r[ql] = sm.wcnt[warp][lane_query(ql)];
+    }
+    load_stage((st + kPrefetch) % kStages, st + kPrefetch);  // no copy past send
+    ptx::CpAsyncCommit();
+  };
+  auto retire = [&](float (&acc)[ACC]) {
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) ptx::FenceOperand(acc[i]);
+  };
+  for (int s = 0; s < n_iter; s += 4) {
+    step_top(s);
+    issue_mma(acc0, s);
+    issue_mma(acc1, s + 1);
+    ptx::WgmmaWait<1>();
+    retire(acc0);
+    epilogue(acc0, s);
+    step_top(s + 1);
+    issue_mma(acc0, s + 2);
+    ptx::WgmmaWait<1>();
+    retire(acc1);
+    epilogue(acc1, s + 1);
+    step_top(s + 2);
+    issue_mma(acc1, s + 3);
+    ptx::WgmmaWait<1>();
+    retire(acc0);
+    epilogue(acc0, s + 2);
+    step_top(s + 3);
+    ptx::WgmmaWait<0>();
+    retire(acc1);
+    epilogue(acc1, s + 3);
+  }
+
+  // ---- final selection per query ----
+  ptx::CpAsyncWait<0>();
+  publish_counts();
+  __syncthreads();
+  uint64_t* scratch = reinterpret_cast<uint64_t*>(&sm.keys[0][0]);
+  for (int q = 0; q < nq; ++q) {
+    uint64_t* L = lists + q * list_stride;
+    const int64_t t = q0 + q;
+    const int n = GatherList(L, q, sm);
+    const uint64_t T = n > k ? SelectKth(sm.cbuf, n, k, sm) : 1ull;
+    const int m = n < k ? n : k;
+    WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { scratch[p] = x; });
+    __syncthreads();
+    if (a.out == nullptr) {
+      for (int i = tid; i < m; i += kThreads) L[i] = scratch[i];
+      if (tid == 0) a.counts[t * a.splits + split] = m;
+    } else {
+      int32_t* o = a.out + t * k;
+      if (a.sorted) {
+        const int N = topk::NextPow2(max(m, 2));
+        for (int i = m + tid; i < N; i += kThreads) scratch[i] = 0ull;
+        __syncthreads();
+        topk::BitonicSortDesc(scratch, N);
+      }
+      for (int i = tid; i < k; i += kThreads) o[i] = i < m ? topk::CandidateIndex(scratch[i]) : -1;
+    }
+    __syncthreads();
+  }
+}
+
+template <int G, int R, bool kKeyList, int kCap>
+cudaError_t LaunchT(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(SelectKernelV2<G, R, kKeyList, kCap>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(SmemBytes<kCap>()));
+  if (attr != cudaSuccess) return attr;
+  SelectKernelV2<G, R, kKeyList, kCap><<<grid, kThreads, SmemBytes<kCap>(), stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace pd::kernels::cuda::select_internal::v2
+
+namespace pd::kernels::cuda::select_internal {
+
+template <int G>
+cudaError_t LaunchSelectKernelV2(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
+  const bool list = args.key_list != nullptr;
+  if (args.topk > kSelectMaxTopk) {
+    if (list || args.rows_per_cta != 128) return cudaErrorInvalidValue;
+    return v2::LaunchT<G, 128, false, 4 * kSelectListCap>(args, grid, stream);
+  }
+  if constexpr (G == 64) {
+    if (args.rows_per_cta == 64) {
+      return list ? v2::LaunchT<G, 64, true, kSelectListCap>(args, grid, stream)
+                  : v2::LaunchT<G, 64, false, kSelectListCap>(args, grid, stream);
+    }
+  }
+  return list ? v2::LaunchT<G, 128, true, kSelectListCap>(args, grid, stream)
+              : v2::LaunchT<G, 128, false, kSelectListCap>(args, grid, stream);
+}
+
+}  // namespace pd::kernels::cuda::select_internal
+
+#endif  // PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
