@@ -289,12 +289,57 @@ void Prefill(int64_t K, int64_t Q, bool all_visible, double anchor_ms, const Opt
   const double t_router = Median(TimeMs(run_router, 1, reps));
   const double t_mselect = Median(TimeMs(run_misa_select, 1, reps));
   const double t_misa = Median(TimeMs([&](int i) { run_router(i); run_misa_select(i); }, 1, reps));
+  // The previous kernel (version 1), same inputs, same run.
+  dense.kernel_version = misa.kernel_version = 1;
+  kc::SelectPlan dplan1, mplan1;
+  PD_BENCH_CUDA(kc::PlanSelectLaunch(dense, &dplan1, nullptr));
+  PD_BENCH_CUDA(kc::PlanSelectLaunch(misa, &mplan1, nullptr));
+  DeviceBuffer<uint8_t> ws1(std::max(dplan1.workspace_bytes, mplan1.workspace_bytes));
+  const double t_dense_v1 = Median(TimeMs([&](int i) {
+    dense.queries = queries(i % nsets);
+    PD_BENCH_CUDA(kc::LaunchSelect(dense, dplan1, ws1.get(), 0));
+  }, 1, reps));
+  const double t_mselect_v1 = Median(TimeMs([&](int i) {
+    misa.queries = queries(i % nsets);
+    PD_BENCH_CUDA(kc::LaunchSelect(misa, mplan1, ws1.get(), 0));
+  }, 1, reps));
+  dense.kernel_version = misa.kernel_version = 2;
+  ws1 = DeviceBuffer<uint8_t>();
   // Outputs of the same query set for the recall.
   run_dense(0);
   run_router(0);
   run_misa_select(0);
   PD_BENCH_CUDA(cudaDeviceSynchronize());
-  const double recall = Recall(out_misa.Download(), out_dense.Download(), Q, kTopk);
+  const std::vector<int32_t> dense_rows = out_dense.Download();
+  const double recall = Recall(out_misa.Download(), dense_rows, Q, kTopk);
+  // MISA-dagger (router + routed top-8192 + exact re-rank) and HISA (128-token
+  // blocks, 64 kept, exact re-rank), both top-2048.
+  double t_two[2] = {0, 0}, rec_two[2] = {0, 0};
+  for (int m = 0; m < 2; ++m) {
+    kc::TwoStageParams tp;
+    tp.mode = m == 0 ? kc::TwoStageMode::kMisaDagger : kc::TwoStageMode::kHisa;
+    tp.keys = cache.Keys(0);
+    tp.queries = queries(0);
+    tp.head_list = active.get();
+    tp.out = out_misa.get();
+    kc::TwoStagePlan tplan;
+    const char* twhy = nullptr;
+    if (kc::PlanTwoStageLaunch(tp, &tplan, &twhy) != cudaSuccess) {
+      std::fprintf(stderr, "two-stage plan: %s\n", twhy);
+      std::exit(2);
+    }
+    DeviceBuffer<uint8_t> tws(tplan.workspace_bytes);
+    PD_BENCH_CUDA(tws.error());
+    auto run_two = [&](int i) {
+      tp.queries = queries(i % nsets);
+      if (m == 0) run_router(i);
+      PD_BENCH_CUDA(kc::LaunchTwoStage(tp, tplan, tws.get(), 0));
+    };
+    t_two[m] = Median(TimeMs(run_two, 1, reps));
+    run_two(0);
+    PD_BENCH_CUDA(cudaDeviceSynchronize());
+    rec_two[m] = Recall(out_misa.Download(), dense_rows, Q, kTopk);
+  }
   const double dense_tf = 2.0 * kH * kD * pairs / (t_dense * 1e-3) / 1e12;
   const double misa_tf = 2.0 * 8 * kD * pairs / (t_mselect * 1e-3) / 1e12;
   const std::string shape = std::to_string(Q) + "q x " + std::to_string(K / 1024) + "K" +
@@ -303,6 +348,9 @@ void Prefill(int64_t K, int64_t Q, bool all_visible, double anchor_ms, const Opt
            "(%5.0f TF) | %5.2fx | recall %.4f | anchor %.2f ms\n",
            shape.c_str(), t_dense, dense_tf, t_misa, t_router, t_mselect, misa_tf,
            t_dense / t_misa, recall, anchor_ms);
+  PrintRow("%-26s   v1 kernel: dense %8.3f ms, misa select %7.3f ms | misa-dagger %7.3f ms "
+           "recall %.4f | hisa %7.3f ms recall %.4f\n",
+           shape.c_str(), t_dense_v1, t_mselect_v1, t_two[0], rec_two[0], t_two[1], rec_two[1]);
   g_rows.push_back(Row()
                        .S("bench", "prefill_select")
                        .S("shape", shape)
@@ -320,7 +368,13 @@ void Prefill(int64_t K, int64_t Q, bool all_visible, double anchor_ms, const Opt
                        .N("misa_recall_vs_dense", recall)
                        .N("anchor_dense_ms", anchor_ms)
                        .N("splits_dense", dplan.splits)
-                       .N("splits_misa", mplan.splits));
+                       .N("splits_misa", mplan.splits)
+                       .N("dense_v1_ms", t_dense_v1)
+                       .N("misa_select_v1_ms", t_mselect_v1)
+                       .N("dagger_ms", t_two[0])
+                       .N("dagger_recall_vs_dense", rec_two[0])
+                       .N("hisa_ms", t_two[1])
+                       .N("hisa_recall_vs_dense", rec_two[1]));
   if (compare_mma_sync) {
     dense.use_wgmma = false;
     const double t_sync = Median(TimeMs(run_dense, 1, reps));
@@ -430,6 +484,20 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
   };
   const int reps = opt.quick ? 5 : 30;
   const double t_dense = Median(TimeMs(run_dense, 2, reps)) * 1e3;
+  double t_dense_v1 = 0.0;
+  {
+    kc::SelectParams d1 = dense;
+    d1.kernel_version = 1;
+    kc::SelectPlan p1;
+    PD_BENCH_CUDA(kc::PlanSelectLaunch(d1, &p1, nullptr));
+    DeviceBuffer<uint8_t> w1(p1.workspace_bytes);
+    t_dense_v1 = Median(TimeMs([&](int i) {
+      set_copy(i);
+      d1.keys = dense.keys;
+      d1.queries = dense.queries;
+      PD_BENCH_CUDA(kc::LaunchSelect(d1, p1, w1.get(), 0));
+    }, 2, reps)) * 1e3;
+  }
   const double t_misa = Median(TimeMs(run_misa, 2, reps)) * 1e3;
   const double t_filt = Median(TimeMs(run_filt, 2, reps)) * 1e3;
   run_dense(0);
@@ -442,10 +510,10 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
   const double key_bytes = double(B) * K * 132.0;
   const int64_t kept = std::min<int64_t>(keep_blocks, kernels::CeilDiv(K, 1024)) * 1024;
   const double filt_bytes = double(B) * (double(kept) * 132.0 + double(kernels::CeilDiv(K, 1024)) * 512.0);
-  PrintRow("decode B=%-3d K=%3lldK  dense %7.1f us (%5.0f GB/s) | misa %7.1f us recall %.4f | "
+  PrintRow("decode B=%-3d K=%3lldK  dense %7.1f us (%5.0f GB/s; v1 %7.1f) | misa %7.1f us recall %.4f | "
            "misa+filter(16 blk) %7.1f us %5.1f MB recall %.4f | anchor %s\n",
-           B, (long long)(K / 1024), t_dense, key_bytes / (t_dense * 1e-6) / 1e9, t_misa, rec_misa,
-           t_filt, filt_bytes / 1e6, rec_filt,
+           B, (long long)(K / 1024), t_dense, key_bytes / (t_dense * 1e-6) / 1e9, t_dense_v1, t_misa,
+           rec_misa, t_filt, filt_bytes / 1e6, rec_filt,
            anchor_us > 0 ? (std::to_string(int(anchor_us)) + " us").c_str() : "-");
   g_rows.push_back(Row()
                        .S("bench", "decode_select")
@@ -454,6 +522,7 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
                        .N("dense_us", t_dense)
                        .N("dense_key_bytes", key_bytes)
                        .N("dense_gbps", key_bytes / (t_dense * 1e-6) / 1e9)
+                       .N("dense_v1_us", t_dense_v1)
                        .N("misa_us", t_misa)
                        .N("misa_recall_vs_dense", rec_misa)
                        .N("filter_us", t_filt)

@@ -134,6 +134,68 @@ cudaError_t LaunchBlockFilter(const BlockFilterParams& p, cudaStream_t stream,
                               const char** error = nullptr);
 
 // ---------------------------------------------------------------------------
+// HISA's block filter for prefill (cpu::SelectTokens, mode hisa, first half):
+// per query t, block scores over its visible blocks b <= positions[t] / hisa_block,
+//   bs[b] = sum_{j < 64} w[t, j] * ReLU(q8[t, j] . mean_b),  mean_b = block_sums[b] / BlockCount(b),
+// (bf16 hi + lo tensor cores, fp32 accumulation); keeps the first and the last
+// visible block and the best others (score descending, ties: lower block),
+// keep_blocks in all (both ends even when keep_blocks < 2), and writes the
+// kept blocks' keys, ascending, as query t's key list.
+struct HisaBlockParams {
+  IndexQueryBatch queries;
+  const int64_t* num_tokens = nullptr;   // [num_seqs] keys present
+  const float* block_sums = nullptr;     // [num_seqs, block_stride, 128] fp32 sums of the
+                                         // dequantised keys per hisa_block tokens
+  int64_t block_stride = 0;
+  int heads = 64;                        // must be 64
+  int head_dim = 128;                    // must be 128
+  int hisa_block = 128;
+  int keep_blocks = 64;
+  int32_t* key_list = nullptr;           // [T, key_list_stride] out
+  int32_t* key_list_len = nullptr;       // [T] out
+  int64_t key_list_stride = 0;           // >= keep_blocks * hisa_block
+};
+cudaError_t LaunchHisaBlocks(const HisaBlockParams& p, cudaStream_t stream,
+                             const char** error = nullptr);
+
+// ---------------------------------------------------------------------------
+// Two-stage prefill selections (cpu::SelectTokens modes misa_dagger and hisa):
+//   MISA-dagger: top-C keys by the routed score (SelectParams with the routed
+//     heads, topk = C), then the exact DSA score of those C keys with all H
+//     heads (per-query key lists), top-k.
+//   HISA: 128-token block sums (LaunchUpdateSummaries), LaunchHisaBlocks, then
+//     the exact DSA score of the kept blocks' keys with all H heads, top-k.
+// Needs H = 64 (the second stage takes one 64-head query per CTA). Rows of
+// `out` as SelectParams (set or sorted).
+enum class TwoStageMode { kMisaDagger, kHisa };
+struct TwoStageParams {
+  TwoStageMode mode = TwoStageMode::kMisaDagger;
+  IndexKeyBatch keys;
+  IndexQueryBatch queries;
+  int heads = 64;
+  int head_dim = 128;
+  int topk = 2048;                       // <= 2048
+  bool sorted = false;
+  int misa_heads = 8;                    // h (MISA-dagger)
+  const int32_t* head_list = nullptr;    // [T, misa_heads] routed heads (LaunchMisaRouter)
+  int dagger_candidates = 8192;          // C, in [topk, 8192]
+  int hisa_block = 128;
+  int hisa_topk_blocks = 64;
+  int32_t* out = nullptr;                // [T, topk]
+};
+struct TwoStagePlan {
+  SelectPlan stage1;                     // MISA-dagger's routed top-C
+  SelectPlan stage2;                     // exact re-score of the per-query key lists
+  int64_t list_stride = 0;               // key-list entries per query
+  int64_t block_stride = 0;              // HISA block sums per sequence
+  size_t list_offset = 0, len_offset = 0, sums_offset = 0, zeros_offset = 0, select_offset = 0;
+  size_t workspace_bytes = 0;
+};
+cudaError_t PlanTwoStageLaunch(const TwoStageParams& p, TwoStagePlan* plan, const char** error);
+cudaError_t LaunchTwoStage(const TwoStageParams& p, const TwoStagePlan& plan, void* workspace,
+                           cudaStream_t stream, const char** error = nullptr);
+
+// ---------------------------------------------------------------------------
 // Fused indexer preparation (cpu::IndexerPrep): per token t of sequence
 // token_seq[t], k = LayerNorm(k_proj[t]); half-split RoPE on the first rope_dim
 // values; Hadamard * D^-0.5; FP8 e4m3 with a ue8m0 scale -> the key cache at

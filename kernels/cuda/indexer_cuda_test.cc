@@ -258,6 +258,7 @@ struct SelectCase {
   int splits = 0;
   int summary_block = 1024;
   bool masked = false;  // MISA through the dense tile with unrouted weights zeroed
+  int kernel_version = 2;
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
@@ -313,6 +314,7 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   p.sorted = sc.sorted;
   p.num_splits = sc.splits;
   p.use_wgmma = sc.wgmma;
+  p.kernel_version = sc.kernel_version;
   p.out = d_out.get();
   SelectPlan plan;
   const char* why = nullptr;
@@ -450,6 +452,353 @@ TEST(CudaSelect, MisaDecodeBatchSmallBlocks) {
   c.summary_block = 256;
   c.sorted = false;
   RunSelectCase(c, 20);
+}
+
+TEST(CudaSelect, KernelV1WgmmaStillMatches) {
+  SKIP_WITHOUT_GPU();
+  for (bool misa : {false, true}) {
+    SelectCase c;
+    c.misa = misa;
+    c.lens = {6001};
+    c.positions = {Tail(6001, 19)};
+    c.kernel_version = 1;
+    c.sorted = misa;
+    RunSelectCase(c, 31 + uint32_t(misa));
+  }
+}
+
+TEST(CudaSelect, MisaLargeTopkBigLists) {
+  SKIP_WITHOUT_GPU();
+  // topk > 2048: the version-2 kernel with 16384-entry lists (MISA-dagger's
+  // stage 1), unsorted, one split; contexts shorter and longer than topk.
+  SelectCase c;
+  c.misa = true;
+  c.lens = {21000};
+  auto pos = Tail(21000, 23);
+  for (int64_t p : {3, 4000, 8191, 8192, 12000}) pos.push_back(p);
+  c.positions = {pos};
+  c.topk = 8192;
+  c.sorted = false;
+  RunSelectCase(c, 33);
+  c.topk = 3001;
+  c.h = 16;
+  RunSelectCase(c, 34);
+}
+
+// Dense (all-head) scores of keys 0..pos and the routed scores of `heads`.
+std::vector<float> Scores(const HostBatch& hb, int s, const HostQueries& hq, int64_t t,
+                          const int32_t* heads, int G) {
+  const int64_t pos = hq.pos[size_t(t)];
+  std::vector<float> out(size_t(pos + 1));
+  cpu::RoutedScores(hb.View(s), hq.q8.data() + t * kH * kD, hq.w.data() + t * kH, heads, G,
+                    nullptr, pos + 1, out.data());
+  return out;
+}
+
+float MaxAbs(const std::vector<float>& v) {
+  float m = 0.0f;
+  for (float x : v) {
+    if (!std::isnan(x)) m = std::max(m, std::fabs(x));
+  }
+  return m;
+}
+
+// Checks a two-stage GPU row against the CPU row. f: exact DSA scores of keys
+// 0..pos; f_tol: the rounding tolerance. stage1_edge(x): key x sits on the
+// first stage's boundary (its stage-1 score is within rounding of the cut), so
+// the GPU may have kept or dropped it. Accepted differences: keys within f_tol
+// of the k-th score; stage-1 edge keys; CPU keys displaced by a stage-1 edge key
+// the GPU kept that scores no lower. Returns the number of differences.
+template <class Edge>
+int CheckTwoStageRow(const int32_t* gpu, const int32_t* cpu_row, const std::vector<float>& f,
+                     float f_tol, int64_t pos, int topk, bool sorted, Edge&& stage1_edge,
+                     const std::string& what) {
+  int valid = 0;
+  while (valid < topk && cpu_row[valid] >= 0) ++valid;
+  std::set<int32_t> g, c(cpu_row, cpu_row + valid);
+  for (int i = 0; i < topk; ++i) {
+    if (gpu[i] < 0) {
+      EXPECT_EQ(gpu[i], -1) << what << " slot " << i;
+      for (int j = i; j < topk; ++j) EXPECT_EQ(gpu[j], -1) << what << " slot " << j;
+      break;
+    }
+    EXPECT_LE(int64_t(gpu[i]), pos) << what;
+    if (int64_t(gpu[i]) > pos) return 1;
+    EXPECT_TRUE(g.insert(gpu[i]).second) << what << " duplicate " << gpu[i];
+  }
+  EXPECT_EQ(g.size(), c.size()) << what << " count";
+  if (valid == 0) return 0;
+  const float fb = f[size_t(cpu_row[valid - 1])];
+  float best_edge_kept = -INFINITY;
+  int diffs = 0;
+  for (int32_t x : g) {
+    if (c.count(x)) continue;
+    ++diffs;
+    const bool edge = stage1_edge(x);
+    if (edge) best_edge_kept = std::max(best_edge_kept, f[size_t(x)]);
+    EXPECT_TRUE(edge || std::fabs(f[size_t(x)] - fb) <= f_tol)
+        << what << ": GPU picked " << x << " score " << f[size_t(x)] << " boundary " << fb;
+  }
+  for (int32_t y : c) {
+    if (g.count(y)) continue;
+    const bool ok = std::fabs(f[size_t(y)] - fb) <= f_tol || stage1_edge(y) ||
+                    f[size_t(y)] <= best_edge_kept + f_tol;
+    EXPECT_TRUE(ok) << what << ": GPU missed " << y << " score " << f[size_t(y)] << " boundary "
+                    << fb;
+  }
+  if (sorted) {
+    for (size_t i = 0; i + 1 < g.size(); ++i) {
+      EXPECT_GE(f[size_t(gpu[i])], f[size_t(gpu[i + 1])] - f_tol) << what << " order at " << i;
+    }
+  }
+  return diffs;
+}
+
+struct TwoStageCase {
+  TwoStageMode mode = TwoStageMode::kMisaDagger;
+  std::vector<int64_t> lens;
+  std::vector<std::vector<int64_t>> positions;
+  int topk = 2048;
+  bool sorted = false;
+  int h = 8;
+  int candidates = 8192;
+  int hisa_block = 128;
+  int hisa_keep = 64;
+};
+
+void RunTwoStageCase(const TwoStageCase& tc, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const HostBatch hb = MakeBatch(rng, tc.lens, 1024);
+  const HostQueries hq = MakeQueries(rng, tc.positions);
+  DeviceBatch db(hb, hq);
+  ASSERT_TRUE(db.pool.ok() && db.q8.ok());
+  const int64_t T = int64_t(hq.pos.size());
+  const bool dagger = tc.mode == TwoStageMode::kMisaDagger;
+  SelectionConfig cfg;
+  cfg.mode = dagger ? SelectionMode::kMisaDagger : SelectionMode::kHisa;
+  cfg.topk = tc.topk;
+  cfg.misa_heads = tc.h;
+  cfg.dagger_candidates = tc.candidates;
+  cfg.hisa_block = tc.hisa_block;
+  cfg.hisa_topk_blocks = tc.hisa_keep;
+  std::vector<int32_t> cpu_out(size_t(T) * tc.topk);
+  std::vector<int32_t> routed(size_t(T) * tc.h);
+  for (size_t s = 0; s < tc.lens.size(); ++s) {
+    const IndexKeyCacheView view = hb.View(int(s));
+    IndexerQueries q;
+    const int64_t t0 = hq.start[s];
+    q.q8 = hq.q8.data() + t0 * kH * kD;
+    q.weights = hq.w.data() + t0 * kH;
+    q.positions = hq.pos.data() + t0;
+    q.num_queries = hq.start[s + 1] - t0;
+    cpu::SelectTokens(cfg, view, q, cpu_out.data() + t0 * tc.topk, Pool());
+    for (int64_t t = t0; t < hq.start[s + 1]; ++t) {
+      std::vector<float> r(kH);
+      cpu::MisaRouterScores(view, hq.q8.data() + t * kH * kD, hq.w.data() + t * kH, kH,
+                            hq.pos[size_t(t)], r.data());
+      cpu::MisaActiveHeads(r.data(), kH, tc.h, routed.data() + t * tc.h);
+    }
+  }
+  DeviceBuffer<int32_t> d_routed(routed);
+  DeviceBuffer<int32_t> d_out(size_t(T) * tc.topk);
+  cudaMemset(d_out.get(), 0x5a, d_out.bytes());
+  TwoStageParams p;
+  p.mode = tc.mode;
+  p.keys = db.keys;
+  p.queries = db.queries;
+  p.topk = tc.topk;
+  p.sorted = tc.sorted;
+  p.misa_heads = tc.h;
+  p.head_list = d_routed.get();
+  p.dagger_candidates = tc.candidates;
+  p.hisa_block = tc.hisa_block;
+  p.hisa_topk_blocks = tc.hisa_keep;
+  p.out = d_out.get();
+  TwoStagePlan plan;
+  const char* why = nullptr;
+  ASSERT_CUDA(PlanTwoStageLaunch(p, &plan, &why));
+  DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+  ASSERT_TRUE(ws.ok());
+  ASSERT_CUDA(LaunchTwoStage(p, plan, ws.get(), 0, &why));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const std::vector<int32_t> gpu = d_out.Download();
+
+  std::vector<int32_t> all(kH);
+  std::iota(all.begin(), all.end(), 0);
+  int diffs = 0, total = 0;
+  for (size_t s = 0; s < tc.lens.size(); ++s) {
+    // HISA block scores in double (the judge of the block boundary).
+    KvLayout bl = hb.layout;
+    bl.summary_block = tc.hisa_block;
+    std::vector<float> bsums(size_t(CeilDiv(hb.lens[s], tc.hisa_block)) * kD);
+    if (!dagger) {
+      IndexKeyCacheRef ref;
+      ref.pool = const_cast<uint8_t*>(hb.pool.data());
+      ref.page_table = hb.page_table.data() + s * hb.pt_stride;
+      ref.summary_sums = bsums.data();
+      ref.layout = bl;
+      cpu::UpdateSummaries(ref, 0, hb.lens[s]);
+    }
+    for (int64_t t = hq.start[s]; t < hq.start[s + 1]; ++t) {
+      const int64_t pos = hq.pos[size_t(t)];
+      const std::vector<float> f = Scores(hb, int(s), hq, t, all.data(), kH);
+      const float f_tol = 2e-3f * MaxAbs(f) + 1e-30f;
+      const std::string what = std::string(dagger ? "dagger" : "hisa") + " seq " +
+                               std::to_string(s) + " query " + std::to_string(t) + " pos " +
+                               std::to_string(pos);
+      int d = 0;
+      if (dagger) {
+        const std::vector<float> r = Scores(hb, int(s), hq, t, routed.data() + t * tc.h, tc.h);
+        std::vector<float> sr = r;
+        std::sort(sr.begin(), sr.end(), std::greater<float>());
+        const bool cut = int64_t(sr.size()) > tc.candidates;
+        const float r_cut = cut ? sr[size_t(tc.candidates - 1)] : -INFINITY;
+        const float r_tol = 2e-3f * MaxAbs(r) + 1e-30f;
+        d = CheckTwoStageRow(gpu.data() + t * tc.topk, cpu_out.data() + t * tc.topk, f, f_tol, pos,
+                             tc.topk, tc.sorted,
+                             [&](int32_t x) { return cut && std::fabs(r[size_t(x)] - r_cut) <= r_tol; },
+                             what);
+      } else {
+        const int64_t nvis = pos / tc.hisa_block + 1;
+        std::vector<double> bs(static_cast<size_t>(nvis));
+        double bmax = 0.0;
+        for (int64_t b = 0; b < nvis; ++b) {
+          const double cnt = double(BlockCount(hb.lens[s], b, tc.hisa_block));
+          double acc = 0.0;
+          for (int j = 0; j < kH; ++j) {
+            double dot = 0.0;
+            for (int e = 0; e < kD; ++e) {
+              dot += double(Fp8E4M3ToFloat(hq.q8[size_t((t * kH + j) * kD + e)])) *
+                     (double(bsums[size_t(b * kD + e)]) / cnt);
+            }
+            acc += double(hq.w[size_t(t * kH + j)]) * std::max(dot, 0.0);
+          }
+          bs[size_t(b)] = acc;
+          bmax = std::max(bmax, std::fabs(acc));
+        }
+        std::vector<double> mid(bs.begin() + std::min<int64_t>(1, nvis),
+                                bs.begin() + std::max<int64_t>(nvis - 1, std::min<int64_t>(1, nvis)));
+        std::sort(mid.begin(), mid.end(), std::greater<double>());
+        const int64_t extra = std::min<int64_t>(std::max(tc.hisa_keep - 2, 0), int64_t(mid.size()));
+        const bool cut = extra < int64_t(mid.size());
+        const double b_cut = cut && extra > 0 ? mid[size_t(extra - 1)] : (cut ? 1e300 : -1e300);
+        const double b_next = cut ? mid[size_t(extra)] : -1e300;
+        const double b_tol = 1e-4 * bmax;
+        d = CheckTwoStageRow(gpu.data() + t * tc.topk, cpu_out.data() + t * tc.topk, f, f_tol, pos,
+                             tc.topk, tc.sorted,
+                             [&](int32_t x) {
+                               const int64_t b = x / tc.hisa_block;
+                               if (!cut || b == 0 || b == nvis - 1) return false;
+                               return std::fabs(bs[size_t(b)] - b_cut) <= b_tol ||
+                                      std::fabs(bs[size_t(b)] - b_next) <= b_tol;
+                             },
+                             what);
+      }
+      diffs += d;
+      total += int(std::min<int64_t>(tc.topk, pos + 1));
+    }
+  }
+  EXPECT_LE(diffs * 100, std::max(total, 100)) << diffs << " differences of " << total;
+  std::printf("  %lld queries, %d selected, %d differences (rounding at a stage boundary)\n",
+              (long long)T, total, diffs);
+}
+
+TEST(CudaTwoStage, MisaDaggerMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  TwoStageCase c;
+  c.lens = {25000, 3000};
+  auto pos = Tail(25000, 13);
+  for (int64_t p : {0, 100, 2047, 8191, 9000, 17000}) pos.push_back(p);
+  c.positions = {pos, {2999, 1234}};
+  RunTwoStageCase(c, 80);  // C = 8192: the big-list stage 1
+  c.candidates = 1500;
+  c.topk = 300;
+  c.sorted = true;
+  RunTwoStageCase(c, 81);  // C <= 2048: the regular stage 1
+}
+
+TEST(CudaTwoStage, HisaMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  TwoStageCase c;
+  c.mode = TwoStageMode::kHisa;
+  c.lens = {30000, 700};
+  auto pos = Tail(30000, 11);
+  for (int64_t p : {0, 127, 128, 500, 8191, 8300, 20000}) pos.push_back(p);
+  c.positions = {pos, {699, 300}};
+  RunTwoStageCase(c, 90);
+  c.hisa_block = 100;
+  c.hisa_keep = 7;
+  c.topk = 333;
+  c.sorted = true;
+  RunTwoStageCase(c, 91);
+  c.hisa_keep = 1;  // first and last blocks only
+  RunTwoStageCase(c, 92);
+}
+
+// Per-query key lists (the second stage of MISA-dagger and HISA): each query
+// has its own candidate keys (any order, some past its position).
+TEST(CudaSelect, PerQueryKeyLists) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(75);
+  const std::vector<int64_t> lens = {9000, 2500};
+  const HostBatch hb = MakeBatch(rng, lens, 1024);
+  const HostQueries hq = MakeQueries(rng, {{8999, 8000, 4000, 100}, {2499, 7}});
+  DeviceBatch db(hb, hq);
+  const int64_t T = int64_t(hq.pos.size());
+  const int64_t stride = 5000;
+  std::vector<int32_t> klist(size_t(T * stride), -3), klen(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = hb.lens[t < 4 ? 0 : 1];
+    std::vector<int32_t> keys(static_cast<size_t>(n));
+    std::iota(keys.begin(), keys.end(), 0);
+    std::shuffle(keys.begin(), keys.end(), rng);
+    keys.resize(size_t(std::min<int64_t>(n, 1000 + int64_t(rng() % 4000))));
+    klen[size_t(t)] = int32_t(keys.size());
+    std::copy(keys.begin(), keys.end(), klist.begin() + t * stride);
+  }
+  DeviceBuffer<int32_t> d_klist(klist), d_klen(klen);
+  for (int topk : {2048, 77}) {
+    DeviceBuffer<int32_t> d_out(size_t(T) * topk);
+    SelectParams p;
+    p.keys = db.keys;
+    p.queries = db.queries;
+    p.key_list = d_klist.get();
+    p.key_list_len = d_klen.get();
+    p.key_list_stride = stride;
+    p.max_key_list_len = stride;
+    p.key_list_per_query = true;
+    p.topk = topk;
+    p.sorted = topk == 77;
+    p.out = d_out.get();
+    SelectPlan plan;
+    ASSERT_CUDA(PlanSelectLaunch(p, &plan, nullptr));
+    DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+    ASSERT_CUDA(LaunchSelect(p, plan, ws.get(), 0));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    const auto gpu = d_out.Download();
+    std::vector<int32_t> all(kH);
+    std::iota(all.begin(), all.end(), 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const int s = t < 4 ? 0 : 1;
+      const int64_t pos = hq.pos[size_t(t)];
+      std::vector<int32_t> vis;
+      for (int32_t i = 0; i < klen[size_t(t)]; ++i) {
+        const int32_t k = klist[size_t(t * stride + i)];
+        if (k <= pos) vis.push_back(k);
+      }
+      std::vector<float> ls(vis.size());
+      cpu::RoutedScores(hb.View(s), hq.q8.data() + t * kH * kD, hq.w.data() + t * kH, all.data(),
+                        kH, vis.data(), int64_t(vis.size()), ls.data());
+      std::vector<int32_t> top(static_cast<size_t>(topk));
+      const int valid = cpu::TopK(ls.data(), int64_t(vis.size()), topk, top.data());
+      std::vector<int32_t> cpu_row(size_t(topk), -1);
+      for (int i = 0; i < valid; ++i) cpu_row[size_t(i)] = vis[size_t(top[size_t(i)])];
+      std::vector<float> scores(size_t(pos + 1), std::nanf(""));
+      for (size_t i = 0; i < vis.size(); ++i) scores[size_t(vis[i])] = ls[i];
+      CheckRow(gpu.data() + t * topk, cpu_row.data(), scores, pos, topk, p.sorted,
+               "per-query list t=" + std::to_string(t), valid);
+    }
+  }
 }
 
 // Selection restricted to per-sequence key lists (the block-filter path):

@@ -273,6 +273,147 @@ __global__ void __launch_bounds__(kThreads) BlockFilterKernel(const BlockFilterP
   }
 }
 
+// HISA block filter (prefill): a CTA serves 2 queries of 64 heads (warp w:
+// query w / 4, heads 16 (w % 4) + [0, 16)); block means staged as bf16 hi + lo.
+constexpr int kHisaQueries = 2;
+constexpr int kHisaMaxBlocks = 4096;
+
+struct HisaSmem {
+  uint16_t hi[kChunk * kRowPad];
+  uint16_t lo[kChunk * kRowPad];
+  float part[8][kChunk];
+  uint64_t bkeys[kHisaQueries][kHisaMaxBlocks];
+  int32_t kept[kHisaMaxBlocks];
+  int64_t nvis[kHisaQueries];
+  unsigned warp_sum[8];
+  topk::Scratch sc;
+};
+
+__global__ void __launch_bounds__(kThreads) HisaBlockKernel(const HisaBlockParams p) {
+  extern __shared__ __align__(16) uint8_t hisa_raw[];
+  HisaSmem& sm = *reinterpret_cast<HisaSmem*>(hisa_raw);
+  const int seq = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g8 = lane >> 2, c4 = lane & 3;
+  const int64_t qs0 = p.queries.query_start[seq], qs1 = p.queries.query_start[seq + 1];
+  const int64_t q0 = qs0 + int64_t(blockIdx.x) * kHisaQueries;
+  if (q0 >= qs1) return;
+  const int nq = int(qs1 - q0 < kHisaQueries ? qs1 - q0 : kHisaQueries);
+  const int hb = p.hisa_block;
+  const int64_t ntok = p.num_tokens[seq];
+  const int64_t m_total = (ntok + hb - 1) / hb;
+  const float* sums = p.block_sums + seq * p.block_stride * 128;
+  if (threadIdx.x < kHisaQueries) {
+    int64_t nv = 0;
+    if (int(threadIdx.x) < nq) {
+      const int64_t pos = p.queries.positions[q0 + threadIdx.x];
+      nv = pos / hb + 1 < m_total ? pos / hb + 1 : m_total;
+    }
+    sm.nvis[threadIdx.x] = nv;
+  }
+  __syncthreads();
+  const int qi = warp >> 2, ht = warp & 3;
+  const bool active_warp = qi < nq;
+  const int64_t t = q0 + qi;
+  uint32_t a[8][4];
+  float wa = 0.0f, wb = 0.0f;
+  if (active_warp) {
+    const uint8_t* q = p.queries.q8 + (t * 64 + 16 * ht) * 128;
+    LoadQueryFragments(q + g8 * 128, q + (g8 + 8) * 128, a);
+    wa = p.queries.weights[t * 64 + 16 * ht + g8];
+    wb = p.queries.weights[t * 64 + 16 * ht + g8 + 8];
+  }
+  const int64_t nb_max = sm.nvis[0] > sm.nvis[1] ? sm.nvis[0] : sm.nvis[1];
+  for (int64_t b0 = 0; b0 < nb_max; b0 += kChunk) {
+    __syncthreads();
+    StageMeans(sums, ntok, hb, b0, nb_max, sm.hi, sm.lo);
+    __syncthreads();
+    if (active_warp) {
+#pragma unroll 1
+      for (int n0 = 0; n0 < kChunk; n0 += 8) {
+        float acc[4];
+        DotTile(a, sm.hi, sm.lo, n0, acc);
+        // Weighted ReLU over this lane's two heads, then the sum over the
+        // warp's 16 heads (lanes with the same c4).
+        float p0 = fmaf(wb, fmaxf(acc[2], 0.0f), wa * fmaxf(acc[0], 0.0f));
+        float p1 = fmaf(wb, fmaxf(acc[3], 0.0f), wa * fmaxf(acc[1], 0.0f));
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+          p0 += __shfl_xor_sync(0xffffffffu, p0, o);
+          p1 += __shfl_xor_sync(0xffffffffu, p1, o);
+        }
+        if (g8 == 0) {
+          sm.part[warp][n0 + 2 * c4] = p0;
+          sm.part[warp][n0 + 2 * c4 + 1] = p1;
+        }
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kHisaQueries * kChunk; i += kThreads) {
+      const int q = i / kChunk, j = i % kChunk;
+      const int64_t b = b0 + j;
+      if (q < nq && b < sm.nvis[q]) {
+        const float* pp = &sm.part[4 * q][j];
+        const float bs = ((pp[0] + pp[kChunk]) + pp[2 * kChunk]) + pp[3 * kChunk];
+        sm.bkeys[q][b] = topk::CandidateKey(bs, int32_t(b));
+      }
+    }
+  }
+  __syncthreads();
+  // Per query: first and last visible block, then the best others.
+  for (int q = 0; q < nq; ++q) {
+    const int n = int(sm.nvis[q]);
+    uint64_t* keys = sm.bkeys[q];
+    if (threadIdx.x == 0) {
+      keys[0] = ~uint64_t(0);
+      if (n > 1) keys[n - 1] = ~uint64_t(0) - 1;
+    }
+    __syncthreads();
+    const int fixed = n > 1 ? 2 : 1;
+    const int keep = min(max(p.keep_blocks, fixed), n);
+    uint64_t T = 1;
+    if (keep < n) {
+      T = topk::RadixSelectKth(
+          [&](auto&& f) {
+            for (int i = threadIdx.x; i < n; i += kThreads) f(keys[i]);
+          },
+          keep, sm.sc);
+    }
+    // Kept blocks in ascending order: per-thread runs, then an exclusive scan.
+    const int per = (n + kThreads - 1) / kThreads;
+    const int b_lo = threadIdx.x * per, b_hi = min(b_lo + per, n);
+    unsigned mine = 0;
+    for (int b = b_lo; b < b_hi; ++b) mine += keys[b] >= T ? 1u : 0u;
+    unsigned incl = mine;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (lane == 31) sm.warp_sum[warp] = incl;
+    __syncthreads();
+    unsigned base = incl - mine;
+    for (int w = 0; w < warp; ++w) base += sm.warp_sum[w];
+    for (int b = b_lo; b < b_hi; ++b) {
+      if (keys[b] >= T) sm.kept[base++] = b;
+    }
+    __syncthreads();
+    // Keys of kept block rank i at [i * hb, ...): only the cache's last block
+    // can be partial, and it is the last kept block when kept.
+    const int64_t tq = q0 + q;
+    int32_t* out = p.key_list + tq * p.key_list_stride;
+    const int64_t total_slots = int64_t(keep) * hb;
+    for (int64_t idx = threadIdx.x; idx < total_slots; idx += kThreads) {
+      const int64_t key = int64_t(sm.kept[idx / hb]) * hb + idx % hb;
+      if (key < ntok) out[idx] = int32_t(key);
+    }
+    if (threadIdx.x == 0) {
+      const int last = sm.kept[keep - 1];
+      p.key_list_len[tq] = int32_t(int64_t(keep - 1) * hb + BlockCount(ntok, last, hb));
+    }
+    __syncthreads();
+  }
+}
+
 }  // namespace
 
 cudaError_t LaunchMisaRouter(const RouterParams& p, cudaStream_t stream, const char** error) {
@@ -324,6 +465,42 @@ cudaError_t LaunchBlockFilter(const BlockFilterParams& p, cudaStream_t stream,
     return Invalid(error, "block filter: null summary_sums, key_list or key_list_len");
   }
   BlockFilterKernel<<<dim3(unsigned(p.queries.num_seqs)), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace pd::kernels::cuda
+
+namespace pd::kernels::cuda {
+
+cudaError_t LaunchHisaBlocks(const HisaBlockParams& p, cudaStream_t stream, const char** error) {
+  if (p.heads != 64 || p.head_dim != 128) {
+    return Invalid(error, "HISA blocks: heads must be 64 and head_dim 128");
+  }
+  if (p.hisa_block < 1 || p.keep_blocks < 1) {
+    return Invalid(error, "HISA blocks: hisa_block and keep_blocks must be >= 1");
+  }
+  if (p.queries.num_seqs < 1 || p.queries.num_seqs > 65535 || p.queries.query_start == nullptr) {
+    return Invalid(error, "HISA blocks: queries.num_seqs must be in [1, 65535] with query_start");
+  }
+  if (CeilDiv(p.queries.max_context, p.hisa_block) > kHisaMaxBlocks) {
+    return Invalid(error, "HISA blocks: more than 4096 blocks per sequence (context / hisa_block)");
+  }
+  if (p.key_list_stride < int64_t(p.keep_blocks) * p.hisa_block) {
+    return Invalid(error, "HISA blocks: key_list_stride < keep_blocks * hisa_block");
+  }
+  if (p.num_tokens == nullptr || p.block_sums == nullptr || p.key_list == nullptr ||
+      p.key_list_len == nullptr || p.queries.q8 == nullptr || p.queries.weights == nullptr ||
+      p.queries.positions == nullptr) {
+    return Invalid(error, "HISA blocks: null pointer among num_tokens, block_sums, key_list, "
+                          "key_list_len, q8, weights, positions");
+  }
+  if (p.queries.num_queries == 0 || p.queries.max_queries_per_seq == 0) return cudaSuccess;
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      HisaBlockKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(HisaSmem)));
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(unsigned((p.queries.max_queries_per_seq + kHisaQueries - 1) / kHisaQueries),
+                  unsigned(p.queries.num_seqs));
+  HisaBlockKernel<<<grid, kThreads, sizeof(HisaSmem), stream>>>(p);
   return cudaGetLastError();
 }
 

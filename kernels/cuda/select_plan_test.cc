@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/testing/minitest.h"
@@ -103,6 +104,41 @@ TEST(SelectPlan, RejectsBadInput) {
   in = Prefill(10, 100, 64);
   in.max_queries_per_seq = 11;
   EXPECT_FALSE(PlanSelect(in, &p, &why));
+}
+
+TEST(SelectPlan, LargeTopkUsesBigListsAndOneSplit) {
+  SelectPlanInput in = Prefill(100, 70000, 8);
+  in.topk = 8192;
+  SelectPlan p;
+  const char* why = nullptr;
+  EXPECT_FALSE(PlanSelect(in, &p, &why));  // not without allow_large_topk
+  EXPECT_TRUE(why != nullptr && std::string(why).find("2048") != std::string::npos);
+  in.allow_large_topk = true;
+  in.num_splits = 5;
+  ASSERT_TRUE(PlanSelect(in, &p, &why));
+  EXPECT_EQ(p.splits, 1);
+  EXPECT_EQ(p.list_cap, 4 * kSelectListCap);
+  EXPECT_GE(p.lists_bytes, size_t(100) * 4 * kSelectListCap * 8);
+  in.topk = 8193;
+  EXPECT_FALSE(PlanSelect(in, &p, &why));
+  in.topk = 2048;  // allowed but not large: the usual lists and splits
+  ASSERT_TRUE(PlanSelect(in, &p, &why));
+  EXPECT_EQ(p.list_cap, kSelectListCap);
+  EXPECT_EQ(p.splits, 5);
+}
+
+TEST(SelectPlan, PerQueryKeyListsTakeOneQueryPerCta) {
+  SelectPlanInput in = Prefill(300, 8192, 64);
+  in.per_query_key_lists = true;
+  SelectPlan p;
+  ASSERT_TRUE(PlanSelect(in, &p, nullptr));
+  EXPECT_EQ(p.rows_per_cta, 64);
+  EXPECT_EQ(p.queries_per_cta, 1);
+  EXPECT_EQ(p.groups_per_seq, 300);
+  in.rows_per_query = 8;
+  const char* why = nullptr;
+  EXPECT_FALSE(PlanSelect(in, &p, &why));
+  EXPECT_TRUE(why != nullptr && std::string(why).find("64") != std::string::npos);
 }
 
 TEST(CandidateKey, OrdersLikeTheCpuTopK) {
