@@ -57,6 +57,13 @@ class DataSender {
   // when every write posted so far has certainly landed in the receiver's
   // memory (or been consumed by a receive), so the receiver may reuse it;
   // an error when that cannot be known by the deadline (a broken data plane).
+  // Drives the data plane on the calling thread, for backends whose
+  // operations progress only when polled; true when something progressed (the
+  // caller then polls again at once instead of sleeping). Default: nothing.
+  virtual bool Progress() { return false; }
+  // The stream failed: the peer may be gone, so per-peer state this sender
+  // used (cached endpoints, keys) must not be reused. Default: nothing cached.
+  virtual void Abandon() {}
   // Default: a fence behind every write, polled until the deadline.
   virtual absl::Status Quiesce(absl::Time deadline) {
     absl::StatusOr<uint64_t> fence = PostFence();
@@ -92,6 +99,10 @@ class DataReceiver {
   virtual absl::StatusOr<bool> PollRecv(uint64_t ticket) {
     return absl::UnimplementedError("PollRecv on a one-sided backend");
   }
+  // Drives the data plane on the calling thread while the stream waits (for
+  // backends that apply incoming data only when progressed); true when
+  // something progressed. Default: nothing to drive.
+  virtual bool Progress() { return false; }
 };
 
 // A data-plane backend. Implementations are thread-safe: streams on several

@@ -130,6 +130,21 @@ class FaultySender final : public DataSender {
     return id;
   }
 
+  bool Progress() override {
+    if (delayed_ == nullptr) return inner_->Progress();
+    absl::MutexLock lock(&delayed_->mu);
+    return delayed_->inner != nullptr && delayed_->inner->Progress();
+  }
+
+  void Abandon() override {
+    if (delayed_ == nullptr) {
+      inner_->Abandon();
+      return;
+    }
+    absl::MutexLock lock(&delayed_->mu);
+    if (delayed_->inner != nullptr) delayed_->inner->Abandon();
+  }
+
   absl::StatusOr<bool> PollFence(uint64_t id) override {
     if (disconnected_) return Disconnected();
     if (delayed_ != nullptr) return PollDelayedFence(id);

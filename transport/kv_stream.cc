@@ -22,6 +22,10 @@ namespace {
 
 using proto::ObjectKind;
 
+// Direct puts are posted in pieces of at most this many bytes (about half a
+// core's L2), each hashed right after it was posted.
+constexpr uint64_t kPieceBytes = 256 << 10;
+
 // XXH3-64 over a sequence of byte ranges (equal to XXH3_64bits of their concatenation).
 class Xxh3 {
  public:
@@ -211,7 +215,7 @@ class SenderImpl final : public KvSender {
         last_progress = absl::Now();
       }
       // 3. Post more chunks within the credit (two batches in flight at most).
-      if (batches_.size() < 2) {
+      if (batches_.size() < size_t(options_.max_batches_in_flight)) {
         Batch batch;
         while (int(batch.headers.chunks.size()) < options_.max_batch_chunks) {
           std::optional<uint32_t> id = NextChunk();
@@ -235,6 +239,7 @@ class SenderImpl final : public KvSender {
             plan_.chunks.size(), " chunks acknowledged)"));
       }
       if (!awaiting_peer) last_progress = absl::Now();  // idle: waiting for SendLayer
+      if (!batches_.empty() && data_->Progress()) continue;
       absl::Duration wait = !batches_.empty() ? absl::Microseconds(50)
                             : busy            ? absl::Milliseconds(20)
                                               : absl::Milliseconds(100);
@@ -293,9 +298,16 @@ class SenderImpl final : public KvSender {
         off += s.len;
       }
     } else {
+      // Post in pieces and hash each piece right after posting it: a backend
+      // that copies on this thread (loopback, UCX shared memory) leaves the
+      // piece in cache for the hash; one that sends in the background
+      // overlaps its transfer with the hashing.
       for (const Segment& s : c.segments) {
-        if (hashed) PD_RETURN_IF_ERROR(HashOnHost(ops_, arena + s.src, s.len, hash));
-        PD_RETURN_IF_ERROR(data_->PostWrite(arena + s.src, s.dst, s.len));
+        for (uint64_t off = 0; off < s.len; off += kPieceBytes) {
+          const uint64_t n = std::min<uint64_t>(kPieceBytes, s.len - off);
+          PD_RETURN_IF_ERROR(data_->PostWrite(arena + s.src + off, s.dst + off, n));
+          if (hashed) PD_RETURN_IF_ERROR(HashOnHost(ops_, arena + s.src + off, n, hash));
+        }
       }
     }
     h.checksum = hashed ? hash.Digest() : 0;
@@ -398,6 +410,7 @@ class SenderImpl final : public KvSender {
         }
       }
     }
+    if (!st.ok()) data_->Abandon();
     channel_->Close();
     data_.reset();    // endpoint, remote key
     bounce_.reset();  // pinned bounce buffers
@@ -576,17 +589,27 @@ class ReceiverImpl final : public KvReceiver {
         last_progress = absl::Now();
         continue;
       }
+      const absl::Time now = absl::Now();
       const absl::Time deadline = last_progress + options_.progress_timeout;
-      if (absl::Now() >= deadline) {
+      if (now >= deadline) {
         return absl::DeadlineExceededError(absl::StrCat(
             "KV stream ", manifest_.request_id, ": nothing from the sender for ",
             absl::FormatDuration(options_.progress_timeout), " (", verified_count_, " of ",
             plan_.chunks.size(), " chunks verified)"));
       }
+      // Data arriving: drive the data plane here rather than leave it to
+      // another thread (one busy thread per side on small hosts).
+      if (data_->Progress()) {
+        last_data_ = now;
+        continue;
+      }
+      const absl::Time wake = now - last_data_ < absl::Milliseconds(1)
+                                  ? std::min(deadline, now + absl::Microseconds(20))
+                                  : deadline;
       // Woken by a message, the channel closing, or Abort.
       absl::MutexLock lock(&mu_);
       auto woken = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return wakeups_ != seen_wakeups; };
-      mu_.AwaitWithDeadline(absl::Condition(&woken), deadline);
+      mu_.AwaitWithDeadline(absl::Condition(&woken), wake);
     }
     PD_RETURN_IF_ERROR(cache_.SetLength(seq_, int64_t(manifest_.num_tokens)));
     PD_RETURN_IF_ERROR(channel_->Send(proto::Done{uint32_t(plan_.chunks.size()), plan_.total_bytes}));
@@ -780,6 +803,7 @@ class ReceiverImpl final : public KvReceiver {
   std::vector<uint64_t> recv_ticket_;
   uint64_t next_recv_ = 0;
   bool peer_aborted_ = false;
+  absl::Time last_data_ = absl::InfinitePast();  // the data plane last progressed here
 
   mutable absl::Mutex mu_;
   uint64_t wakeups_ ABSL_GUARDED_BY(mu_) = 0;
@@ -871,8 +895,9 @@ absl::StatusOr<std::unique_ptr<KvSender>> KvSender::Start(Backend& backend,
   if (cache.on_device() && !ops.device()) {
     return absl::InvalidArgumentError("the KV cache is device memory: pass CUDA MemoryOps");
   }
-  if (options.max_batch_chunks <= 0 || options.max_resends < 0) {
-    return absl::InvalidArgumentError("max_batch_chunks must be positive and max_resends >= 0");
+  if (options.max_batch_chunks <= 0 || options.max_batches_in_flight <= 0 || options.max_resends < 0) {
+    return absl::InvalidArgumentError(
+        "max_batch_chunks and max_batches_in_flight must be positive and max_resends >= 0");
   }
   const bool staged = options.staged || (cache.on_device() && !backend.supports_device_memory());
   if (staged && !backend.one_sided()) {

@@ -68,8 +68,10 @@ struct SenderOptions {
   // hashing would bound the bandwidth, e.g. NCCL over NVLink). 1: every chunk.
   uint32_t checksum_every = 1;
   int max_resends = 3;    // per chunk, then the stream aborts with DataLoss
-  // Chunks posted before one fence + header batch.
-  int max_batch_chunks = 16;
+  // Chunks posted before one fence + header batch, and fenced batches whose
+  // headers are not yet sent (the pipeline depth within the credit).
+  int max_batch_chunks = 4;
+  int max_batches_in_flight = 4;
   absl::Duration handshake_timeout = absl::Seconds(10);
   // No acknowledgement or completed fence for this long fails the stream.
   absl::Duration progress_timeout = absl::Seconds(10);

@@ -6,7 +6,8 @@
 //
 //   kv_transport_bench [--backend=ucx|loopback] [--tokens=16384] [--layers=61]
 //                      [--iters=5] [--chunk_bytes=4194304] [--checksum=1]
-//                      [--staged=0] [--ucx_arena=1]
+//                      [--staged=0] [--ucx_arena=1] [--batch_chunks=4]
+//                      [--batches_in_flight=4] [--credit_mb=64] [--credit_chunks=64]
 // Prints one line per iteration and a final
 //   RESULT backend=.. tls=.. tokens=.. bytes=.. best_gbps=.. median_gbps=..
 #include <algorithm>
@@ -46,8 +47,10 @@ int Main(const std::map<std::string, std::string>& f) {
   const int iters = int(Flag(f, "iters", 5));
   std::unique_ptr<Backend> tx, rx;
   if (backend_name == "ucx") {
-    auto a = NewUcxBackend();
-    auto b = NewUcxBackend();
+    UcxOptions uo;
+    uo.peer_error_handling = Flag(f, "ucx_peer_errors", 1) != 0;
+    auto a = NewUcxBackend(uo);
+    auto b = NewUcxBackend(uo);
     PD_CHECK_OK(a.status());
     PD_CHECK_OK(b.status());
     tx = std::move(*a);
@@ -69,9 +72,12 @@ int Main(const std::map<std::string, std::string>& f) {
   so.max_chunk_bytes = uint64_t(Flag(f, "chunk_bytes", 4 << 20));
   so.checksum = Flag(f, "checksum", 1) != 0;
   so.staged = Flag(f, "staged", 0) != 0;
+  so.max_batch_chunks = int(Flag(f, "batch_chunks", so.max_batch_chunks));
+  so.max_batches_in_flight = int(Flag(f, "batches_in_flight", so.max_batches_in_flight));
   ReceiverOptions ro;
   ro.model_fingerprint = "bench";
-  ro.credit_bytes = std::max<uint64_t>(64u << 20, 4 * so.max_chunk_bytes);
+  ro.credit_bytes = uint64_t(Flag(f, "credit_mb", std::max<int64_t>(64, 4 * (so.max_chunk_bytes >> 20)))) << 20;
+  ro.credit_chunks = uint32_t(Flag(f, "credit_chunks", ro.credit_chunks));
   auto listener = *ControlListener::Listen("127.0.0.1", 0);
   std::vector<double> gbps;
   uint64_t bytes = 0;

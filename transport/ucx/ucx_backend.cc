@@ -5,9 +5,14 @@
 #include <ucp/api/ucp.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <list>
 #include <map>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
@@ -59,6 +64,24 @@ class Worker {
     ucp_config_t* config = nullptr;
     ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
     if (s != UCS_OK) return UcsError(s, "ucp_config_read");
+    // Larger TCP segments: puts over TCP are emulated with active messages,
+    // one segment (and one acknowledgement) at a time; UCX's 8 KiB default
+    // costs about half the bandwidth (docs/perf.md). The environment wins.
+    // (The key is the tcp component's field name, without its TCP_ prefix;
+    // set only where tcp may be selected, or UCX warns about an unused key.)
+    const char* tls = std::getenv("UCX_TLS");
+    const bool tcp_possible = tls == nullptr || std::strstr(tls, "tcp") != nullptr ||
+                              std::strstr(tls, "all") != nullptr || tls[0] == '^';
+    if (!o.tcp_seg_size.empty() && tcp_possible) {
+      for (const char* var : {"RX_SEG_SIZE", "TX_SEG_SIZE"}) {
+        if (std::getenv(absl::StrCat("UCX_TCP_", var).c_str()) != nullptr) continue;
+        s = ucp_config_modify(config, var, o.tcp_seg_size.c_str());
+        if (s != UCS_OK) {
+          ucp_config_release(config);
+          return UcsError(s, absl::StrCat("ucp_config_modify(", var, "=", o.tcp_seg_size, ")"));
+        }
+      }
+    }
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
     params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
@@ -113,10 +136,21 @@ class Worker {
   ucp_worker_h worker() const { return worker_; }
   const std::string& address() const { return address_; }
   bool cuda() const { return cuda_; }
-  // Tells the progress thread that operations are in flight.
+  // Progresses the worker on the calling thread (a stream thread waiting for
+  // its operations) and keeps the progress thread off the worker's lock for
+  // the next millisecond. True when something progressed.
+  bool Drive() {
+    driven_until_.store(absl::ToUnixNanos(absl::Now() + absl::Milliseconds(1)),
+                        std::memory_order_relaxed);
+    bool any = false;
+    for (int i = 0; i < 16 && ucp_worker_progress(worker_) != 0; ++i) any = true;
+    return any;
+  }
+  // Tells the progress thread that operations are in flight (and wakes it
+  // only if it sleeps: signalling takes the worker lock and a syscall).
   void Busy() {
     busy_until_ = absl::ToUnixNanos(absl::Now() + absl::Milliseconds(1));
-    ucp_worker_signal(worker_);
+    if (sleeping_.load(std::memory_order_acquire)) ucp_worker_signal(worker_);
   }
 
  private:
@@ -128,6 +162,12 @@ class Worker {
   void Progress() {
     absl::Time last_activity = absl::Now();
     while (!stop_) {
+      if (absl::ToUnixNanos(absl::Now()) < driven_until_.load(std::memory_order_relaxed)) {
+        // A stream thread drives the worker: stay off its lock.
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+        last_activity = absl::Now();
+        continue;
+      }
       if (ucp_worker_progress(worker_) != 0) {
         last_activity = absl::Now();
         continue;
@@ -136,9 +176,17 @@ class Worker {
       if (now - last_activity < options_.spin || absl::ToUnixNanos(now) < busy_until_.load()) {
         continue;
       }
-      if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
+      sleeping_.store(true);  // seq_cst: pairs with Busy()'s store-then-load
+      // A poster that saw sleeping_ false before this store is within its
+      // busy window: look again before sleeping.
+      if (absl::ToUnixNanos(absl::Now()) < busy_until_.load() ||
+          ucp_worker_arm(worker_) == UCS_ERR_BUSY) {
+        sleeping_.store(false, std::memory_order_release);
+        continue;
+      }
       epoll_event ev;
       epoll_wait(epfd_, &ev, 1, 5);
+      sleeping_.store(false, std::memory_order_release);
       last_activity = absl::Now();
     }
   }
@@ -151,6 +199,8 @@ class Worker {
   int efd_ = -1, epfd_ = -1;
   std::atomic<bool> stop_{false};
   std::atomic<int64_t> busy_until_{0};
+  std::atomic<bool> sleeping_{false};  // the progress thread waits on the event fd
+  std::atomic<int64_t> driven_until_{0};  // a stream thread drives progress until then
   std::thread thread_;
 };
 
@@ -224,153 +274,102 @@ class Registration {
 
 class UcxReceiver final : public DataReceiver {
  public:
-  UcxReceiver(std::shared_ptr<Registration> reg, std::string info)
-      : reg_(std::move(reg)), info_(std::move(info)) {}
+  UcxReceiver(Worker& w, std::shared_ptr<Registration> reg, std::string info)
+      : worker_(w), reg_(std::move(reg)), info_(std::move(info)) {}
   std::string info() const override { return info_; }
+  // Puts that UCX emulates (TCP) are applied by this worker's progress.
+  bool Progress() override { return worker_.Drive(); }
 
  private:
+  Worker& worker_;
   std::shared_ptr<Registration> reg_;  // a per-stream registration ends here
   const std::string info_;
 };
 
-// Completion state shared with UCX callbacks (which run on the progress thread).
-struct OpState {
-  std::atomic<uint64_t> fences_done{0};
-  std::atomic<bool> failed{false};
-  absl::Mutex mu;
-  std::string error ABSL_GUARDED_BY(mu);
+// ---------------------------------------------------------------- sender side
+
+// Why a peer's operations failed (UCX callbacks run on the progress thread).
+class FailureState {
+ public:
+  bool failed() const { return failed_.load(); }
   void Fail(ucs_status_t s, const char* what) {
-    absl::MutexLock lock(&mu);
-    if (error.empty()) error = absl::StrCat(what, ": ", ucs_status_string(s));
-    failed = true;
+    absl::MutexLock lock(&mu_);
+    if (error_.empty()) error_ = absl::StrCat(what, ": ", ucs_status_string(s));
+    failed_ = true;
   }
-  absl::Status Error() {
-    absl::MutexLock lock(&mu);
-    return absl::UnavailableError(absl::StrCat("UCX peer unreachable: ", error));
+  absl::Status Error() const {
+    absl::MutexLock lock(&mu_);
+    return absl::UnavailableError(absl::StrCat("UCX peer unreachable: ", error_));
   }
+
+ private:
+  std::atomic<bool> failed_{false};
+  mutable absl::Mutex mu_;
+  std::string error_ ABSL_GUARDED_BY(mu_);
 };
 
-// Callbacks own their request: ucp_request_free before completion would
-// suppress the callback, so requests are released here.
-void PutDone(void* request, ucs_status_t status, void* user_data) {
-  if (status != UCS_OK) static_cast<OpState*>(user_data)->Fail(status, "ucp_put_nbx");
-  ucp_request_free(request);
-}
+// An unpacked remote key. Shared memory maps the remote region on unpack, so
+// keeping the key keeps that mapping (and its page-table entries) warm.
+class RemoteKey {
+ public:
+  explicit RemoteKey(ucp_rkey_h rkey) : rkey_(rkey), token_(Resource::kRemoteKey) {}
+  ~RemoteKey() { ucp_rkey_destroy(rkey_); }
+  RemoteKey(const RemoteKey&) = delete;
+  RemoteKey& operator=(const RemoteKey&) = delete;
+  ucp_rkey_h get() const { return rkey_; }
 
-struct FenceCtx {
-  OpState* state;
-  uint64_t id;
+ private:
+  const ucp_rkey_h rkey_;
+  ResourceToken token_;
 };
-void FenceDone(void* request, ucs_status_t status, void* user_data) {
-  auto* f = static_cast<FenceCtx*>(user_data);
-  if (status != UCS_OK) f->state->Fail(status, "ucp_ep_flush_nbx");
-  // Fences complete in order on one endpoint; record the highest.
-  uint64_t cur = f->state->fences_done.load();
-  while (cur < f->id && !f->state->fences_done.compare_exchange_weak(cur, f->id)) {
-  }
-  delete f;
-  if (request != nullptr) ucp_request_free(request);
-}
 
 void EpError(void* arg, ucp_ep_h, ucs_status_t status) {
-  static_cast<OpState*>(arg)->Fail(status, "endpoint error");
+  static_cast<FailureState*>(arg)->Fail(status, "endpoint error");
 }
 
-class UcxSender final : public DataSender {
+// One endpoint to a remote worker and the remote keys unpacked on it, shared
+// by the streams to that worker and cached by the backend (PeerCache). The
+// endpoint closes when the last stream and the cache let go of it.
+class Peer {
  public:
-  UcxSender(Worker& w) : worker_(w), state_(std::make_unique<OpState>()) {}
-
-  absl::Status Init(const std::string& receiver_info, absl::Time deadline) {
-    absl::string_view in(receiver_info);
-    std::string address, rkey;
-    if (!GetU64(in, &remote_base_) || !GetU64(in, &remote_bytes_) || !GetBytes(in, &address) ||
-        !GetBytes(in, &rkey) || !in.empty()) {
-      return absl::InvalidArgumentError("malformed UCX receiver info");
-    }
+  static absl::StatusOr<std::shared_ptr<Peer>> Create(Worker& w, const std::string& address,
+                                                      bool error_handling) {
+    auto peer = std::shared_ptr<Peer>(new Peer(w, address));
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
     ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.err_mode = error_handling ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
     ep.err_handler.cb = EpError;
-    ep.err_handler.arg = state_.get();
-    ucs_status_t s = ucp_ep_create(worker_.worker(), &ep, &ep_);
+    ep.err_handler.arg = &peer->failure_;
+    ucs_status_t s = ucp_ep_create(w.worker(), &ep, &peer->ep_);
     if (s == UCS_ERR_UNREACHABLE) {
       // Some transports (UCX 1.13's shared memory) cannot detect a dead peer;
       // then the control channel's heartbeat is the only failure detector.
       ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
-      s = ucp_ep_create(worker_.worker(), &ep, &ep_);
+      s = ucp_ep_create(w.worker(), &ep, &peer->ep_);
       if (s == UCS_OK) VLOG(1) << "UCX endpoint without peer error handling";
     }
     if (s != UCS_OK) {
-      ep_ = nullptr;
+      peer->ep_ = nullptr;
       return UcsError(s, "ucp_ep_create");
     }
-    ep_token_ = ResourceToken(Resource::kEndpoint);
-    s = ucp_ep_rkey_unpack(ep_, rkey.data(), &rkey_);
-    if (s != UCS_OK) {
-      rkey_ = nullptr;
-      return UcsError(s, "ucp_ep_rkey_unpack");
+    peer->token_ = ResourceToken(Resource::kEndpoint);
+    return peer;
+  }
+
+  // Destroys the keys, then closes the endpoint: flush when healthy, force
+  // after an error or when abandoned; waits (at most 2 s) so that no callback
+  // can touch this object afterwards.
+  ~Peer() {
+    {
+      absl::MutexLock lock(&mu_);
+      keys_.clear();
     }
-    rkey_token_ = ResourceToken(Resource::kRemoteKey);
-    return absl::OkStatus();
-  }
-
-  ~UcxSender() override {
-    if (rkey_ != nullptr) ucp_rkey_destroy(rkey_);
-    if (ep_ != nullptr) Close();
-  }
-
-  absl::Status PostWrite(const uint8_t* src, uint64_t dst, size_t len) override {
-    if (state_->failed) return state_->Error();
-    if (dst + len > remote_bytes_ || dst + len < dst) {
-      return absl::OutOfRangeError(absl::StrCat("UCX put [", dst, ", +", len,
-                                                ") outside the remote region of ", remote_bytes_,
-                                                " bytes"));
-    }
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    p.cb.send = PutDone;
-    p.user_data = state_.get();
-    ucs_status_ptr_t r = ucp_put_nbx(ep_, src, len, remote_base_ + dst, rkey_, &p);
-    if (UCS_PTR_IS_ERR(r)) return UcsError(UCS_PTR_STATUS(r), "ucp_put_nbx");
-    worker_.Busy();  // r, if any, completes later: PutDone releases it
-    return absl::OkStatus();
-  }
-
-  absl::StatusOr<uint64_t> PostFence() override {
-    if (state_->failed) return state_->Error();
-    const uint64_t id = ++fences_posted_;
-    auto* ctx = new FenceCtx{state_.get(), id};
-    ucp_request_param_t p{};
-    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-    p.cb.send = FenceDone;
-    p.user_data = ctx;
-    ucs_status_ptr_t r = ucp_ep_flush_nbx(ep_, &p);
-    if (UCS_PTR_IS_ERR(r)) {
-      delete ctx;
-      return UcsError(UCS_PTR_STATUS(r), "ucp_ep_flush_nbx");
-    }
-    if (r == nullptr) FenceDone(nullptr, UCS_OK, ctx);  // else FenceDone runs on completion
-    worker_.Busy();
-    return id;
-  }
-
-  absl::StatusOr<bool> PollFence(uint64_t id) override {
-    if (state_->failed) return state_->Error();
-    return state_->fences_done.load() >= id;
-  }
-
- private:
-  // Closes the endpoint: flush when healthy, force after an error; waits (at
-  // most 2 s) so that no callback can touch state_ afterwards.
-  void Close() {
+    if (ep_ == nullptr) return;
     ucp_request_param_t p{};
     p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    // Flush-close only a healthy endpoint whose every fence completed (a
-    // finished stream); anything else may face a dead peer: force.
-    const bool clean = !state_->failed && state_->fences_done.load() == fences_posted_;
-    p.flags = clean ? 0 : UCP_EP_CLOSE_FLAG_FORCE;
+    p.flags = failure_.failed() || abandoned_ ? UCP_EP_CLOSE_FLAG_FORCE : 0;
     ucs_status_ptr_t r = ucp_ep_close_nbx(ep_, &p);
     if (r != nullptr && !UCS_PTR_IS_ERR(r)) {
       const absl::Time deadline = absl::Now() + absl::Seconds(2);
@@ -380,26 +379,252 @@ class UcxSender final : public DataSender {
       }
       if (ucp_request_check_status(r) == UCS_INPROGRESS) {
         LOG(WARNING) << "UCX endpoint close did not finish in 2 s; leaving it to UCX";
-        state_.release();  // callbacks may still run: leak the small state rather than crash
+        // Callbacks may still run: leak their small target rather than crash.
+        new FailureState();
       }
       ucp_request_free(r);
     }
-    ep_ = nullptr;
+  }
+  Peer(const Peer&) = delete;
+  Peer& operator=(const Peer&) = delete;
+
+  ucp_ep_h ep() const { return ep_; }
+  const std::string& address() const { return address_; }
+  FailureState& failure() { return failure_; }
+  // A stream to this peer failed: it may be gone. Close by force; never reuse.
+  void Abandon() { abandoned_ = true; }
+  bool usable() const { return !abandoned_ && !failure_.failed(); }
+
+  // The remote key for `blob`. Keys of persistent regions (cache arenas) are
+  // kept for later streams when `cache`; others belong to the caller.
+  absl::StatusOr<std::shared_ptr<RemoteKey>> Key(const std::string& blob, bool cache) {
+    absl::MutexLock lock(&mu_);
+    if (cache) {
+      auto it = keys_.find(blob);
+      if (it != keys_.end()) return it->second;
+    }
+    ucp_rkey_h rkey = nullptr;
+    ucs_status_t s = ucp_ep_rkey_unpack(ep_, blob.data(), &rkey);
+    if (s != UCS_OK) return UcsError(s, "ucp_ep_rkey_unpack");
+    auto key = std::make_shared<RemoteKey>(rkey);
+    if (cache) {
+      if (keys_.size() >= kMaxKeysPerPeer) keys_.erase(keys_.begin());
+      keys_[blob] = key;
+    }
+    return key;
+  }
+
+ private:
+  static constexpr size_t kMaxKeysPerPeer = 16;
+  Peer(Worker& w, std::string address) : worker_(w), address_(std::move(address)) {}
+
+  Worker& worker_;
+  const std::string address_;
+  ucp_ep_h ep_ = nullptr;
+  FailureState failure_;
+  std::atomic<bool> abandoned_{false};
+  ResourceToken token_;
+  absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<RemoteKey>> keys_ ABSL_GUARDED_BY(mu_);
+};
+
+// The backend's endpoints by remote worker address: at most `capacity`,
+// least recently used evicted first (a stream still using an evicted peer
+// keeps it until it ends). Unusable peers are dropped on sight. Thread-safe.
+class PeerCache {
+ public:
+  PeerCache(Worker& w, size_t capacity, bool error_handling)
+      : worker_(w), capacity_(capacity), error_handling_(error_handling) {}
+  ~PeerCache() { Clear(); }
+
+  absl::StatusOr<std::shared_ptr<Peer>> Get(const std::string& address) {
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto it = lru_.begin(); it != lru_.end(); ++it) {
+        if ((*it)->address() != address) continue;
+        std::shared_ptr<Peer> p = *it;
+        lru_.erase(it);
+        if (!p->usable()) break;
+        lru_.push_front(p);
+        return p;
+      }
+    }
+    PD_ASSIGN_OR_RETURN(std::shared_ptr<Peer> p, Peer::Create(worker_, address, error_handling_));
+    std::vector<std::shared_ptr<Peer>> evicted;  // closed outside the lock
+    absl::MutexLock lock(&mu_);
+    if (capacity_ == 0) return p;
+    lru_.push_front(p);
+    while (lru_.size() > capacity_) {
+      evicted.push_back(std::move(lru_.back()));
+      lru_.pop_back();
+    }
+    return p;
+  }
+
+  void Evict(const Peer* peer) {
+    std::shared_ptr<Peer> victim;
+    absl::MutexLock lock(&mu_);
+    for (auto it = lru_.begin(); it != lru_.end(); ++it) {
+      if (it->get() == peer) {
+        victim = std::move(*it);
+        lru_.erase(it);
+        break;
+      }
+    }
+  }
+
+  void Clear() {
+    std::list<std::shared_ptr<Peer>> all;
+    absl::MutexLock lock(&mu_);
+    all.swap(lru_);
+  }
+
+  bool caching() const { return capacity_ > 0; }
+
+ private:
+  Worker& worker_;
+  const size_t capacity_;
+  const bool error_handling_;
+  absl::Mutex mu_;
+  std::list<std::shared_ptr<Peer>> lru_ ABSL_GUARDED_BY(mu_);  // most recent first
+};
+
+// Per-stream fence state, shared with the fence callbacks.
+struct FenceState {
+  std::atomic<uint64_t> done{0};
+  FailureState failure;
+};
+
+// Callbacks own their request: ucp_request_free before completion would
+// suppress the callback, so requests are released here.
+void PutDone(void* request, ucs_status_t status, void* user_data) {
+  if (status != UCS_OK) static_cast<FailureState*>(user_data)->Fail(status, "ucp_put_nbx");
+  ucp_request_free(request);
+}
+
+struct FenceCtx {
+  std::shared_ptr<FenceState> state;
+  uint64_t id;
+};
+void FenceDone(void* request, ucs_status_t status, void* user_data) {
+  auto* f = static_cast<FenceCtx*>(user_data);
+  if (status != UCS_OK) f->state->failure.Fail(status, "ucp_ep_flush_nbx");
+  // Fences complete in order on one endpoint; record the highest.
+  uint64_t cur = f->state->done.load();
+  while (cur < f->id && !f->state->done.compare_exchange_weak(cur, f->id)) {
+  }
+  delete f;
+  if (request != nullptr) ucp_request_free(request);
+}
+
+class UcxSender final : public DataSender {
+ public:
+  UcxSender(Worker& w, PeerCache& cache, std::shared_ptr<Peer> peer, std::shared_ptr<RemoteKey> key,
+            uint64_t remote_base, uint64_t remote_bytes, uint8_t* direct)
+      : worker_(w),
+        cache_(cache),
+        peer_(std::move(peer)),
+        key_(std::move(key)),
+        remote_base_(remote_base),
+        remote_bytes_(remote_bytes),
+        direct_(direct),
+        state_(std::make_shared<FenceState>()) {}
+
+  ~UcxSender() override {
+    // An unfinished stream may have faced a dead peer: do not reuse it.
+    if (state_->failure.failed() || state_->done.load() != fences_posted_) Abandon();
+    key_.reset();
+    peer_.reset();  // closes the endpoint if nothing else holds it
+  }
+
+  absl::Status PostWrite(const uint8_t* src, uint64_t dst, size_t len) override {
+    PD_RETURN_IF_ERROR(Check());
+    if (dst + len > remote_bytes_ || dst + len < dst) {
+      return absl::OutOfRangeError(absl::StrCat("UCX put [", dst, ", +", len,
+                                                ") outside the remote region of ", remote_bytes_,
+                                                " bytes"));
+    }
+    if (direct_ != nullptr) {
+      std::memcpy(direct_ + dst, src, len);
+      return absl::OkStatus();
+    }
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = PutDone;
+    p.user_data = &peer_->failure();
+    ucs_status_ptr_t r = ucp_put_nbx(peer_->ep(), src, len, remote_base_ + dst, key_->get(), &p);
+    if (UCS_PTR_IS_ERR(r)) return UcsError(UCS_PTR_STATUS(r), "ucp_put_nbx");
+    worker_.Drive();  // r, if any, completes later: PutDone releases it
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<uint64_t> PostFence() override {
+    PD_RETURN_IF_ERROR(Check());
+    const uint64_t id = ++fences_posted_;
+    if (direct_ != nullptr) {
+      // The copies are done; the control message announcing them follows
+      // them through a syscall, which orders the stores for the reader.
+      std::atomic_thread_fence(std::memory_order_release);
+      state_->done = id;
+      return id;
+    }
+    auto* ctx = new FenceCtx{state_, id};
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.send = FenceDone;
+    p.user_data = ctx;
+    ucs_status_ptr_t r = ucp_ep_flush_nbx(peer_->ep(), &p);
+    if (UCS_PTR_IS_ERR(r)) {
+      delete ctx;
+      return UcsError(UCS_PTR_STATUS(r), "ucp_ep_flush_nbx");
+    }
+    if (r == nullptr) FenceDone(nullptr, UCS_OK, ctx);  // else FenceDone runs on completion
+    worker_.Drive();
+    return id;
+  }
+
+  absl::StatusOr<bool> PollFence(uint64_t id) override {
+    PD_RETURN_IF_ERROR(Check());
+    if (state_->done.load() >= id) return true;
+    if (direct_ == nullptr) worker_.Drive();
+    PD_RETURN_IF_ERROR(Check());
+    return state_->done.load() >= id;
+  }
+
+  bool Progress() override { return direct_ == nullptr && worker_.Drive(); }
+
+  void Abandon() override {
+    peer_->Abandon();
+    cache_.Evict(peer_.get());
+  }
+
+ private:
+  absl::Status Check() const {
+    if (peer_->failure().failed()) return peer_->failure().Error();
+    if (state_->failure.failed()) return state_->failure.Error();
+    return absl::OkStatus();
   }
 
   Worker& worker_;
-  std::unique_ptr<OpState> state_;
-  ucp_ep_h ep_ = nullptr;
-  ucp_rkey_h rkey_ = nullptr;
-  uint64_t remote_base_ = 0, remote_bytes_ = 0;
+  PeerCache& cache_;
+  std::shared_ptr<Peer> peer_;
+  std::shared_ptr<RemoteKey> key_;
+  const uint64_t remote_base_, remote_bytes_;
+  uint8_t* const direct_;  // the remote region mapped here (shared memory), or null
+  std::shared_ptr<FenceState> state_;
   uint64_t fences_posted_ = 0;
-  ResourceToken ep_token_, rkey_token_;
 };
 
 class UcxBackend final : public Backend {
  public:
-  UcxBackend(std::unique_ptr<Worker> w, std::string name) : worker_(std::move(w)), name_(std::move(name)) {}
+  UcxBackend(std::unique_ptr<Worker> w, const UcxOptions& o)
+      : worker_(std::move(w)),
+        options_(o),
+        name_(o.name),
+        peers_(std::make_unique<PeerCache>(*worker_, size_t(std::max(0, o.max_cached_peers)),
+                                           o.peer_error_handling)) {}
   ~UcxBackend() override {
+    peers_.reset();  // endpoints before the worker
     absl::MutexLock lock(&mu_);
     cache_.clear();
   }
@@ -432,7 +657,8 @@ class UcxBackend final : public Backend {
     PutU64(info, region.bytes);
     PutBytes(info, worker_->address().data(), worker_->address().size());
     PutBytes(info, reg->rkey().data(), reg->rkey().size());
-    return std::unique_ptr<DataReceiver>(new UcxReceiver(std::move(reg), std::move(info)));
+    PutU64(info, region.persistent ? 1 : 0);  // senders may keep the key for later streams
+    return std::unique_ptr<DataReceiver>(new UcxReceiver(*worker_, std::move(reg), std::move(info)));
   }
 
   absl::StatusOr<std::unique_ptr<DataSender>> Connect(const MemoryRegion& local,
@@ -441,9 +667,24 @@ class UcxBackend final : public Backend {
     if (local.on_device && !worker_->cuda()) {
       return absl::FailedPreconditionError("UCX reports no CUDA memory support: stage device memory");
     }
-    auto s = std::make_unique<UcxSender>(*worker_);
-    PD_RETURN_IF_ERROR(s->Init(receiver_info, deadline));
-    return std::unique_ptr<DataSender>(std::move(s));
+    absl::string_view in(receiver_info);
+    std::string address, rkey;
+    uint64_t base = 0, bytes = 0, persistent = 0;
+    if (!GetU64(in, &base) || !GetU64(in, &bytes) || !GetBytes(in, &address) ||
+        !GetBytes(in, &rkey) || !GetU64(in, &persistent) || !in.empty() || address.empty()) {
+      return absl::InvalidArgumentError("malformed UCX receiver info");
+    }
+    PD_ASSIGN_OR_RETURN(std::shared_ptr<Peer> peer, peers_->Get(address));
+    PD_ASSIGN_OR_RETURN(std::shared_ptr<RemoteKey> key,
+                        peer->Key(rkey, persistent != 0 && peers_->caching()));
+    // Shared-memory transports map the remote region into this process: then
+    // a put is a plain memcpy by the posting thread, with no worker lock,
+    // request or progress (UCX does the same copy inside ucp_put_nbx).
+    void* direct = nullptr;
+    if (!options_.direct_puts || ucp_rkey_ptr(key->get(), base, &direct) != UCS_OK) direct = nullptr;
+    if (direct != nullptr) VLOG(1) << "UCX sender: remote region mapped here; puts are direct copies";
+    return std::unique_ptr<DataSender>(new UcxSender(*worker_, *peers_, std::move(peer), std::move(key),
+                                                     base, bytes, static_cast<uint8_t*>(direct)));
   }
 
   void ForgetRegion(const uint8_t* base) override {
@@ -463,7 +704,9 @@ class UcxBackend final : public Backend {
 
  private:
   std::unique_ptr<Worker> worker_;
+  const UcxOptions options_;
   const std::string name_;
+  std::unique_ptr<PeerCache> peers_;
   absl::Mutex mu_;
   // Registrations of persistent regions (cache arenas), by base address.
   std::map<const uint8_t*, std::shared_ptr<Registration>> cache_ ABSL_GUARDED_BY(mu_);
@@ -495,7 +738,7 @@ std::unique_ptr<kvcache::Allocator> NewUcxArenaAllocator(Backend& ucx_backend) {
 absl::StatusOr<std::unique_ptr<Backend>> NewUcxBackend(const UcxOptions& options) {
   PD_ASSIGN_OR_RETURN(std::unique_ptr<Worker> w, Worker::Create(options));
   VLOG(1) << "UCX backend up; CUDA memory " << (w->cuda() ? "supported" : "not supported");
-  return std::unique_ptr<Backend>(new UcxBackend(std::move(w), options.name));
+  return std::unique_ptr<Backend>(new UcxBackend(std::move(w), options));
 }
 
 }  // namespace pd::transport

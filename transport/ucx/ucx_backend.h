@@ -3,6 +3,9 @@
 // the control channel, receiver memory registered once (ucp_mem_map) and
 // written with one-sided puts (ucp_put_nbx) under rkeys sent on the control
 // channel, completion by post-then-poll (ucp_ep_flush_nbx is the fence).
+// Senders keep endpoints and the remote keys of cache arenas per receiver
+// worker (bounded, LRU) so that later streams skip wireup and, on shared
+// memory, the remapping of the receiver's arena.
 //
 // Runs on whatever UCX selects (UCX_TLS): shared memory and TCP on hosts
 // without RDMA NICs, verbs where they exist. Device memory is registered
@@ -14,6 +17,7 @@
 #define PD_TRANSPORT_UCX_UCX_BACKEND_H_
 
 #include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "kvcache/kv_cache.h"
@@ -27,6 +31,21 @@ struct UcxOptions {
   // Progress thread: keep polling this long after the last activity before
   // sleeping on the worker's event fd.
   absl::Duration spin = absl::Microseconds(200);
+  // When UCX can map the receiver's region into this process (shared-memory
+  // transports: ucp_rkey_ptr), write it with plain copies on the posting
+  // thread instead of ucp_put_nbx. Off: always ucp_put_nbx.
+  bool direct_puts = true;
+  // Endpoints (and the remote keys of cache arenas) kept for later streams to
+  // the same receiver, least recently used evicted first; a failed stream's
+  // peer is never reused. 0: one endpoint per stream.
+  int max_cached_peers = 8;
+  // Endpoints with UCP_ERR_HANDLING_MODE_PEER (a dead peer fails operations
+  // instead of hanging them). Off only for measurements: UCX 1.13 then may
+  // pick other protocols (e.g. TCP put zcopy instead of emulated puts).
+  bool peer_error_handling = true;
+  // UCX_TCP_TX_SEG_SIZE / UCX_TCP_RX_SEG_SIZE unless set in the environment
+  // (puts over TCP move one segment per active message). Empty: UCX's default.
+  std::string tcp_seg_size = "256k";
 };
 
 // Creates the context, worker and progress thread. Unavailable (with UCX's

@@ -49,13 +49,18 @@ Stream StartStream(Backend& tx, Backend& rx, const kvcache::KvCache& src, int32_
   return out;
 }
 
-// Per-request resources (endpoints, rkeys, staging, streams) must be back to
-// their baseline after every stream; the arena registration is per backend.
-void ExpectRequestResourcesReleased(const ResourceSnapshot& base) {
+// Per-request resources (staging, streams, quarantines) must be back to their
+// baseline after every stream; the arena registration is per backend, and
+// the sender backend keeps `cached_endpoints` endpoints and `cached_keys`
+// remote keys (of cache arenas) for later streams to the same receiver.
+void ExpectRequestResourcesReleased(const ResourceSnapshot& base, int cached_endpoints = 0,
+                                    int cached_keys = 0) {
   ResourceSnapshot now = GetResourceCounters();
-  for (Resource r : {Resource::kRemoteKey, Resource::kEndpoint, Resource::kPinnedBuffer, Resource::kStream}) {
+  for (Resource r : {Resource::kPinnedBuffer, Resource::kStream, Resource::kQuarantine}) {
     EXPECT_EQ(now[r], base[r]) << ResourceName(r) << "; now " << now.ToString();
   }
+  EXPECT_EQ(now[Resource::kEndpoint], base[Resource::kEndpoint] + cached_endpoints) << now.ToString();
+  EXPECT_EQ(now[Resource::kRemoteKey], base[Resource::kRemoteKey] + cached_keys) << now.ToString();
   EXPECT_EQ(now.pinned_bytes, base.pinned_bytes);
 }
 
@@ -106,7 +111,8 @@ TEST_P(UcxStreamTest, RoundTripIsByteExactAndRegistersOnce) {
       EXPECT_TRUE(cmp.ok()) << cmp;
       ASSERT_TRUE(dst_->Release((*st.receiver)->sequence()).ok());
     }
-    ExpectRequestResourcesReleased(baseline_);
+    // One endpoint and the arena's key stay cached: the second round reuses them.
+    ExpectRequestResourcesReleased(baseline_, 1, 1);
     // The receiver's arena was registered once, and stays registered.
     EXPECT_EQ(GetResourceCounters()[Resource::kRegisteredRegion],
               baseline_[Resource::kRegisteredRegion] + 1);
@@ -125,7 +131,8 @@ TEST_P(UcxStreamTest, StagedRoundTrip) {
     absl::Status cmp = testing::CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens);
     EXPECT_TRUE(cmp.ok()) << cmp;
   }
-  ExpectRequestResourcesReleased(baseline_);
+  // The endpoint stays cached; the per-stream ring's key does not.
+  ExpectRequestResourcesReleased(baseline_, 1, 0);
   // The per-stream ring registration ended with the stream.
   EXPECT_EQ(GetResourceCounters()[Resource::kRegisteredRegion], baseline_[Resource::kRegisteredRegion]);
 }
@@ -140,6 +147,24 @@ TEST_P(UcxStreamTest, CorruptionOverUcxIsResent) {
     for (int l = 0; l < kLayers; ++l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
     ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(20)).ok());
     EXPECT_EQ((*st.sender)->stats().resends, 2u);
+    EXPECT_TRUE(testing::CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens).ok());
+  }
+  ExpectRequestResourcesReleased(baseline_, 1, 1);
+}
+
+// Without the peer cache every stream creates and releases its own endpoint
+// and key; a failed stream's cached peer is never reused (ReceiverVanishes...
+// ends with nothing cached).
+TEST_P(UcxStreamTest, WithoutPeerCacheEveryStreamReleasesItsEndpoint) {
+  UcxOptions o;
+  o.max_cached_peers = 0;
+  auto tx = NewUcxBackend(o);
+  ASSERT_TRUE(tx.ok()) << tx.status();
+  {
+    Stream st = StartStream(**tx, *rx_, *src_, seq_, *dst_, so_, ro_);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    for (int l = 0; l < kLayers; ++l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+    ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(20)).ok());
     EXPECT_TRUE(testing::CompareSequences(*src_, seq_, *dst_, (*st.receiver)->sequence(), kTokens).ok());
   }
   ExpectRequestResourcesReleased(baseline_);
