@@ -21,6 +21,9 @@ class DeviceAllocator final : public kvcache::Allocator {
  public:
   absl::StatusOr<void*> Allocate(size_t bytes) override {
     if (bytes == 0) return absl::InvalidArgumentError("zero-byte KV arena");
+    if (kc::CudaDeviceCount() < 1) {
+      return absl::FailedPreconditionError("no CUDA device for a device KV arena");
+    }
     std::string err;
     void* p = kc::DeviceAllocZeroed(bytes, &err);
     if (p == nullptr) {

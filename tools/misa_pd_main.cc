@@ -21,6 +21,9 @@
 #include "model/checkpoint_writer.h"
 #include "model/forward.h"
 #include "model/generator.h"
+#if defined(PD_MODEL_HAVE_GPU)
+#include "model/gpu_model.h"
+#endif
 #include "model/model_dir.h"
 #include "model/selection_report.h"
 #include "model/tokenizer.h"
@@ -53,6 +56,8 @@ ABSL_FLAG(int32_t, layers, 0, "write-checkpoint: override num_hidden_layers when
 ABSL_FLAG(int32_t, experts, 0, "write-checkpoint: override n_routed_experts when > 0");
 ABSL_FLAG(int64_t, shard_mb, 4096, "write-checkpoint: maximum shard size in MiB");
 ABSL_FLAG(int32_t, threads, 0, "CPU backend threads (0 = all cores; or PD_CPU_THREADS)");
+ABSL_FLAG(std::string, backend, "cpu", "generate, selection-report: cpu | gpu (the GPU backend needs a "
+                                       "CUDA build and device)");
 
 namespace pd {
 namespace {
@@ -65,10 +70,11 @@ Commands:
   generate           Run the model on a prompt and print the generated tokens and text.
                        --model DIR (--prompt TEXT | --token_ids 1,2,3 | --random_prompt N)
                        [--max_new_tokens N] [--temperature T --top_p P --top_k K --seed S]
-                       [--selection_mode M] [--prefill_chunk N]
+                       [--selection_mode M] [--prefill_chunk N] [--backend cpu|gpu]
   selection-report   Per layer: recall of the selection mode against dense DSA, and its time.
                        --model DIR [--prompt TEXT | --prompt_tokens N --seed S]
                        [--selection_mode M] [--compare misa,misa_dagger,hisa] [--json FILE]
+                       [--backend cpu|gpu]
   write-checkpoint   Write a randomly initialised checkpoint in the Hugging Face DeepSeek-V3.2
                      layout (plus a byte-level tokenizer.json for the tiny preset).
                        --preset tiny|v32 --out DIR [--seed S] [--layers N --experts E --shard_mb M]
@@ -143,6 +149,37 @@ std::vector<int32_t> RandomPrompt(const model::ModelConfig& cfg, int64_t n, uint
   return prompt;
 }
 
+// The model on the backend named by --backend, with a KV cache of its kind.
+struct Backend {
+  std::unique_ptr<kvcache::KvCache> cache;
+  std::unique_ptr<model::Model> model;
+};
+
+absl::StatusOr<Backend> MakeBackend(std::shared_ptr<const model::ModelWeights> weights,
+                                    int64_t max_tokens) {
+  const std::string name = absl::GetFlag(FLAGS_backend);
+  Backend b;
+  const kvcache::KvCacheOptions opts = model::CacheOptionsFor(weights->config, max_tokens, 1);
+  if (name == "cpu") {
+    PD_ASSIGN_OR_RETURN(b.cache, kvcache::KvCache::Create(opts));
+    PD_ASSIGN_OR_RETURN(b.model, model::CreateCpuModel(weights, b.cache.get()));
+    return b;
+  }
+  if (name == "gpu") {
+#if defined(PD_MODEL_HAVE_GPU)
+    PD_ASSIGN_OR_RETURN(b.cache, kvcache::KvCache::Create(opts, model::NewDeviceAllocator()));
+    PD_ASSIGN_OR_RETURN(b.model, model::CreateGpuModel(weights, b.cache.get()));
+    PD_ASSIGN_OR_RETURN(std::string desc, model::DescribeGpuModel(*b.model));
+    std::printf("gpu backend: %s\n", desc.c_str());
+    return b;
+#else
+    return absl::FailedPreconditionError(
+        "--backend=gpu: this misa-pd was built without CUDA (nvcc not found at configure time)");
+#endif
+  }
+  return absl::InvalidArgumentError(absl::StrCat("--backend must be cpu or gpu, got '", name, "'"));
+}
+
 absl::Status RunGenerate() {
   const int64_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
   PD_ASSIGN_OR_RETURN(model::ConfigOverrides overrides, OverridesFromFlags());
@@ -156,9 +193,9 @@ absl::Status RunGenerate() {
   } else {
     PD_ASSIGN_OR_RETURN(prompt, PromptFromFlags(cfg, dir.tokenizer.get()));
   }
-  PD_ASSIGN_OR_RETURN(auto cache, kvcache::KvCache::Create(model::CacheOptionsFor(
-                                      cfg, int64_t(prompt.size()) + std::max<int64_t>(max_new, 1), 1)));
-  PD_ASSIGN_OR_RETURN(auto m, model::CreateCpuModel(dir.weights, cache.get()));
+  PD_ASSIGN_OR_RETURN(Backend backend,
+                      MakeBackend(dir.weights, int64_t(prompt.size()) + std::max<int64_t>(max_new, 1)));
+  auto& m = backend.model;
 
   model::GenerateOptions opts;
   opts.max_new_tokens = max_new;
@@ -233,9 +270,8 @@ absl::Status RunSelectionReport() {
       modes.push_back(m);
     }
   }
-  PD_ASSIGN_OR_RETURN(auto cache, kvcache::KvCache::Create(
-                                      model::CacheOptionsFor(cfg, int64_t(prompt.size()), 1)));
-  PD_ASSIGN_OR_RETURN(auto m, model::CreateCpuModel(dir.weights, cache.get()));
+  PD_ASSIGN_OR_RETURN(Backend backend, MakeBackend(dir.weights, int64_t(prompt.size())));
+  auto& m = backend.model;
   std::printf("selection-report: %zu prompt tokens, %d layers, H=%d heads, top-%d, forward mode %s, "
               "h=%d, B=%d, C=%d, %d threads\n",
               prompt.size(), cfg.num_hidden_layers, cfg.index_n_heads, cfg.index_topk,
