@@ -155,6 +155,24 @@ int CudaDeviceCount() {
   return n;
 }
 
+std::string CudaDeviceDescription() {
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) {
+    cudaGetLastError();
+    return "no CUDA device";
+  }
+  int driver = 0, runtime = 0, clock_khz = 0;
+  cudaDriverGetVersion(&driver);
+  cudaRuntimeGetVersion(&runtime);
+  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0);
+  std::ostringstream s;
+  s << prop.name << ", " << prop.multiProcessorCount << " SMs, "
+    << (prop.totalGlobalMem >> 20) << " MiB, SM clock " << clock_khz / 1000 << " MHz, sm_"
+    << prop.major << prop.minor << ", driver " << driver / 1000 << "." << (driver % 1000) / 10
+    << ", runtime " << runtime / 1000 << "." << (runtime % 1000) / 10;
+  return s.str();
+}
+
 void* DeviceAllocZeroed(size_t bytes, std::string* error) {
   constexpr size_t kAlign = 4096;
   void* base = nullptr;

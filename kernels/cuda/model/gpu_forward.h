@@ -45,6 +45,8 @@ namespace pd::kernels::cuda {
 
 // Number of usable CUDA devices (0 without a driver or device).
 int CudaDeviceCount();
+// Device 0's name, SM count, memory, SM clock and the driver/runtime versions.
+std::string CudaDeviceDescription();
 // `bytes` of device memory (cudaMalloc: 256-byte aligned; 4096-byte aligned
 // when bytes >= 4096 is NOT promised by CUDA, so the allocation is padded and
 // aligned here), zero-filled. nullptr and *error set on failure.
