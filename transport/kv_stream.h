@@ -70,8 +70,8 @@ struct SenderOptions {
   int max_resends = 3;    // per chunk, then the stream aborts with DataLoss
   // Chunks posted before one fence + header batch, and fenced batches whose
   // headers are not yet sent (the pipeline depth within the credit).
-  int max_batch_chunks = 4;
-  int max_batches_in_flight = 4;
+  int max_batch_chunks = 2;
+  int max_batches_in_flight = 8;
   absl::Duration handshake_timeout = absl::Seconds(10);
   // No acknowledgement or completed fence for this long fails the stream.
   absl::Duration progress_timeout = absl::Seconds(10);

@@ -71,6 +71,7 @@ int Main(const std::map<std::string, std::string>& f) {
   SenderOptions so;
   so.max_chunk_bytes = uint64_t(Flag(f, "chunk_bytes", 4 << 20));
   so.checksum = Flag(f, "checksum", 1) != 0;
+  so.checksum_every = uint32_t(Flag(f, "checksum_every", 1));
   so.staged = Flag(f, "staged", 0) != 0;
   so.max_batch_chunks = int(Flag(f, "batch_chunks", so.max_batch_chunks));
   so.max_batches_in_flight = int(Flag(f, "batches_in_flight", so.max_batches_in_flight));
