@@ -241,7 +241,9 @@ TEST_F(GpuModelTest, V32AttentionShapesMatchCpu) {
 }
 
 // On the GPU: one prefill, chunked prefill and token-by-token decode give the
-// same logits up to GEMM algorithm choice across batch sizes (relative L2 < 1e-3).
+// same logits up to GEMM algorithm choice across batch sizes and rare top-k
+// boundary swaps between the prefill and decode selection tiles (relative L2
+// < 5e-3; a wrong position, page or cache write gives O(1) differences).
 TEST_F(GpuModelTest, PrefillChunksAndDecodeAgree) {
   SKIP_WITHOUT_GPU();
   for (const std::string* dir : {tiny_, v32_}) {
@@ -257,8 +259,8 @@ TEST_F(GpuModelTest, PrefillChunksAndDecodeAgree) {
     const Agreement a = Compare(chunked, whole, vocab), b = Compare(decoded, whole, vocab);
     std::printf("  %s GPU: chunked vs whole rel L2 %.3e, decode vs whole %.3e (top-1 %.3f)\n",
                 dir == tiny_ ? "tiny" : "v32-attention", a.rel_l2, b.rel_l2, b.top1);
-    EXPECT_LT(a.rel_l2, 1e-3);
-    EXPECT_LT(b.rel_l2, 1e-3);
+    EXPECT_LT(a.rel_l2, 5e-3);
+    EXPECT_LT(b.rel_l2, 5e-3);
   }
 }
 
