@@ -47,7 +47,7 @@ fi
 # 2. SASS: the version-2 selection kernels must show QGMMA and no serialisation.
 cuobjdump -sass "$T_IDX" > /tmp/idx.sass 2>/dev/null && {
   echo "QGMMA: $(grep -c QGMMA /tmp/idx.sass)  WARPGROUP.ARRIVE: $(grep -c 'WARPGROUP.ARRIVE' /tmp/idx.sass)  WARPGROUP.DEPBAR: $(grep -c 'WARPGROUP.DEPBAR' /tmp/idx.sass)  LDL/STL: $(grep -cE 'LDL|STL' /tmp/idx.sass)"
-  awk '/Function : .*SelectKernelV2ILi8ELi128ELb0ELi4096/{f=1} f&&/Function : /&&!/SelectKernelV2ILi8ELi128ELb0ELi4096/{f=0} f' /tmp/idx.sass > /tmp/v2g8.sass
+  awk '/Function : .*SelectKernelV2ILi8ELi128ELb0ELi4096ELi4ELb1/{f=1} f&&/Function : /&&!/SelectKernelV2ILi8ELi128ELb0ELi4096ELi4ELb1/{f=0} f' /tmp/idx.sass > /tmp/v2g8.sass
   echo "v2 G=8 contiguous: $(grep -cE '^\s+/\*[0-9a-f]+\*/' /tmp/v2g8.sass) instructions, QGMMA $(grep -c QGMMA /tmp/v2g8.sass), DEPBAR $(grep -c 'WARPGROUP.DEPBAR' /tmp/v2g8.sass), BAR.SYNC $(grep -c 'BAR.SYNC' /tmp/v2g8.sass)"
 }
 
@@ -60,7 +60,7 @@ grep -E "^\[  FAILED|^\[==|Failure|error|swaps|differences|prep:" "$OUT/test_gpu
 
 # 4. Benchmarks and plots.
 if [ "$MODE" = quick ]; then BARGS=--quick; else BARGS=; fi
-timeout -k 5 ${BENCH_S:-300} "$B_IDX" $BARGS --json "$OUT/indexer_bench.json" \
+timeout -k 5 ${BENCH_S:-300} "$B_IDX" $BARGS ${BENCH_ARGS:-} --json "$OUT/indexer_bench.json" \
   > "$OUT/bench.log" 2>&1; echo "bench rc=$?"
 if [ -z "${SKIP_MLA:-}" ]; then
   timeout -k 5 ${BENCH_S:-300} "$B_MLA" --json "$OUT/mla_bench.json" >> "$OUT/bench.log" 2>&1
@@ -69,17 +69,29 @@ fi
 cat "$OUT/bench.log"
 python3 bench/kernels/plot_bench.py "$OUT/indexer_bench.json" "$OUT" 2>&1 | tail -5
 
-# 4b. Nsight Compute on one dense and one MISA selection launch (stall reasons).
+# 4b. Nsight Compute on selection launches (stall reasons, per-SASS-line
+# counters exported as CSV), and the SASS of the main kernels, into ncu.tgz.
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
-  for c in "dense 32768 8192" "misa 65536 8192"; do
-    timeout -k 5 ${NCU_S:-90} ncu --clock-control none --launch-skip 1 --launch-count 1 \
+  mkdir -p /tmp/ncu
+  for c in "misa 65536 8192 2" "misa 65536 8192 1" "misa 65536 8192 2 8" "dense 32768 8192 1"; do
+    tag=$(echo $c | tr ' ' '_')
+    timeout -k 5 ${NCU_S:-120} ncu --clock-control none --launch-skip 1 --launch-count 1 \
       -k regex:SelectKernel --section SpeedOfLight --section WarpStateStats \
-      --section SchedulerStats --section Occupancy --section LaunchStats \
-      "$B_IDX" --case $c > /tmp/ncu.txt 2>&1
+      --section SchedulerStats --section Occupancy --section LaunchStats --section SourceCounters \
+      --section InstructionStats --section MemoryWorkloadAnalysis -f -o /tmp/ncu/$tag \
+      "$B_IDX" --case $c > /tmp/ncu/$tag.log 2>&1
     echo "ncu $c rc=$?"
-    grep -E "Duration|Throughput|Issued Ipc|Stall|Warp Cycles|Achieved Occupancy|Registers|No Eligible|Active Warps" \
-      /tmp/ncu.txt | head -30
+    ncu -i /tmp/ncu/$tag.ncu-rep --page details > /tmp/ncu/$tag.txt 2>&1
+    ncu -i /tmp/ncu/$tag.ncu-rep --page source --csv --print-source sass > /tmp/ncu/$tag.src.csv 2>&1
+    grep -E "Duration|Issued Ipc|No Eligible|Warp Cycles Per Issued|Executed Instructions|Stall" /tmp/ncu/$tag.txt | head -24
+    rm -f /tmp/ncu/$tag.ncu-rep
   done
+  cuobjdump -sass "$T_IDX" > /tmp/all.sass 2>/dev/null
+  for f in SelectKernelV2ILi8ELi128ELb0ELi4096ELi4ELb1 SelectKernelV2ILi8ELi128ELb0ELi4096ELi3ELb0 \
+           SelectKernelILi8ELi128ELb1ELb0; do
+    awk -v pat="$f" '$0 ~ "Function : .*"pat {p=1; print; next} p && /Function : /{p=0} p' /tmp/all.sass > /tmp/ncu/$f.sass
+  done
+  tar czf "$OUT/ncu.tgz" -C /tmp ncu && ls -la "$OUT/ncu.tgz"
 fi
 
 # 5. compute-sanitizer on small cases (bounds, shared-memory races).

@@ -192,6 +192,7 @@ struct Options {
   std::string json = "indexer_bench.json";
   bool quick = false;
   bool prefill = true, decode = true;
+  bool experiments = false;
 };
 
 std::vector<Row> g_rows;
@@ -534,8 +535,75 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
                        .N("copies_rotated", copies));
 }
 
+// Kernel variants on two prefill shapes (dense 32K, MISA 64K; Q = 8192): the
+// version-1 kernel, version 2, and version 2 with its benchmark-only knobs
+// (SelectParams::experiment): no epilogue, no insertion, 6 stages. Times the
+// selection launch alone (MISA: routed heads from one router run).
+void Experiments(const Options& opt) {
+  for (const std::string mode : {"dense", "misa"}) {
+    const int64_t K = mode == "dense" ? 32768 : 65536, Q = 8192;
+    Caches cache(1, K, 4242 + uint64_t(K));
+    std::vector<QuerySet> qs;
+    for (int i = 0; i < 2; ++i) qs.emplace_back(Q, 99 + uint64_t(i) * 7);
+    std::vector<int64_t> pos(static_cast<size_t>(Q));
+    for (int64_t t = 0; t < Q; ++t) pos[size_t(t)] = K - Q + t;
+    DeviceBuffer<int64_t> d_pos(pos);
+    DeviceBuffer<int32_t> d_start(std::vector<int32_t>{0, int32_t(Q)});
+    DeviceBuffer<int32_t> out(size_t(Q) * kTopk), active(size_t(Q) * 8);
+    auto queries = [&](int i) {
+      kc::IndexQueryBatch q;
+      q.q8 = qs[size_t(i % 2)].q8.get();
+      q.weights = qs[size_t(i % 2)].w.get();
+      q.positions = d_pos.get();
+      q.query_start = d_start.get();
+      q.num_queries = Q;
+      q.max_queries_per_seq = Q;
+      q.max_context = K;
+      return q;
+    };
+    kc::RouterParams router;
+    router.keys = cache.Keys(0);
+    router.queries = queries(0);
+    router.active = active.get();
+    PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
+    struct Variant {
+      const char* name;
+      int version, experiment;
+    };
+    const Variant vs[] = {{"v1", 1, 0}, {"v2", 2, 0}, {"v2 no epilogue", 2, 1},
+                          {"v2 no insertion", 2, 2}, {"v2 6 stages", 2, 4},
+                          {"v2 2 CTAs/SM", 2, 8}, {"v2 2 CTAs/SM no epi", 2, 9}};
+    for (const Variant& v : vs) {
+      kc::SelectParams p;
+      p.keys = cache.Keys(0);
+      p.queries = queries(0);
+      p.rows_per_query = mode == "misa" ? 8 : kH;
+      p.head_list = mode == "misa" ? active.get() : nullptr;
+      p.kernel_version = v.version;
+      p.experiment = v.experiment;
+      p.out = out.get();
+      kc::SelectPlan plan;
+      PD_BENCH_CUDA(kc::PlanSelectLaunch(p, &plan, nullptr));
+      DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+      const double t = Median(TimeMs([&](int i) {
+        p.queries = queries(i);
+        PD_BENCH_CUDA(kc::LaunchSelect(p, plan, ws.get(), 0));
+      }, 1, opt.quick ? 3 : 7));
+      PrintRow("experiment %-5s %3lldK x 8192q  %-16s %8.3f ms\n", mode.c_str(),
+               (long long)(K / 1024), v.name, t);
+      g_rows.push_back(Row()
+                           .S("bench", "experiment")
+                           .S("mode", mode)
+                           .S("variant", v.name)
+                           .N("keys", double(K))
+                           .N("queries", double(Q))
+                           .N("ms", t));
+    }
+  }
+}
+
 // One prefill selection (dense or MISA), launched twice (for ncu: skip one).
-void ProfileCase(const std::string& mode, int64_t K, int64_t Q) {
+void ProfileCase(const std::string& mode, int64_t K, int64_t Q, int version, int experiment) {
   Caches cache(1, K, 4242);
   QuerySet qs(Q, 99);
   std::vector<int64_t> pos(static_cast<size_t>(Q));
@@ -560,6 +628,8 @@ void ProfileCase(const std::string& mode, int64_t K, int64_t Q) {
   p.queries = q;
   p.rows_per_query = mode == "misa" ? 8 : kH;
   p.head_list = mode == "misa" ? active.get() : nullptr;
+  p.kernel_version = version;
+  p.experiment = experiment;
   p.out = out.get();
   kc::SelectPlan plan;
   PD_BENCH_CUDA(kc::PlanSelectLaunch(p, &plan, nullptr));
@@ -590,11 +660,16 @@ int main(int argc, char** argv) {
       opt.prefill = false;
     } else if (a == "--case" && i + 3 < argc) {
       const std::string mode = argv[i + 1];
-      ProfileCase(mode, std::atoll(argv[i + 2]), std::atoll(argv[i + 3]));
+      const int version = i + 4 < argc ? std::atoi(argv[i + 4]) : 2;
+      const int experiment = i + 5 < argc ? std::atoi(argv[i + 5]) : 0;
+      ProfileCase(mode, std::atoll(argv[i + 2]), std::atoll(argv[i + 3]), version, experiment);
       return 0;
+    } else if (a == "--experiments") {
+      opt.experiments = true;
     } else {
       std::fprintf(stderr, "usage: %s [--json PATH] [--quick] [--prefill-only|--decode-only]\n"
-                   "       %s --case dense|misa KEYS QUERIES   (one selection, twice: for ncu)\n",
+                   "       %s --case dense|misa KEYS QUERIES [VERSION [EXPERIMENT]]   (one selection, twice: for ncu)\n"
+                   "       --experiments: also time the kernel variants (SelectParams::experiment)\n",
                    argv[0], argv[0]);
       return 2;
     }
@@ -609,6 +684,10 @@ int main(int argc, char** argv) {
   g_meta["copy_gbps"] = std::to_string(bw);
   std::printf("device %s, %d SMs, L2 %d MB, d2d copy %.0f GB/s (read + write)\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, bw);
+  if (opt.experiments) {
+    std::printf("\n== kernel variants (selection launch alone) ==\n");
+    Experiments(opt);
+  }
   if (opt.prefill) {
     std::printf("\n== prefill selection, H=64 D=128 top-2048 (anchor: DeepGEMM FP8 indexer + radix top-k, H200) ==\n");
     const int64_t Ks[] = {8192, 32768, 65536, 131072};

@@ -25,19 +25,71 @@ struct Scratch {
   unsigned hist[256];
   unsigned digit, above, count;
   int write_pos;
+  unsigned long long kmax, kmin;
 };
+
+// Warp-aggregated slot for this lane's item when `keep` (one shared atomic
+// per warp instead of one per item: the survivors of a selection all hit
+// one counter). All lanes of the warp must call it.
+__device__ __forceinline__ int WarpAppendSlot(bool keep, int* counter) {
+  const unsigned b = __ballot_sync(0xffffffffu, keep);
+  const int lane = threadIdx.x & 31;
+  int base = 0;
+  if (lane == 0 && b != 0) base = atomicAdd(counter, __popc(b));
+  base = __shfl_sync(0xffffffffu, base, 0);
+  return base + __popc(b & ((1u << lane) - 1u));
+}
 
 // Returns T such that exactly k of the keys visited are >= T (k >= 1 and at
 // most the number of non-zero keys). for_each(f) must call f(key) for each of
 // this thread's keys; across the CTA every key is visited once. Zeros are
 // ignored. All threads of the CTA must call it; it returns the same T to all.
+//
+// The digits start at the highest bit in which the keys differ (a first pass
+// finds their max and min): the candidates of one query share their top bits,
+// and a histogram over a shared byte would put every key in one bin (its
+// shared-memory atomics serialise).
 template <class ForEach>
 __device__ uint64_t RadixSelectKth(ForEach&& for_each, int k, Scratch& sc) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  uint64_t prefix = 0, mask = 0;
+  if (tid == 0) {
+    sc.kmax = 0ull;
+    sc.kmin = ~0ull;
+  }
+  __syncthreads();
+  {
+    uint64_t mx = 0, mn = ~0ull;
+    for_each([&](uint64_t x) {
+      if (x != 0) {
+        mx = x > mx ? x : mx;
+        mn = x < mn ? x : mn;
+      }
+    });
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const uint64_t a = __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(mx), o);
+      const uint64_t b = __shfl_xor_sync(0xffffffffu, static_cast<unsigned long long>(mn), o);
+      mx = a > mx ? a : mx;
+      mn = b < mn ? b : mn;
+    }
+    if (lane == 0 && mx != 0) {
+      atomicMax(&sc.kmax, static_cast<unsigned long long>(mx));
+      atomicMin(&sc.kmin, static_cast<unsigned long long>(mn));
+    }
+  }
+  __syncthreads();
+  const uint64_t kmax = sc.kmax, kmin = sc.kmin;
+  __syncthreads();  // sc.kmax / kmin may be reset by the next call
+  if (kmax == kmin) return kmax;  // one distinct key (k == 1)
+  const int hb = 63 - __clzll(static_cast<long long>(kmax ^ kmin));
+  uint64_t mask = hb == 63 ? 0ull : (~0ull << (hb + 1));
+  uint64_t prefix = kmax & mask;
   unsigned rem = unsigned(k);
-  for (int shift = 56; shift >= 0; shift -= 8) {
+  // Windows of 8 bits from hb down; the last one is clamped to bit 0 and may
+  // overlap the previous (the overlapping bits of its digit equal the prefix,
+  // since only keys matching the prefix are counted).
+  for (int shift = hb - 7 > 0 ? hb - 7 : 0;; shift = shift - 8 > 0 ? shift - 8 : 0) {
     for (int i = tid; i < 256; i += blockDim.x) sc.hist[i] = 0;
     __syncthreads();
     for_each([&](uint64_t x) {
@@ -82,9 +134,9 @@ __device__ uint64_t RadixSelectKth(ForEach&& for_each, int k, Scratch& sc) {
     prefix |= uint64_t(d) << shift;
     mask |= uint64_t(0xff) << shift;
     rem -= above;
-    if (cnt == rem) break;  // every key matching the prefix is selected
+    __syncthreads();  // sc.hist is cleared by the next pass
+    if (cnt == rem || shift == 0) break;  // every key matching the prefix is selected
   }
-  __syncthreads();  // sc is reused by the caller
   return prefix;
 }
 

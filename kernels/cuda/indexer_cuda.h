@@ -84,6 +84,11 @@ struct SelectParams {
   // (select_kernel_v2.cuh); 1: the first kernel (select_kernel.cuh), kept for
   // comparison and for the mma.sync path.
   int kernel_version = 2;
+  // Benchmark-only knobs of kernel version 2 (0 in production; results are
+  // wrong with bits 0-1): bit 0 skips the epilogue (MMA + pipeline alone),
+  // bit 1 scores but never inserts a candidate, bit 2 uses 6 pipeline stages,
+  // bit 3 one accumulator and 2 CTAs per SM (3 stages) instead of double buffering.
+  int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };
 
@@ -208,7 +213,7 @@ struct PrepParams {
   const float* ln_gamma = nullptr;       // [D]
   const float* ln_beta = nullptr;        // [D]
   float ln_eps = 1e-6f;
-  const int64_t* positions = nullptr;    // [T]
+  const int64_t* positions = nullptr;    // [T], distinct within a sequence (one writer per slot)
   const int32_t* token_seq = nullptr;    // [T] sequence of each token; nullptr = all sequence 0
   const float* inv_freq = nullptr;       // [rope_dim / 2]
   int rope_dim = 64;                     // even, <= D

@@ -259,6 +259,7 @@ struct SelectCase {
   int summary_block = 1024;
   bool masked = false;  // MISA through the dense tile with unrouted weights zeroed
   int kernel_version = 2;
+  int experiment = 0;   // SelectParams::experiment (8: single accumulator, 2 CTAs per SM)
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
@@ -315,6 +316,7 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   p.num_splits = sc.splits;
   p.use_wgmma = sc.wgmma;
   p.kernel_version = sc.kernel_version;
+  p.experiment = sc.experiment;
   p.out = d_out.get();
   SelectPlan plan;
   const char* why = nullptr;
@@ -464,6 +466,22 @@ TEST(CudaSelect, KernelV1WgmmaStillMatches) {
     c.kernel_version = 1;
     c.sorted = misa;
     RunSelectCase(c, 31 + uint32_t(misa));
+  }
+}
+
+TEST(CudaSelect, KernelV2SingleAccumulatorVariantMatches) {
+  SKIP_WITHOUT_GPU();
+  for (bool misa : {false, true}) {
+    SelectCase c;
+    c.misa = misa;
+    c.lens = {7001};
+    auto pos = Tail(7001, 21);
+    for (int64_t p : {0, 2047, 5000}) pos.push_back(p);
+    c.positions = {pos};
+    c.experiment = 8;
+    c.sorted = !misa;
+    c.topk = misa ? 700 : 2048;
+    RunSelectCase(c, 35 + uint32_t(misa));
   }
 }
 
@@ -893,9 +911,21 @@ TEST(CudaSelect, RejectsBadParameters) {
   ASSERT_TRUE(why != nullptr);
   EXPECT_TRUE(std::string(why).find("8, 16, 32 or 64") != std::string::npos) << why;
   p.rows_per_query = 8;
-  p.topk = 5000;
+  p.topk = 9000;
   EXPECT_EQ(PlanSelectLaunch(p, &plan, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("topk") != std::string::npos) << why;
+  p.topk = 5000;  // > 2048: only unsorted, without a key list, kernel version 2
+  p.sorted = true;
+  EXPECT_EQ(PlanSelectLaunch(p, &plan, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("topk") != std::string::npos) << why;
+  p.sorted = false;
+  p.kernel_version = 1;
+  EXPECT_EQ(PlanSelectLaunch(p, &plan, &why), cudaErrorInvalidValue);
+  p.kernel_version = 3;
+  p.topk = 64;
+  EXPECT_EQ(PlanSelectLaunch(p, &plan, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("kernel_version") != std::string::npos) << why;
+  p.kernel_version = 2;
   p.topk = 64;
   p.head_dim = 96;
   EXPECT_EQ(PlanSelectLaunch(p, &plan, &why), cudaErrorInvalidValue);
@@ -1020,8 +1050,15 @@ TEST(CudaPrep, MatchesCpuIndexerPrep) {
   for (auto& x : wp) x = nd(rng);
   for (auto& x : g) x = 1.0f + 0.1f * nd(rng);
   for (auto& x : bta) x = 0.1f * nd(rng);
+  // Distinct positions: two tokens never write one cache slot (the kernel's
+  // CTAs would race, the reference keeps the last).
   std::vector<int64_t> pos(static_cast<size_t>(T));
-  for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = t < 40 ? 2900 + t : int64_t(rng() % 3000);
+  std::set<int64_t> used;
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t p = t < 40 ? 2900 + t : int64_t(rng() % 3000);
+    while (!used.insert(p).second) p = int64_t(rng() % 2900);
+    pos[size_t(t)] = p;
+  }
   YarnParams yp;
   const std::vector<float> inv_freq = YarnInvFreq(yp);
   IndexerPrepInputs in;

@@ -63,7 +63,9 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a)
   const uint64_t T = total > k ? topk::RadixSelectKth(for_each, k, sc) : 1ull;
   // Gather the selection (exactly m keys >= T) into shared memory.
   for_each([&](uint64_t x) {
-    if (x != 0 && x >= T) buf[atomicAdd(&sc.write_pos, 1)] = x;
+    const bool keep = x != 0 && x >= T;
+    const int slot = topk::WarpAppendSlot(keep, &sc.write_pos);
+    if (keep) buf[slot] = x;
   });
   __syncthreads();
   int32_t* o = a.merge_out + t * k;
@@ -140,7 +142,7 @@ cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char
   SelectPlanInput in;
   in.per_query_key_lists = p.key_list_per_query;
   in.allow_large_topk = v2 && p.key_list == nullptr && !p.sorted;
-  in.ctas_per_sm = v2 ? 1 : 2;
+  in.ctas_per_sm = v2 && (p.experiment & 8) == 0 ? 1 : 2;
   in.num_queries = p.queries.num_queries;
   in.num_seqs = p.queries.num_seqs;
   in.max_queries_per_seq = p.queries.max_queries_per_seq;
@@ -196,6 +198,7 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   a.key_list_len = p.key_list_len;
   a.key_list_stride = p.key_list_stride;
   a.key_list_per_query = p.key_list_per_query ? 1 : 0;
+  a.experiment = p.experiment;
   a.rows_per_cta = plan.rows_per_cta;
   a.topk = p.topk;
   a.sorted = p.sorted ? 1 : 0;

@@ -89,7 +89,9 @@ __device__ __forceinline__ void CompactList(uint64_t* L, int n, int topk, Smem& 
   __syncthreads();
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    if (x[j] != 0 && x[j] >= T) L[atomicAdd(&sm.sc.write_pos, 1)] = x[j];
+    const bool keep = x[j] != 0 && x[j] >= T;
+    const int slot = topk::WarpAppendSlot(keep, &sm.sc.write_pos);
+    if (keep) L[slot] = x[j];
   }
   __syncthreads();
   if (threadIdx.x == 0) {

@@ -28,6 +28,7 @@ struct SelectArgs {
   const int32_t* key_list_len;  // [num_seqs]
   int64_t key_list_stride;
   int key_list_per_query;       // 1: key_list rows are queries (one query per CTA), else sequences
+  int experiment;               // SelectParams::experiment (benchmark-only knobs)
   int rows_per_cta;             // 128, or 64 (G == 64, one query per sequence)
   int topk;
   int sorted;

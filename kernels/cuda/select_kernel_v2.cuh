@@ -41,18 +41,19 @@ namespace pd::kernels::cuda::select_internal::v2 {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kStages = 4;
+constexpr int kStages = 4;                 // default pipeline depth (experiment bit 2: 6)
 constexpr int kKeys = kSelectKeysPerIter;  // per stage: two 64-key pages, one per warpgroup
 constexpr int kMaxQ = 16;                  // queries per CTA (128 rows / 8 heads)
 static_assert(kKeys == 128, "a stage is two 64-key pages");
 
-template <int kCap>
+template <int kCap, int kSt = kStages>
 struct alignas(1024) Smem {
+  static constexpr int kCapacity = kCap;
   uint8_t q[128 * 128];                // B operand, SW128 (16 KB)
-  uint8_t keys[kStages][kKeys * 128];  // A operands, SW128 (16 KB per stage)
+  uint8_t keys[kSt][kKeys * 128];      // A operands, SW128 (16 KB per stage)
   uint64_t cbuf[kCap];                 // compaction buffer
-  float kscale[kStages][kKeys];
-  int32_t kidx[kStages][kKeys];        // key list path: key of each stage row, -1 = none
+  float kscale[kSt][kKeys];
+  int32_t kidx[kSt][kKeys];            // key list path: key of each stage row, -1 = none
   float wl[128];                       // head weights in lane-local column order
   int64_t pos[kMaxQ];                  // -1 for padding queries
   unsigned long long thr[kMaxQ];       // enter iff candidate key > thr
@@ -62,12 +63,12 @@ struct alignas(1024) Smem {
   topk::Scratch sc;
   unsigned long long kmax, kmin;
 };
-static_assert(sizeof(Smem<4096>::keys) >= 8192 * sizeof(uint64_t),
+static_assert(sizeof(Smem<4096, 4>::keys) >= 8192 * sizeof(uint64_t),
               "the final pass keeps up to 8192 survivors in the key stages");
 
-template <int kCap>
+template <int kCap, int kSt>
 constexpr size_t SmemBytes() {
-  return sizeof(Smem<kCap>) + 1024;
+  return sizeof(Smem<kCap, kSt>) + 1024;
 }
 
 __device__ __forceinline__ float ScoreOfOrderedBits(uint32_t ord) {
@@ -81,8 +82,8 @@ __device__ __forceinline__ uint64_t ShflXor64(uint64_t v, int o) {
 
 // The k-th largest of buf[0, n) (1 <= k < n; keys non-zero and distinct).
 // Whole CTA. kmax / kmin must hold 0 / ~0 on entry (set before a barrier).
-template <int kCap>
-__device__ uint64_t SelectKth(const uint64_t* buf, int n, int k, Smem<kCap>& sm) {
+template <class S>
+__device__ uint64_t SelectKth(const uint64_t* buf, int n, int k, S& sm) {
   const int tid = threadIdx.x, lane = tid & 31;
   uint64_t mx = 0, mn = ~0ull;
   for (int i = tid; i < n; i += kThreads) {
@@ -165,9 +166,9 @@ __device__ uint64_t SelectKth(const uint64_t* buf, int n, int k, Smem<kCap>& sm)
 
 // Gathers list q's warp partitions (fill sm.wcnt[w][q]) into sm.cbuf; returns
 // the total. Ends with a barrier; resets write_pos / kmax / kmin.
-template <int kCap>
-__device__ int GatherList(const uint64_t* L, int q, Smem<kCap>& sm) {
-  constexpr int kCapW = kCap / kWarps;
+template <class S>
+__device__ int GatherList(const uint64_t* L, int q, S& sm) {
+  constexpr int kCapW = S::kCapacity / kWarps;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int off = 0, n = 0;
 #pragma unroll
@@ -190,8 +191,8 @@ __device__ int GatherList(const uint64_t* L, int q, Smem<kCap>& sm) {
 
 // Writes the entries of sm.cbuf[0, n) that are >= T to dst(p), p = 0, 1, ...
 // in no particular order (warp-aggregated positions).
-template <int kCap, class Dst>
-__device__ __forceinline__ void WriteSurvivors(int n, uint64_t T, Smem<kCap>& sm, Dst&& dst) {
+template <class S, class Dst>
+__device__ __forceinline__ void WriteSurvivors(int n, uint64_t T, S& sm, Dst&& dst) {
   const int lane = threadIdx.x & 31;
   for (int i0 = threadIdx.x - lane; i0 < n; i0 += kThreads) {
     const int i = i0 + lane;
@@ -208,9 +209,9 @@ __device__ __forceinline__ void WriteSurvivors(int n, uint64_t T, Smem<kCap>& sm
 
 // Compacts list q to its top k (when longer), rebalances the survivors over
 // the warp partitions and raises the threshold. Whole CTA.
-template <int kCap>
-__device__ void CompactList(uint64_t* L, int q, int k, Smem<kCap>& sm) {
-  constexpr int kCapW = kCap / kWarps;
+template <class S>
+__device__ void CompactList(uint64_t* L, int q, int k, S& sm) {
+  constexpr int kCapW = S::kCapacity / kWarps;
   const int n = GatherList(L, q, sm);
   const int kw = (k + kWarps - 1) / kWarps;
   const uint64_t T = n > k ? SelectKth(sm.cbuf, n, k, sm) : 1ull;
@@ -230,9 +231,11 @@ __device__ void CompactList(uint64_t* L, int q, int k, Smem<kCap>& sm) {
 
 // G: heads (B rows) per query; R: B rows per CTA (128, or 64 for one 64-head
 // query); kKeyList: keys from a list (per sequence or per query) instead of
-// the contiguous range; kCap: list capacity per (query, split).
-template <int G, int R, bool kKeyList, int kCap>
-__global__ void __launch_bounds__(kThreads, 1) SelectKernelV2(const SelectArgs a) {
+// the contiguous range; kCap: list capacity per (query, split); kSt: stages;
+// kDB: double-buffered accumulators (1 CTA per SM), else one accumulator and
+// 2 CTAs per SM (an MMA then its epilogue, stage by stage).
+template <int G, int R, bool kKeyList, int kCap, int kSt, bool kDB>
+__global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const SelectArgs a) {
   constexpr int NQ = R / G;                   // queries per CTA
   constexpr int LC = R / 4;                   // accumulator columns per lane
   constexpr int QL = LC >= G ? LC / G : 1;    // queries per lane
@@ -244,7 +247,8 @@ __global__ void __launch_bounds__(kThreads, 1) SelectKernelV2(const SelectArgs a
   static_assert(R == 64 || R == 128, "R must be 64 or 128");
   static_assert(NQ >= 1 && NQ <= kMaxQ && LPQ <= 4, "G must be 8, 16, 32 or 64");
   static_assert(kCapW >= 2 * 16 + 256 || kCap == 4096, "partition too small");
-  using S = Smem<kCap>;
+  using S = Smem<kCap, kSt>;
+  constexpr int kStages = kSt;
   extern __shared__ uint8_t smem_raw[];
   S& sm = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -408,6 +412,7 @@ __global__ void __launch_bounds__(kThreads, 1) SelectKernelV2(const SelectArgs a
 
   // ---- epilogue of stage `it` from its accumulator ----
   auto epilogue = [&](const float (&acc)[ACC], int it) {
+    if (a.experiment & 1) return;  // benchmark-only: no epilogue at all
     const int stage = it % kStages;
     float w[LC];
 #pragma unroll
@@ -483,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1) SelectKernelV2(const SelectArgs a
       const float score = sc[j] * ks[h];
       const float tf = sm.thr_f[q];
       const int64_t kj = key[h];
-      bool pass = lane_ok && kj >= 0 && (all_visible || kj <= pos_r[ql]);
+      bool pass = lane_ok && kj >= 0 && (all_visible || kj <= pos_r[ql]) && !(a.experiment & 2);
       if (pass && !(score > tf)) {
         // Equal to the float threshold, or NaN: the exact 64-bit comparison.
         pass = !(score < tf) && topk::CandidateKey(score, int32_t(kj)) > sm.thr[q];
@@ -526,7 +531,8 @@ __global__ void __launch_bounds__(kThreads, 1) SelectKernelV2(const SelectArgs a
   // Top of the step for stage st: this thread's copies of stage st + 1 landed
   // (groups run kPrefetch - 2 behind), barrier, compactions, next copies.
   auto step_top = [&](int st) {
-    ptx::CpAsyncWait<kPrefetch - 2>();
+    // Double-buffered: the step's MMA is for stage st + 1; else for stage st.
+    ptx::CpAsyncWait<kDB ? kPrefetch - 2 : kPrefetch - 1>();
     ptx::FenceProxyAsync();
     __syncthreads();
     const unsigned need = sm.need;
@@ -547,7 +553,16 @@ __global__ void __launch_bounds__(kThreads, 1) SelectKernelV2(const SelectArgs a
 #pragma unroll
     for (int i = 0; i < ACC; ++i) ptx::FenceOperand(acc[i]);
   };
-  for (int s = 0; s < n_iter; s += 4) {
+  if constexpr (!kDB) {
+    for (int s = 0; s < n_iter; ++s) {
+      step_top(s);
+      issue_mma(acc0, s);
+      ptx::WgmmaWait<0>();
+      retire(acc0);
+      epilogue(acc0, s);
+    }
+  }
+  for (int s = 0; kDB && s < n_iter; s += 4) {
     step_top(s);
     issue_mma(acc0, s);
     issue_mma(acc1, s + 1);
@@ -600,13 +615,14 @@ __global__ void __launch_bounds__(kThreads, 1) SelectKernelV2(const SelectArgs a
   }
 }
 
-template <int G, int R, bool kKeyList, int kCap>
+template <int G, int R, bool kKeyList, int kCap, int kSt = kStages, bool kDB = true>
 cudaError_t LaunchT(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(SelectKernelV2<G, R, kKeyList, kCap>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(SmemBytes<kCap>()));
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      SelectKernelV2<G, R, kKeyList, kCap, kSt, kDB>,
+      cudaFuncAttributeMaxDynamicSharedMemorySize, int(SmemBytes<kCap, kSt>()));
   if (attr != cudaSuccess) return attr;
-  SelectKernelV2<G, R, kKeyList, kCap><<<grid, kThreads, SmemBytes<kCap>(), stream>>>(args);
+  SelectKernelV2<G, R, kKeyList, kCap, kSt, kDB>
+      <<<grid, kThreads, SmemBytes<kCap, kSt>(), stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -626,6 +642,12 @@ cudaError_t LaunchSelectKernelV2(const SelectArgs& args, dim3 grid, cudaStream_t
       return list ? v2::LaunchT<G, 64, true, kSelectListCap>(args, grid, stream)
                   : v2::LaunchT<G, 64, false, kSelectListCap>(args, grid, stream);
     }
+  }
+  if (!list && (args.experiment & 4) != 0) {
+    return v2::LaunchT<G, 128, false, kSelectListCap, 6>(args, grid, stream);
+  }
+  if (!list && (args.experiment & 8) != 0) {
+    return v2::LaunchT<G, 128, false, kSelectListCap, 3, false>(args, grid, stream);
   }
   return list ? v2::LaunchT<G, 128, true, kSelectListCap>(args, grid, stream)
               : v2::LaunchT<G, 128, false, kSelectListCap>(args, grid, stream);
