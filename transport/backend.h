@@ -132,6 +132,9 @@ class Backend {
                                                               const std::string& receiver_info,
                                                               const PeerContext& peer,
                                                               absl::Time deadline) = 0;
+  // Sender: the stream for `peer` ends before Connect (the handshake failed):
+  // releases whatever SenderInfo reserved for it. Default: nothing reserved.
+  virtual void CancelSenderInfo(const PeerContext& peer) {}
   // Drops any cached registration of memory starting at `base` (call before
   // freeing memory that was given to Listen). Default: nothing cached.
   virtual void ForgetRegion(const uint8_t* base) {}

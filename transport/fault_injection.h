@@ -67,6 +67,7 @@ class FaultInjectingBackend final : public Backend {
                                                       const std::string& receiver_info,
                                                       const PeerContext& peer,
                                                       absl::Time deadline) override;
+  void CancelSenderInfo(const PeerContext& peer) override { inner_.CancelSenderInfo(peer); }
   void ForgetRegion(const uint8_t* base) override { inner_.ForgetRegion(base); }
 
   int64_t writes() const { return writes_.load(); }

@@ -412,10 +412,13 @@ class SenderImpl final : public KvSender {
       // Post in pieces (a backend that sends in the background gets going
       // sooner; one that is driven by this thread is driven between pieces);
       // the hasher hashes the source meanwhile.
+      // Two-sided backends pair each write with one receive of the same
+      // length (a whole segment), so only one-sided writes are split.
       AsyncHasher::Pieces pieces;
+      const uint64_t piece = one_sided_ ? kPieceBytes : UINT64_MAX;
       for (const Segment& s : c.segments) {
-        for (uint64_t off = 0; off < s.len; off += kPieceBytes) {
-          const uint64_t n = std::min<uint64_t>(kPieceBytes, s.len - off);
+        for (uint64_t off = 0; off < s.len; off += piece) {
+          const uint64_t n = std::min<uint64_t>(piece, s.len - off);
           PD_RETURN_IF_ERROR(data_->PostWrite(arena + s.src + off, s.dst + off, n));
         }
         if (hashed) pieces.emplace_back(arena + s.src, s.len);
@@ -1020,6 +1023,15 @@ absl::StatusOr<std::unique_ptr<KvSender>> KvSender::Start(Backend& backend,
   }
   PeerContext peer{request.request_id, options.node_name, channel->peer()};
   PD_ASSIGN_OR_RETURN(std::string sender_info, backend.SenderInfo(peer));
+  // Until Connect succeeds, a failure hands back what SenderInfo reserved.
+  struct CancelGuard {
+    Backend& backend;
+    const PeerContext& peer;
+    bool armed = true;
+    ~CancelGuard() {
+      if (armed) backend.CancelSenderInfo(peer);
+    }
+  } cancel{backend, peer};
   SideLayout src = LocalSide(cache, request.sequence, request.tokens);
 
   proto::Manifest m;
@@ -1087,6 +1099,7 @@ absl::StatusOr<std::unique_ptr<KvSender>> KvSender::Start(Backend& backend,
   }
   auto data = backend.Connect(local, accept->receiver_info, peer, deadline);
   if (!data.ok()) return Reject(*channel, data.status());
+  cancel.armed = false;
   return std::unique_ptr<KvSender>(new SenderImpl(
       backend, std::move(channel), cache, request, options, ops, std::move(m), std::move(*accept),
       std::move(*plan), std::move(bounce), std::move(*data), backend.one_sided(), start));

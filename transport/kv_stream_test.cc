@@ -155,6 +155,28 @@ TEST_F(KvStreamTest, TwoSidedLoopbackRoundTrip) {
   ExpectNothingLeaked();
 }
 
+// Two-sided backends pair every write with one receive of the same length:
+// segments larger than the sender's one-sided write pieces (256 KiB) must not
+// be split (loopback2 fails a length mismatch).
+TEST_F(KvStreamTest, TwoSidedLargeSegmentsStayWhole) {
+  auto backend = NewLoopbackBackend({.two_sided = true});
+  auto src = *MakeCache(V32Layout(256), 2, 4096, 1);
+  auto dst = *MakeCache(V32Layout(256), 2, 4096, 1);
+  const int32_t seq = *MakeFilledSequence(*src, 4096, 5);
+  StreamSetup s;
+  s.sender.max_chunk_bytes = 2 << 20;  // MLA chunks of 49 pages, 2 MiB contiguous
+  {
+    Stream st = StartStream(*backend, *backend, *src, seq, *dst, s, 4096);
+    ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+    ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+    ASSERT_TRUE(SendAll(**st.sender, 2).ok());
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
+    ASSERT_TRUE(fin.ok()) << fin;
+    EXPECT_TRUE(CompareSequences(*src, seq, *dst, (*st.receiver)->sequence(), 4096).ok());
+  }
+  ExpectNothingLeaked();
+}
+
 TEST_F(KvStreamTest, StagedRoundTripThroughTwoSlots) {
   auto backend = NewLoopbackBackend();
   StreamSetup s;

@@ -19,6 +19,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "transport/blob_codec.h"
 #include "transport/resource_counters.h"
 
 namespace pd::transport {
@@ -36,25 +37,10 @@ absl::Status UcsError(ucs_status_t s, absl::string_view call) {
   }
 }
 
-// Blob helpers: length-prefixed fields.
-void PutU64(std::string& s, uint64_t v) { s.append(reinterpret_cast<const char*>(&v), 8); }
-void PutBytes(std::string& s, const void* p, size_t n) {
-  PutU64(s, n);
-  s.append(static_cast<const char*>(p), n);
-}
-bool GetU64(absl::string_view& s, uint64_t* v) {
-  if (s.size() < 8) return false;
-  std::memcpy(v, s.data(), 8);
-  s.remove_prefix(8);
-  return true;
-}
-bool GetBytes(absl::string_view& s, std::string* out) {
-  uint64_t n = 0;
-  if (!GetU64(s, &n) || n > s.size()) return false;
-  out->assign(s.data(), n);
-  s.remove_prefix(n);
-  return true;
-}
+using blob::GetBytes;
+using blob::GetU64;
+using blob::PutBytes;
+using blob::PutU64;
 
 // Owns the ucp context, worker and the progress thread.
 class Worker {

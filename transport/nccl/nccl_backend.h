@@ -1,0 +1,59 @@
+// The NCCL data plane: GPU to GPU (two GPUs of one host over NVLink, or
+// across nodes over NCCL's network), two-sided ncclSend/ncclRecv between the
+// sender's and the receiver's KV arenas in device memory.
+//
+// Communicators: one 2-rank communicator per stream at a time (sender rank 0,
+// receiver rank 1), created lazily per prefill/decode pair and cached for
+// later streams to the same peer (at most max_communicators per backend,
+// least recently used idle one evicted first; counted as
+// Resource::kCommunicator). Bootstrap over the control channel: the manifest's
+// backend blob names the communicator the sender would reuse; the receiver
+// either leases that one or, if it has no idle communicator of that key,
+// creates one (ncclGetUniqueId + non-blocking ncclCommInitRankConfig) and
+// returns the ncclUniqueId in the Accept's blob; the sender then joins it.
+// docs/kv-format.md has the blob layouts.
+//
+// Each communicator owns one CUDA stream. Writes and receives are queued and
+// issued in ncclGroupStart/End batches on it; fences and receive tickets are
+// CUDA events, polled with cudaEventQuery (post-then-poll), as is
+// ncclCommGetAsyncError. A stream that ends with operations outstanding (the
+// peer died, the stream failed) aborts its communicator (ncclCommAbort),
+// waits for the CUDA stream to drain and drops the communicator from the
+// cache, so no receive can land in the arena afterwards.
+//
+// Built only when CUDA and nccl.h are found (PD_HAVE_NCCL).
+#ifndef PD_TRANSPORT_NCCL_NCCL_BACKEND_H_
+#define PD_TRANSPORT_NCCL_NCCL_BACKEND_H_
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "transport/backend.h"
+
+namespace pd::transport {
+
+struct NcclOptions {
+  // Backend name on the wire; both ends must use the same.
+  std::string name = "nccl";
+  // The CUDA device this node's KV arena lives on.
+  int device = 0;
+  // Communicators kept per backend (leased ones count; a stream that finds
+  // every one leased fails with ResourceExhausted).
+  int max_communicators = 4;
+  // Bound on joining a communicator (both ends), and on NCCL enqueueing one
+  // batch of operations.
+  absl::Duration init_timeout = absl::Seconds(30);
+  absl::Duration op_timeout = absl::Seconds(10);
+  // Operations fused into one ncclGroupStart/End launch.
+  size_t group_ops = 32;
+};
+
+// FailedPrecondition when `device` does not exist (no GPU, no driver).
+absl::StatusOr<std::unique_ptr<Backend>> NewNcclBackend(const NcclOptions& options = {});
+
+}  // namespace pd::transport
+
+#endif  // PD_TRANSPORT_NCCL_NCCL_BACKEND_H_
