@@ -11,7 +11,8 @@
 //     selection-report observer.
 // Tolerances (stated per test): the GPU rounds GEMM inputs to bf16 (or FP8
 // e4m3 with 1x128 scales) where the CPU uses fp32, so logits are compared by
-// relative L2 over all rows and by top-1 agreement per row.
+// relative L2 over all rows and by top-1 agreement per row, separately for
+// prompts within top-k and beyond it (see kBf16Bounds).
 #include "model/gpu_model.h"
 
 #include <gtest/gtest.h>
@@ -181,69 +182,92 @@ class GpuModelTest : public ::testing::Test {
 std::string* GpuModelTest::tiny_ = nullptr;
 std::string* GpuModelTest::v32_ = nullptr;
 
-// Tiny preset: bf16 GEMMs and the generic kernels. 300 tokens in chunks of 128:
-// beyond top-k (256) and across MISA blocks (256). Tolerance: relative L2
-// < 2e-2 over all 300 x 258 logits, top-1 agreement >= 90% of rows.
+// Two regimes per comparison:
+//   - prompts of at most top-k tokens: every visible key is selected, so the
+//     comparison measures the arithmetic alone;
+//   - longer prompts: selection is sparse, and a perturbation as small as a
+//     changed GEMM summation order can move a key across the top-k boundary.
+//     In these random models the token an attention head weights most is
+//     unrelated to the indexer's ranking, so such a swap moves that row's
+//     logits by up to ~40% (measured: the worst row) while the others stay
+//     close. These are compared with a looser L2 bound and top-1 agreement.
+// A wrong position, page, cache record or head gives relative errors of order
+// 1 and top-1 agreement near 1/258, far outside every bound below.
+struct Bounds {
+  double rel_dense, top1_dense;    // prompt <= top-k
+  double rel_sparse, top1_sparse;  // prompt > top-k
+};
+constexpr Bounds kBf16Bounds{2e-2, 0.95, 8e-2, 0.95};
+constexpr Bounds kFp8Bounds{8e-2, 0.8, 0.12, 0.8};
+
+// Tiny preset: bf16 GEMMs and the generic kernels; 200 tokens (top-k is 256)
+// and 300 tokens in chunks of 128 (MISA blocks of 256).
 TEST_F(GpuModelTest, TinyLogitsMatchCpuDenseAndMisa) {
   SKIP_WITHOUT_GPU();
-  const auto toks = RandomTokens(300, 11);
   for (auto mode : {kernels::SelectionMode::kDense, kernels::SelectionMode::kMisa}) {
     ConfigOverrides o;
     o.selection_mode = mode;
     Instance cpu = MakeCpu(*tiny_, o);
     Instance gpu = MakeGpu(*tiny_, o);
     ASSERT_NE(gpu.model, nullptr);
-    const auto c = PrefillAll(cpu, toks, 128);
-    const auto g = PrefillAll(gpu, toks, 128);
-    const Agreement a = Compare(g, c, cpu.weights->config.vocab_size);
-    std::printf("  tiny %s: rel L2 %.3e, worst row %.3e, top-1 agreement %.3f\n",
-                kernels::SelectionModeName(mode), a.rel_l2, a.worst_row, a.top1);
-    EXPECT_LT(a.rel_l2, 2e-2);
-    EXPECT_GE(a.top1, 0.9);
+    for (int len : {200, 300}) {
+      const auto toks = RandomTokens(len, 11);
+      const Agreement a = Compare(PrefillAll(gpu, toks, 128), PrefillAll(cpu, toks, 128),
+                                  cpu.weights->config.vocab_size);
+      std::printf("  tiny %s, %d tokens: rel L2 %.3e, worst row %.3e, top-1 agreement %.3f\n",
+                  kernels::SelectionModeName(mode), len, a.rel_l2, a.worst_row, a.top1);
+      const bool dense = len <= 256;
+      EXPECT_LT(a.rel_l2, dense ? kBf16Bounds.rel_dense : kBf16Bounds.rel_sparse) << len;
+      EXPECT_GE(a.top1, dense ? kBf16Bounds.top1_dense : kBf16Bounds.top1_sparse) << len;
+    }
   }
 }
 
-// V3.2 attention shapes, 300 tokens (top-k 256, B 256). bf16 GEMMs with the
-// tuned kernels and with the generic kernels: relative L2 < 2e-2, top-1 >= 90%.
-// FP8 block-scaled GEMMs (activations quantised to e4m3 per 1x128 group, as
-// DeepSeek's inference does, against the CPU's fp32 activations): relative L2
-// < 0.1, top-1 >= 60%; the measured values are printed.
+// V3.2 attention shapes (top-k 256, B 256), 200 and 300 tokens: the tuned
+// kernels with bf16 GEMMs, the generic kernels with bf16 GEMMs, and the tuned
+// kernels with FP8 block-scaled GEMMs (activations quantised to e4m3 per 1x128
+// group, as DeepSeek's inference does, against the CPU's fp32 activations;
+// when the FP8 path is disabled by its self-test this variant runs bf16).
 TEST_F(GpuModelTest, V32AttentionShapesMatchCpu) {
   SKIP_WITHOUT_GPU();
-  const auto toks = RandomTokens(300, 12);
   for (auto mode : {kernels::SelectionMode::kDense, kernels::SelectionMode::kMisa}) {
     ConfigOverrides o;
     o.selection_mode = mode;
     Instance cpu = MakeCpu(*v32_, o);
-    const auto c = PrefillAll(cpu, toks, 150);
     const int64_t vocab = cpu.weights->config.vocab_size;
+    std::vector<std::vector<float>> ref;
+    for (int len : {200, 300}) ref.push_back(PrefillAll(cpu, RandomTokens(len, 12), 150));
     struct Variant {
       const char* name;
       GpuModelOptions opt;
-      double rel, top1;
+      Bounds bounds;
     };
     GpuModelOptions tuned_bf16, generic_bf16, fp8;
     tuned_bf16.bf16_gemms = true;
     generic_bf16.bf16_gemms = true;
     generic_bf16.generic_kernels = true;
-    for (const Variant& v : {Variant{"tuned kernels, bf16 GEMMs", tuned_bf16, 2e-2, 0.9},
-                             Variant{"generic kernels, bf16 GEMMs", generic_bf16, 2e-2, 0.9},
-                             Variant{"tuned kernels, FP8 GEMMs", fp8, 0.1, 0.6}}) {
+    for (const Variant& v : {Variant{"tuned kernels, bf16 GEMMs", tuned_bf16, kBf16Bounds},
+                             Variant{"generic kernels, bf16 GEMMs", generic_bf16, kBf16Bounds},
+                             Variant{"tuned kernels, FP8 GEMMs", fp8, kFp8Bounds}}) {
       Instance gpu = MakeGpu(*v32_, o, v.opt);
       ASSERT_NE(gpu.model, nullptr);
-      const Agreement a = Compare(PrefillAll(gpu, toks, 150), c, vocab);
-      std::printf("  v32-attention %s, %s: rel L2 %.3e, worst row %.3e, top-1 agreement %.3f\n",
-                  kernels::SelectionModeName(mode), v.name, a.rel_l2, a.worst_row, a.top1);
-      EXPECT_LT(a.rel_l2, v.rel) << v.name;
-      EXPECT_GE(a.top1, v.top1) << v.name;
+      int i = 0;
+      for (int len : {200, 300}) {
+        const Agreement a = Compare(PrefillAll(gpu, RandomTokens(len, 12), 150), ref[size_t(i++)], vocab);
+        std::printf("  v32-attention %s, %s, %d tokens: rel L2 %.3e, worst row %.3e, top-1 %.3f\n",
+                    kernels::SelectionModeName(mode), v.name, len, a.rel_l2, a.worst_row, a.top1);
+        const bool dense = len <= 256;
+        EXPECT_LT(a.rel_l2, dense ? v.bounds.rel_dense : v.bounds.rel_sparse) << v.name << " " << len;
+        EXPECT_GE(a.top1, dense ? v.bounds.top1_dense : v.bounds.top1_sparse) << v.name << " " << len;
+      }
     }
   }
 }
 
-// On the GPU: one prefill, chunked prefill and token-by-token decode give the
-// same logits up to GEMM algorithm choice across batch sizes and rare top-k
-// boundary swaps between the prefill and decode selection tiles (relative L2
-// < 5e-3; a wrong position, page or cache write gives O(1) differences).
+// On the GPU: one prefill, chunked prefill and token-by-token decode. With at
+// most top-k tokens they differ only by GEMM summation order across batch
+// sizes: relative L2 < 5e-3. Beyond top-k, boundary swaps (see above):
+// relative L2 < 8e-2 and top-1 agreement >= 95%.
 TEST_F(GpuModelTest, PrefillChunksAndDecodeAgree) {
   SKIP_WITHOUT_GPU();
   for (const std::string* dir : {tiny_, v32_}) {
@@ -252,15 +276,21 @@ TEST_F(GpuModelTest, PrefillChunksAndDecodeAgree) {
     Instance gpu = MakeGpu(*dir, o);
     ASSERT_NE(gpu.model, nullptr);
     const int64_t vocab = gpu.weights->config.vocab_size;
-    const auto toks = RandomTokens(280, 13);
-    const auto whole = PrefillAll(gpu, toks, 280);
-    const auto chunked = PrefillAll(gpu, toks, 37);
-    const auto decoded = PrefillAll(gpu, toks, 1);
-    const Agreement a = Compare(chunked, whole, vocab), b = Compare(decoded, whole, vocab);
-    std::printf("  %s GPU: chunked vs whole rel L2 %.3e, decode vs whole %.3e (top-1 %.3f)\n",
-                dir == tiny_ ? "tiny" : "v32-attention", a.rel_l2, b.rel_l2, b.top1);
-    EXPECT_LT(a.rel_l2, 5e-3);
-    EXPECT_LT(b.rel_l2, 5e-3);
+    for (int len : {200, 280}) {
+      const auto toks = RandomTokens(len, 13);
+      const auto whole = PrefillAll(gpu, toks, len);
+      const auto chunked = PrefillAll(gpu, toks, 37);
+      const auto decoded = PrefillAll(gpu, toks, 1);
+      const Agreement a = Compare(chunked, whole, vocab), b = Compare(decoded, whole, vocab);
+      std::printf("  %s GPU, %d tokens: chunked vs whole rel L2 %.3e (top-1 %.3f), decode vs whole %.3e "
+                  "(top-1 %.3f)\n",
+                  dir == tiny_ ? "tiny" : "v32-attention", len, a.rel_l2, a.top1, b.rel_l2, b.top1);
+      const double bound = len <= 256 ? 5e-3 : 8e-2;
+      EXPECT_LT(a.rel_l2, bound) << len;
+      EXPECT_LT(b.rel_l2, bound) << len;
+      EXPECT_GE(a.top1, 0.95) << len;
+      EXPECT_GE(b.top1, 0.95) << len;
+    }
   }
 }
 

@@ -130,6 +130,26 @@ __global__ void Bf16ToFloatKernel(const uint16_t* x, int64_t count, float* y) {
   }
 }
 
+__global__ void CopyOutKernel(const void* src, bool src_bf16, bool transposed, int64_t m, int64_t n,
+                              int64_t src_ld, float* y, int64_t y_ld) {
+  const int64_t total = m * n;
+  for (int64_t w = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; w < total;
+       w += int64_t(gridDim.x) * blockDim.x) {
+    // Consecutive threads walk the source's contiguous dimension.
+    int64_t i, j;
+    if (transposed) {
+      i = w % m;
+      j = w / m;
+    } else {
+      i = w / n;
+      j = w % n;
+    }
+    const int64_t o = transposed ? j * src_ld + i : i * src_ld + j;
+    y[i * y_ld + j] = src_bf16 ? Bf16ToFloat(static_cast<const uint16_t*>(src)[o])
+                               : static_cast<const float*>(src)[o];
+  }
+}
+
 // One warp per (row, 128-value group); each lane 4 consecutive values.
 __global__ void QuantizeFp8Kernel(const QuantizeParams p) {
   const int64_t groups = p.k / 128;
@@ -452,6 +472,13 @@ cudaError_t CastToBf16(const float* x, int64_t count, uint16_t* y, cudaStream_t 
 cudaError_t CastBf16ToFloat(const uint16_t* x, int64_t count, float* y, cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;
   Bf16ToFloatKernel<<<GridFor(count), kThreads, 0, stream>>>(x, count, y);
+  return cudaGetLastError();
+}
+
+cudaError_t CopyOut(const void* src, bool src_bf16, bool transposed, int64_t m, int64_t n,
+                    int64_t src_ld, float* y, int64_t y_ld, cudaStream_t stream) {
+  if (m * n <= 0) return cudaSuccess;
+  CopyOutKernel<<<GridFor(m * n), kThreads, 0, stream>>>(src, src_bf16, transposed, m, n, src_ld, y, y_ld);
   return cudaGetLastError();
 }
 

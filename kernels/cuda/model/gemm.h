@@ -3,6 +3,12 @@
 // groups; cuBLASLt's BLK128x128_32F / VEC128_32F scale modes, sm_90), fp32
 // accumulation and fp32 output; with a plain CUDA fallback (RefGemm) taken when
 // cuBLASLt has no algorithm for a shape or fails. Internal to kernels/cuda/model.
+//
+// The FP8 path's exact cuBLASLt configuration (which operand is A, the output
+// type, whether the token count must be padded to 16, the activation-scale
+// layout) is not pinned down by the documentation we have; SelfTest() tries
+// the candidates against a float64 reference and keeps the first that runs and
+// matches (Fp8Config), or disables FP8.
 #ifndef PD_KERNELS_CUDA_MODEL_GEMM_H_
 #define PD_KERNELS_CUDA_MODEL_GEMM_H_
 
@@ -12,7 +18,6 @@
 #include <cstdint>
 #include <map>
 #include <string>
-#include <tuple>
 
 namespace pd::kernels::cuda::internal {
 
@@ -23,13 +28,13 @@ struct DeviceMatrix {
   const void* data = nullptr;   // bf16 or e4m3 [rows, ld]
   int64_t rows = 0, cols = 0, ld = 0;
   const float* scales = nullptr;  // kFp8: [ceil(rows/128), scale_ld] block scales
-  int64_t scale_ld = 0;           // round_up(cols / 128, 4)
+  int64_t scale_ld = 0;           // cols / 128 (cols a multiple of 512)
 };
 
 // Activations [m, k] prepared for a GEMM: fp32 always; bf16 for bf16 weights;
-// e4m3 codes with 1x128 group scales for FP8 weights, the scales [k/128, m]
-// group-major ("M-major": scale (r, g) at g * m + r) or row-major by the
-// engine's layout choice (Gemm::act_scales_m_major()).
+// e4m3 codes with 1x128 group scales for FP8 weights, the scales laid out as
+// Gemm::act_scales_m_major() says: [k/128, m] (scale (r, g) at g * m + r) or
+// [m, k/128].
 struct GemmInput {
   const float* f32 = nullptr;
   int64_t m = 0, k = 0, f32_ld = 0;
@@ -38,7 +43,16 @@ struct GemmInput {
   const float* fp8_scales = nullptr;  // [k/128 * m]
 };
 
-// Owner of a cuBLASLt handle, its workspace and cached plans. Not thread-safe.
+// How the FP8 block-scaled GEMM is posed to cuBLASLt.
+struct Fp8Config {
+  bool weight_is_a = true;  // A = weight (128x128 scales), B = activations (1x128); else swapped
+  int out = 0;              // 0: D and C fp32; 1: D and C bf16; 2: D fp32, C bf16
+  bool pad16 = false;       // token count padded to a multiple of 16
+  bool m_major = true;      // activation scales [k/128, m] (else [m, k/128])
+  std::string Name() const;
+};
+
+// Owner of a cuBLASLt handle, its workspace, scratch and cached plans. Not thread-safe.
 class Gemm {
  public:
   Gemm() = default;
@@ -63,12 +77,14 @@ class Gemm {
                    int64_t b_stride, float* d, int64_t ldd, int64_t d_stride, int batch,
                    cudaStream_t stream, std::string* error);
 
-  // FP8 path status (decided by SelfTest): usable, and the activation scale layout.
   bool fp8_ok() const { return fp8_ok_; }
-  bool act_scales_m_major() const { return act_m_major_; }
-  // Runs small FP8 block-scaled GEMMs against a host float64 reference with both
-  // activation-scale layouts; enables the FP8 path with the first that matches.
-  // Returns false only on CUDA errors (a mismatch just leaves FP8 disabled).
+  bool act_scales_m_major() const { return fp8_.m_major; }
+  const Fp8Config& fp8_config() const { return fp8_; }
+  // Tries the FP8 configurations (both operand orders, three output types,
+  // both scale layouts, with and without padding) on small GEMMs (m = 64, 1, 5,
+  // 200; n = 256; k = 512; distinct block scales) against a host float64
+  // reference; enables FP8 with the first that runs and matches. *report lists
+  // what was tried. Returns false only on CUDA errors.
   bool SelfTest(cudaStream_t stream, std::string* report, std::string* error);
 
   // Counters for Describe(): GEMMs run by cuBLASLt and by the fallback kernel.
@@ -77,26 +93,48 @@ class Gemm {
   const std::string& last_fallback_reason() const { return last_fallback_reason_; }
 
  private:
+  struct PlanSpec {
+    cudaDataType_t ab = CUDA_R_16BF, c = CUDA_R_32F, d = CUDA_R_32F;
+    int a_scale_mode = -1, b_scale_mode = -1;  // -1: no block scaling
+    bool trans_a = true;
+    int64_t m = 0, n = 0, k = 0, lda = 0, a_stride = 0, ldb = 0, b_stride = 0, ldd = 0,
+            d_stride = 0;
+    int batch = 1;
+    int align = 256;
+    std::string Key() const;
+  };
   struct Plan {
     cublasLtMatmulDesc_t desc = nullptr;
-    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo{};
     bool ok = false;  // false: no algorithm (use the fallback)
+    std::string why;
   };
-  using PlanKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                             int64_t, int64_t, int64_t, int, int, int>;
-  Plan* GetPlan(const PlanKey& key, bool fp8, bool trans_a, int64_t m, int64_t n, int64_t k,
-                int64_t lda, int64_t a_stride, int64_t ldb, int64_t b_stride, int64_t ldd,
-                int64_t d_stride, int batch, int align_bytes, std::string* why);
+  // A scratch allocation that grows (a growth waits for the device: cudaFree).
+  struct Scratch {
+    void* p = nullptr;
+    size_t bytes = 0;
+    cudaError_t Ensure(size_t n);
+    ~Scratch();
+  };
+
+  Plan* GetPlan(const PlanSpec& spec);
+  bool RunPlan(Plan* plan, const void* a, const void* b, void* d, const void* a_scale,
+               const void* b_scale, cudaStream_t stream, std::string* why);
+  // The FP8 GEMM with configuration cfg; *ran is false when cuBLASLt could not
+  // run it (no error then: the caller falls back).
+  bool RunFp8(const Fp8Config& cfg, const DeviceMatrix& w, const GemmInput& x, float* y,
+              int64_t y_ld, cudaStream_t stream, bool* ran, std::string* error);
   bool RunFallback(const DeviceMatrix& w, const GemmInput& x, float* y, int64_t y_ld,
                    cudaStream_t stream, std::string* error);
 
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
-  std::map<PlanKey, Plan> plans_;
+  std::map<std::string, Plan> plans_;
+  Scratch pad_q_, pad_s_, out_;
   bool fp8_ok_ = false;
-  bool act_m_major_ = true;
+  Fp8Config fp8_;
   int64_t lt_calls_ = 0, fallback_calls_ = 0;
   std::string last_fallback_reason_;
 };

@@ -59,6 +59,11 @@ cudaError_t CastToBf16(const float* x, int64_t count, uint16_t* y, cudaStream_t 
 // y[i] = float(x[i]).
 cudaError_t CastBf16ToFloat(const uint16_t* x, int64_t count, float* y, cudaStream_t stream);
 
+// y[i, j] = S(i, j) for i < m, j < n, with S(i, j) = src[j * src_ld + i]
+// when transposed, else src[i * src_ld + j]; src fp32 or bf16. y rows y_ld apart.
+cudaError_t CopyOut(const void* src, bool src_bf16, bool transposed, int64_t m, int64_t n,
+                    int64_t src_ld, float* y, int64_t y_ld, cudaStream_t stream);
+
 // Per-token-group FP8 quantisation of activations for the block-scaled GEMM:
 // for row r < m and group g < K/128, s = Fp8Scale(amax, ue8m0) and
 // q[r, k] = e4m3(x[r, k] / s). x rows are x_stride apart; q: [m, K].
