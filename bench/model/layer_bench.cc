@@ -11,13 +11,16 @@
 // 64 x 128, top-2048; MISA h = 8, B = 1024. Prints a table; --json writes JSON.
 //
 // Usage: layer_bench [--json FILE] [--context C] [--chunk Q] [--batches 32,128]
-//                    [--runs N] [--quick]
+//                    [--runs N] [--gemm auto,bf16] [--quick]
+// --gemm: the engines to run: auto (FP8 block-scaled GEMMs when the cuBLASLt
+// self-test enables them, else bf16) and/or bf16 (FP8 weights dequantised).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <sstream>
 #include <string>
@@ -125,7 +128,7 @@ double Median(std::vector<double> v) {
 }
 
 struct Result {
-  std::string kase, mode;
+  std::string gemm, kase, mode;
   int64_t tokens = 0, context = 0;
   double attn_proj = 0, indexer_prep = 0, selection = 0, attention = 0, ffn = 0, layer = 0,
          embed_lm = 0, wall = 0;  // ms, medians
@@ -140,6 +143,7 @@ int main(int argc, char** argv) {
   std::string json;
   int64_t context = 131072, chunk = 8192;
   std::vector<int> batches = {32, 128};
+  std::vector<std::string> gemms = {"auto", "bf16"};
   int runs = 5;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -159,6 +163,13 @@ int main(int argc, char** argv) {
       batches.clear();
       std::stringstream ss(next());
       for (std::string t; std::getline(ss, t, ',');) batches.push_back(std::atoi(t.c_str()));
+    } else if (a == "--gemm") {
+      gemms.clear();
+      std::stringstream ss(next());
+      for (std::string t; std::getline(ss, t, ',');) {
+        if (t != "auto" && t != "bf16") Die("--gemm takes auto and/or bf16");
+        gemms.push_back(t);
+      }
     } else if (a == "--quick") {
       context = 16384;
       chunk = 2048;
@@ -200,17 +211,6 @@ int main(int argc, char** argv) {
   std::printf("KV arena: %d sequences x %lld tokens, %.2f GB\n", seqs, (long long)context,
               double(mla + idx + sums) / 1e9);
 
-  kc::GpuEngineOptions opt;
-  opt.random_weights = true;
-  opt.seed = 2026;
-  opt.stage_timing = true;
-  auto t0 = std::chrono::steady_clock::now();
-  auto engine = kc::GpuForwardEngine::Create(weights, arena, opt, &err);
-  if (engine == nullptr) Die("engine: " + err);
-  std::printf("engine ready in %.1f s: %s\n",
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
-              engine->Describe().c_str());
-
   std::vector<std::vector<int32_t>> tables(static_cast<size_t>(seqs));
   for (int s = 0; s < seqs; ++s) {
     tables[size_t(s)].resize(size_t(pages_per_seq));
@@ -228,16 +228,20 @@ int main(int argc, char** argv) {
   // The contexts: sequence 0 up to context - chunk, the decode sequences up to context - 1.
   std::vector<kc::GpuSegment> fill = {segment(0, context - chunk, 0)};
   for (int s = 1; s < seqs; ++s) fill.push_back(segment(s, context - 1, 0));
-  t0 = std::chrono::steady_clock::now();
+  auto t0 = std::chrono::steady_clock::now();
   if (!kc::FillRandomKv(arena, 0, 1, fill, 7, &err)) Die(err);
   std::printf("random KV for %d sequences in %.2f s\n", seqs,
               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 
   std::mt19937 rng(5);
   std::vector<Result> results;
+  std::vector<std::string> describes;
+  std::unique_ptr<kc::GpuForwardEngine> engine;
+  std::string gemm_name;
   auto run_case = [&](const std::string& kase, pd::kernels::SelectionMode mode, const kc::GpuBatch& proto) {
     if (!engine->SetSelectionMode(mode, &err)) Die(err);
     Result r;
+    r.gemm = gemm_name;
     r.kase = kase;
     r.mode = pd::kernels::SelectionModeName(mode);
     r.tokens = proto.num_tokens;
@@ -274,38 +278,55 @@ int main(int argc, char** argv) {
     r.embed_lm = Median(el);
     r.wall = Median(wall);
     results.push_back(r);
-    std::printf("  %-22s %-6s layer %9.3f ms (proj %.3f, idx prep %.3f, select %.3f, attn %.3f, ffn %.3f)\n",
-                kase.c_str(), r.mode.c_str(), r.layer, r.attn_proj, r.indexer_prep, r.selection,
-                r.attention, r.ffn);
+    std::printf("  %-5s %-24s %-6s layer %9.3f ms (proj %.3f, idx prep %.3f, select %.3f, attn %.3f, ffn %.3f)\n",
+                gemm_name.c_str(), kase.c_str(), r.mode.c_str(), r.layer, r.attn_proj, r.indexer_prep,
+                r.selection, r.attention, r.ffn);
     std::fflush(stdout);
   };
 
-  for (auto mode : {pd::kernels::SelectionMode::kDense, pd::kernels::SelectionMode::kMisa}) {
-    kc::GpuBatch b;
-    b.num_tokens = chunk;
-    b.segments = {segment(0, context - chunk, chunk)};
-    b.logit_rows = {chunk - 1};
-    run_case("prefill " + std::to_string(chunk) + " @" + std::to_string(context), mode, b);
-    for (int bs : batches) {
-      kc::GpuBatch d;
-      d.num_tokens = bs;
-      for (int s = 1; s <= bs; ++s) {
-        d.segments.push_back(segment(s, context - 1, 1));
-        d.logit_rows.push_back(s - 1);
+  for (const std::string& g : gemms) {
+    gemm_name = g;
+    kc::GpuEngineOptions opt;
+    opt.random_weights = true;
+    opt.seed = 2026;
+    opt.stage_timing = true;
+    opt.gemm = g == "bf16" ? kc::GemmPrecision::kBf16 : kc::GemmPrecision::kAuto;
+    engine.reset();
+    t0 = std::chrono::steady_clock::now();
+    engine = kc::GpuForwardEngine::Create(weights, arena, opt, &err);
+    if (engine == nullptr) Die("engine: " + err);
+    std::printf("engine (%s) ready in %.1f s: %s\n", g.c_str(),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                engine->Describe().c_str());
+    for (auto mode : {pd::kernels::SelectionMode::kDense, pd::kernels::SelectionMode::kMisa}) {
+      kc::GpuBatch b;
+      b.num_tokens = chunk;
+      b.segments = {segment(0, context - chunk, chunk)};
+      b.logit_rows = {chunk - 1};
+      run_case("prefill " + std::to_string(chunk) + " @" + std::to_string(context), mode, b);
+      for (int bs : batches) {
+        kc::GpuBatch d;
+        d.num_tokens = bs;
+        for (int s = 1; s <= bs; ++s) {
+          d.segments.push_back(segment(s, context - 1, 1));
+          d.logit_rows.push_back(s - 1);
+        }
+        run_case("decode batch " + std::to_string(bs) + " @" + std::to_string(context), mode, d);
       }
-      run_case("decode batch " + std::to_string(bs) + " @" + std::to_string(context), mode, d);
     }
+    describes.push_back(g + ": " + engine->Describe());
   }
 
   std::printf("\nOne V3.2 MoE layer, ms (median of %d runs, CUDA events; layer = the five stages):\n", runs);
-  std::printf("| case | selection | layer | attn proj | indexer prep | selection | attention | ffn (MoE) | embed+lm_head | host wall |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| GEMMs | case | selection | layer | attn proj | indexer prep | selection | attention | ffn (MoE) | embed+lm_head | host wall |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Result& r : results) {
-    std::printf("| %s | %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f |\n", r.kase.c_str(),
+    std::printf("| %s | %s | %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f |\n", r.gemm.c_str(), r.kase.c_str(),
                 r.mode.c_str(), r.layer, r.attn_proj, r.indexer_prep, r.selection, r.attention, r.ffn,
                 r.embed_lm, r.wall);
   }
-  const std::string describe = engine->Describe();
+  std::string describe;
+  for (const std::string& d : describes) describe += (describe.empty() ? "" : " || ") + d;
   if (!json.empty()) {
     FILE* f = std::fopen(json.c_str(), "w");
     if (f == nullptr) Die("cannot write " + json);
@@ -318,17 +339,17 @@ int main(int argc, char** argv) {
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       std::fprintf(f,
-                   "    {\"case\": \"%s\", \"selection\": \"%s\", \"tokens\": %lld, \"layer_ms\": %.4f, "
+                   "    {\"gemm\": \"%s\", \"case\": \"%s\", \"selection\": \"%s\", \"tokens\": %lld, \"layer_ms\": %.4f, "
                    "\"attn_proj_ms\": %.4f, \"indexer_prep_ms\": %.4f, \"selection_ms\": %.4f, "
                    "\"attention_ms\": %.4f, \"ffn_ms\": %.4f, \"embed_lm_head_ms\": %.4f, \"wall_ms\": %.4f}%s\n",
-                   r.kase.c_str(), r.mode.c_str(), (long long)r.tokens, r.layer, r.attn_proj, r.indexer_prep,
+                   r.gemm.c_str(), r.kase.c_str(), r.mode.c_str(), (long long)r.tokens, r.layer, r.attn_proj, r.indexer_prep,
                    r.selection, r.attention, r.ffn, r.embed_lm, r.wall, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);
     std::printf("wrote %s\n", json.c_str());
   }
-  std::printf("engine after the runs: %s\n", describe.c_str());
+  std::printf("engines after the runs: %s\n", describe.c_str());
   engine.reset();
   kc::DeviceFree(arena_mem);
   return 0;

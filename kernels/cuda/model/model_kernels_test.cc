@@ -185,9 +185,12 @@ TEST(ModelGemm, Fp8BlockScaledMatchesReference) {
       }
     }
     const double rel = RelL2(dy.Download(), ref);
+    // Bound: FP8 tensor cores accumulate each 128-deep block at reduced
+    // precision before the fp32 scale-and-add; a wrong scale layout or operand
+    // order gives errors of order 1.
     std::printf("  FP8 GEMM m=%lld n=%lld k=%lld: rel L2 %.2e vs float64 over the same FP8 operands\n",
                 (long long)m, (long long)n, (long long)k, rel);
-    EXPECT_LT(rel, 1e-4);
+    EXPECT_LT(rel, 1e-3);
   }
 }
 
@@ -281,7 +284,7 @@ TEST(ModelGemm, Fp8SegmentedExperts) {
   const double rel = RelL2(dy.Download(), ref);
   std::printf("  segmented FP8 experts (rows 3/0/17/1/40): rel L2 %.2e, %lld fallbacks\n", rel,
               (long long)gemm.fallback_calls());
-  EXPECT_LT(rel, 1e-4);
+  EXPECT_LT(rel, 1e-3);
   EXPECT_EQ(gemm.fallback_calls(), 0) << gemm.last_fallback_reason();
 }
 
