@@ -47,7 +47,7 @@ fi
 # 2. SASS: the version-2 selection kernels must show QGMMA and no serialisation.
 cuobjdump -sass "$T_IDX" > /tmp/idx.sass 2>/dev/null && {
   echo "QGMMA: $(grep -c QGMMA /tmp/idx.sass)  WARPGROUP.ARRIVE: $(grep -c 'WARPGROUP.ARRIVE' /tmp/idx.sass)  WARPGROUP.DEPBAR: $(grep -c 'WARPGROUP.DEPBAR' /tmp/idx.sass)  LDL/STL: $(grep -cE 'LDL|STL' /tmp/idx.sass)"
-  awk '/Function : .*SelectKernelV2ILi8ELi128ELb0ELi4096ELi4ELb1/{f=1} f&&/Function : /&&!/SelectKernelV2ILi8ELi128ELb0ELi4096ELi4ELb1/{f=0} f' /tmp/idx.sass > /tmp/v2g8.sass
+  awk '/Function : .*SelectKernelV2ILi8ELi128ELb0ELi4096ELi3ELb0/{f=1} f&&/Function : /&&!/SelectKernelV2ILi8ELi128ELb0ELi4096ELi3ELb0/{f=0} f' /tmp/idx.sass > /tmp/v2g8.sass
   echo "v2 G=8 contiguous: $(grep -cE '^\s+/\*[0-9a-f]+\*/' /tmp/v2g8.sass) instructions, QGMMA $(grep -c QGMMA /tmp/v2g8.sass), DEPBAR $(grep -c 'WARPGROUP.DEPBAR' /tmp/v2g8.sass), BAR.SYNC $(grep -c 'BAR.SYNC' /tmp/v2g8.sass)"
 }
 
@@ -73,7 +73,7 @@ python3 bench/kernels/plot_bench.py "$OUT/indexer_bench.json" "$OUT" 2>&1 | tail
 # counters exported as CSV), and the SASS of the main kernels, into ncu.tgz.
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
   mkdir -p /tmp/ncu
-  for c in "misa 65536 8192 2" "misa 65536 8192 1" "misa 65536 8192 2 8" "dense 32768 8192 1"; do
+  for c in "misa 65536 8192 2" "dense 32768 8192 2"; do
     tag=$(echo $c | tr ' ' '_')
     timeout -k 5 ${NCU_S:-120} ncu --clock-control none --launch-skip 1 --launch-count 1 \
       -k regex:SelectKernel --section SpeedOfLight --section WarpStateStats \
@@ -87,8 +87,7 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
     rm -f /tmp/ncu/$tag.ncu-rep
   done
   cuobjdump -sass "$T_IDX" > /tmp/all.sass 2>/dev/null
-  for f in SelectKernelV2ILi8ELi128ELb0ELi4096ELi4ELb1 SelectKernelV2ILi8ELi128ELb0ELi4096ELi3ELb0 \
-           SelectKernelILi8ELi128ELb1ELb0; do
+  for f in SelectKernelV2ILi8ELi128ELb0ELi4096ELi3ELb0 SelectKernelV2ILi64ELi128ELb0ELi4096ELi3ELb0; do
     awk -v pat="$f" '$0 ~ "Function : .*"pat {p=1; print; next} p && /Function : /{p=0} p' /tmp/all.sass > /tmp/ncu/$f.sass
   done
   tar czf "$OUT/ncu.tgz" -C /tmp ncu && ls -la "$OUT/ncu.tgz"

@@ -537,7 +537,8 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
 
 // Kernel variants on two prefill shapes (dense 32K, MISA 64K; Q = 8192): the
 // version-1 kernel, version 2, and version 2 with its benchmark-only knobs
-// (SelectParams::experiment): no epilogue, no insertion, 6 stages. Times the
+// (SelectParams::experiment): no epilogue, no insertion, double-buffered
+// accumulators with 4 or 6 stages. Times the
 // selection launch alone (MISA: routed heads from one router run).
 void Experiments(const Options& opt) {
   for (const std::string mode : {"dense", "misa"}) {
@@ -570,9 +571,10 @@ void Experiments(const Options& opt) {
       const char* name;
       int version, experiment;
     };
-    const Variant vs[] = {{"v1", 1, 0}, {"v2", 2, 0}, {"v2 no epilogue", 2, 1},
-                          {"v2 no insertion", 2, 2}, {"v2 6 stages", 2, 4},
-                          {"v2 2 CTAs/SM", 2, 8}, {"v2 2 CTAs/SM no epi", 2, 9}};
+    const Variant vs[] = {{"v1", 1, 0},           {"v2", 2, 0},
+                          {"v2 no epilogue", 2, 1}, {"v2 no insertion", 2, 2},
+                          {"v2 double-buf", 2, 8},  {"v2 double-buf 6st", 2, 4},
+                          {"v2 db no epi", 2, 9}};
     for (const Variant& v : vs) {
       kc::SelectParams p;
       p.keys = cache.Keys(0);

@@ -49,10 +49,66 @@ __device__ __forceinline__ int WarpAppendSlot(bool keep, int* counter) {
 // finds their max and min): the candidates of one query share their top bits,
 // and a histogram over a shared byte would put every key in one bin (its
 // shared-memory atomics serialise).
-template <class ForEach>
+// kFindRange = false skips that first pass and starts at bit 63 (for callers
+// that stream their keys from global memory, where a pass costs more than the
+// contended histogram of the top byte).
+template <bool kFindRange = true, class ForEach>
 __device__ uint64_t RadixSelectKth(ForEach&& for_each, int k, Scratch& sc) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
+  if constexpr (!kFindRange) {
+    uint64_t prefix = 0, mask = 0;
+    unsigned rem = unsigned(k);
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += blockDim.x) sc.hist[i] = 0;
+      __syncthreads();
+      for_each([&](uint64_t x) {
+        if (x != 0 && (x & mask) == prefix) atomicAdd(&sc.hist[unsigned(x >> shift) & 255u], 1u);
+      });
+      __syncthreads();
+      if (tid < 32) {
+        unsigned b[8], sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          b[j] = sc.hist[8 * lane + j];
+          sum += b[j];
+        }
+        unsigned suf = sum;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const unsigned t = __shfl_down_sync(0xffffffffu, suf, o);
+          if (lane + o < 32) suf += t;
+        }
+        const unsigned ballot = __ballot_sync(0xffffffffu, suf >= rem);
+        const int top = 31 - __clz(ballot);
+        if (lane == top) {
+          unsigned above = suf - sum;
+          int d = 8 * lane;
+          unsigned cnt = b[0];
+#pragma unroll
+          for (int j = 7; j >= 0; --j) {
+            if (above + b[j] >= rem) {
+              d = 8 * lane + j;
+              cnt = b[j];
+              break;
+            }
+            above += b[j];
+          }
+          sc.digit = unsigned(d);
+          sc.above = above;
+          sc.count = cnt;
+        }
+      }
+      __syncthreads();
+      const unsigned d = sc.digit, above = sc.above, cnt = sc.count;
+      prefix |= uint64_t(d) << shift;
+      mask |= uint64_t(0xff) << shift;
+      rem -= above;
+      __syncthreads();
+      if (cnt == rem) break;
+    }
+    return prefix;
+  }
   if (tid == 0) {
     sc.kmax = 0ull;
     sc.kmin = ~0ull;

@@ -80,14 +80,16 @@ struct SelectParams {
   bool sorted = false;
   int num_splits = 0;                    // 0 = choose (PlanSelect)
   bool use_wgmma = true;                 // false: mma.sync m16n8k32 fallback (version 1, same results)
-  // 2: double-buffered accumulators, permuted columns, warp-partitioned lists
-  // (select_kernel_v2.cuh); 1: the first kernel (select_kernel.cuh), kept for
-  // comparison and for the mma.sync path.
+  // 2: permuted columns (in-thread head sums), warp-partitioned lists, lean
+  // 32-bit epilogue (select_kernel_v2.cuh); 1: the first kernel
+  // (select_kernel.cuh), kept for comparison and for the mma.sync path.
   int kernel_version = 2;
   // Benchmark-only knobs of kernel version 2 (0 in production; results are
   // wrong with bits 0-1): bit 0 skips the epilogue (MMA + pipeline alone),
-  // bit 1 scores but never inserts a candidate, bit 2 uses 6 pipeline stages,
-  // bit 3 one accumulator and 2 CTAs per SM (3 stages) instead of double buffering.
+  // bit 1 scores but never inserts a candidate, bit 3 double-buffers the
+  // accumulators (MMA of stage n+1 in flight during the epilogue of n; 1 CTA
+  // per SM, 4 stages), bit 2 the same with 6 stages. Bits 2-3 give the same
+  // results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

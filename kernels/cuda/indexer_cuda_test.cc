@@ -259,7 +259,7 @@ struct SelectCase {
   int summary_block = 1024;
   bool masked = false;  // MISA through the dense tile with unrouted weights zeroed
   int kernel_version = 2;
-  int experiment = 0;   // SelectParams::experiment (8: single accumulator, 2 CTAs per SM)
+  int experiment = 0;   // SelectParams::experiment (8: double-buffered accumulators)
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
@@ -388,12 +388,13 @@ TEST(CudaSelect, DenseMmaSyncFallbackMatches) {
 
 TEST(CudaSelect, DenseForcedSplitsMerge) {
   SKIP_WITHOUT_GPU();
-  for (int splits : {2, 7}) {
+  // 40 forced splits become 36 of 256 keys: the two-level merge (groups of 32).
+  for (int splits : {2, 7, 40}) {
     SelectCase c;
     c.lens = {9001};
     c.positions = {Tail(9001, 5)};
     c.splits = splits;
-    c.sorted = splits == 7;
+    c.sorted = splits != 2;
     RunSelectCase(c, 4 + uint32_t(splits));
   }
 }
@@ -469,7 +470,7 @@ TEST(CudaSelect, KernelV1WgmmaStillMatches) {
   }
 }
 
-TEST(CudaSelect, KernelV2SingleAccumulatorVariantMatches) {
+TEST(CudaSelect, KernelV2DoubleBufferedVariantMatches) {
   SKIP_WITHOUT_GPU();
   for (bool misa : {false, true}) {
     SelectCase c;

@@ -14,17 +14,25 @@ namespace {
 constexpr int kMergeThreads = 512;
 constexpr int kMergeUnroll = 8;  // list loads in flight per thread
 constexpr int kMaxSplits = 1024;
+constexpr int kMergeGroup = 32;  // splits merged by one CTA in the first of two levels
 
-// One CTA per query: exact top-k over the union of the query's split lists.
-// The lists are walked as one flat range [0, splits * longest) so that every
-// thread keeps kMergeUnroll independent loads in flight.
-__global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a) {
+// Exact top-k over the union of lists of one query. CTA (t, g) merges the
+// virtual splits v in [g * group, min((g + 1) * group, vcount)), virtual split
+// v being the real split v * vstride. Final level: writes the query's output
+// row. First level (final == 0): writes the group's top-k back into the list
+// of its first split, sets that split's count and zeroes the others'. The
+// lists are walked as one flat range so every thread keeps kMergeUnroll
+// independent loads in flight.
+__global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a, int group,
+                                                              int vcount, int vstride, int final) {
   __shared__ int cnt[kMaxSplits];
   __shared__ uint64_t buf[kSelectMaxTopk];
   __shared__ topk::Scratch sc;
   __shared__ int total_sh, longest_sh;
   const int64_t t = blockIdx.x;
   const int S = a.splits, k = a.topk, tid = threadIdx.x;
+  const int v0 = int(blockIdx.y) * group;
+  const int nv = min(group, vcount - v0);
   if (tid == 0) {
     total_sh = 0;
     longest_sh = 0;
@@ -32,16 +40,16 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a)
   }
   __syncthreads();
   int local = 0, longest = 0;
-  for (int s = tid; s < S; s += kMergeThreads) {
-    cnt[s] = a.counts[t * S + s];
-    local += cnt[s];
-    longest = max(longest, cnt[s]);
+  for (int v = tid; v < nv; v += kMergeThreads) {
+    cnt[v] = a.counts[t * S + int64_t(v0 + v) * vstride];
+    local += cnt[v];
+    longest = max(longest, cnt[v]);
   }
   if (local != 0) atomicAdd(&total_sh, local);
   if (longest != 0) atomicMax(&longest_sh, longest);
   __syncthreads();
   const int total = total_sh, P = longest_sh;
-  const int64_t flat = int64_t(S) * P;
+  const int64_t flat = int64_t(nv) * P;
   const uint64_t* base = a.lists + t * S * int64_t(kSelectListCap);
   auto for_each = [&](auto&& f) {
     for (int64_t f0 = 0; f0 < flat; f0 += int64_t(kMergeThreads) * kMergeUnroll) {
@@ -51,8 +59,8 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a)
         const int64_t fi = f0 + int64_t(u) * kMergeThreads + tid;
         x[u] = 0;
         if (fi < flat) {
-          const int s = int(fi / P), i = int(fi - int64_t(s) * P);
-          if (i < cnt[s]) x[u] = base[int64_t(s) * kSelectListCap + i];
+          const int v = int(fi / P), i = int(fi - int64_t(v) * P);
+          if (i < cnt[v]) x[u] = base[(int64_t(v0 + v) * vstride) * kSelectListCap + i];
         }
       }
 #pragma unroll
@@ -60,7 +68,7 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a)
     }
   };
   const int m = total < k ? total : k;
-  const uint64_t T = total > k ? topk::RadixSelectKth(for_each, k, sc) : 1ull;
+  const uint64_t T = total > k ? topk::RadixSelectKth<false>(for_each, k, sc) : 1ull;
   // Gather the selection (exactly m keys >= T) into shared memory.
   for_each([&](uint64_t x) {
     const bool keep = x != 0 && x >= T;
@@ -68,6 +76,14 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a)
     if (keep) buf[slot] = x;
   });
   __syncthreads();
+  if (!final) {
+    uint64_t* dst = const_cast<uint64_t*>(base) + int64_t(v0) * vstride * kSelectListCap;
+    for (int i = tid; i < m; i += kMergeThreads) dst[i] = buf[i];
+    for (int v = tid; v < nv; v += kMergeThreads) {
+      a.counts[t * S + int64_t(v0 + v) * vstride] = v == 0 ? m : 0;
+    }
+    return;
+  }
   int32_t* o = a.merge_out + t * k;
   if (a.sorted) {
     const int N = topk::NextPow2(m > 2 ? m : 2);
@@ -82,7 +98,19 @@ __global__ void __launch_bounds__(kMergeThreads) MergeKernel(const SelectArgs a)
 
 cudaError_t LaunchMergeKernel(const SelectArgs& args, int64_t num_queries, cudaStream_t stream) {
   if (num_queries == 0) return cudaSuccess;
-  MergeKernel<<<dim3(unsigned(num_queries)), kMergeThreads, 0, stream>>>(args);
+  const int S = args.splits;
+  if (S > kMergeGroup) {
+    // Two levels: groups of kMergeGroup splits in parallel, then their results.
+    const int groups = (S + kMergeGroup - 1) / kMergeGroup;
+    MergeKernel<<<dim3(unsigned(num_queries), unsigned(groups)), kMergeThreads, 0, stream>>>(
+        args, kMergeGroup, S, 1, 0);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    MergeKernel<<<dim3(unsigned(num_queries)), kMergeThreads, 0, stream>>>(args, groups, groups,
+                                                                          kMergeGroup, 1);
+    return cudaGetLastError();
+  }
+  MergeKernel<<<dim3(unsigned(num_queries)), kMergeThreads, 0, stream>>>(args, S, S, 1, 1);
   return cudaGetLastError();
 }
 
@@ -142,7 +170,10 @@ cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char
   SelectPlanInput in;
   in.per_query_key_lists = p.key_list_per_query;
   in.allow_large_topk = v2 && p.key_list == nullptr && !p.sorted;
-  in.ctas_per_sm = v2 && (p.experiment & 8) == 0 ? 1 : 2;
+  // Version 2 runs 2 CTAs per SM, except its double-buffered variants and the
+  // large-topk lists (1 CTA per SM).
+  in.ctas_per_sm =
+      v2 && ((p.experiment & 12) != 0 || p.topk > kSelectMaxTopk) ? 1 : 2;
   in.num_queries = p.queries.num_queries;
   in.num_seqs = p.queries.num_seqs;
   in.max_queries_per_seq = p.queries.max_queries_per_seq;

@@ -41,7 +41,7 @@ namespace pd::kernels::cuda::select_internal::v2 {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kStages = 4;                 // default pipeline depth (experiment bit 2: 6)
+constexpr int kStages = 4;                 // pipeline depth of the double-buffered variant
 constexpr int kKeys = kSelectKeysPerIter;  // per stage: two 64-key pages, one per warpgroup
 constexpr int kMaxQ = 16;                  // queries per CTA (128 rows / 8 heads)
 static_assert(kKeys == 128, "a stage is two 64-key pages");
@@ -249,8 +249,11 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   static_assert(kCapW >= 2 * 16 + 256 || kCap == 4096, "partition too small");
   using S = Smem<kCap, kSt>;
   constexpr int kStages = kSt;
-  extern __shared__ uint8_t smem_raw[];
-  S& sm = *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // 1024-byte aligned (SW128 tiles), computed so that the compiler keeps
+  // the shared address space (plain LDS/STS rather than generic accesses).
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  S& sm = *reinterpret_cast<S*>(smem_raw + ((1024u - (smem_base & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wg = warp >> 2, w4 = warp & 3, g8 = lane >> 2, c4 = lane & 3;
   const int seq = blockIdx.z, split = blockIdx.y;
@@ -322,6 +325,9 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   const int32_t* ptab = a.page_table + int64_t(seq) * a.page_table_stride;
   const int64_t list_stride = int64_t(a.splits) * kCap;  // between consecutive queries
   uint64_t* lists = a.lists + (q0 * a.splits + split) * int64_t(kCap);
+  // 32-bit key arithmetic in the epilogue (keys < num_tokens <= INT32_MAX).
+  const int32_t stage_key0 = int32_t(sbeg), send32 = int32_t(send);
+  const int32_t list_stride32 = int32_t(list_stride);  // <= 1024 splits x 16384
 
   const int ld_pg = tid >> 7, ld_u = tid & 127;
   uint32_t ld_dst[4];
@@ -373,13 +379,15 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   const unsigned gmask = LPQ == 1 ? (0x11111111u << c4)
                                   : (LPQ == 2 ? (0x33333333u << (c4 & 2)) : 0x55555555u);
   const bool leader = g8 == 0 && (c4 % LPQ) == 0;
+  // This lane's partition of the list of its first local query.
+  uint64_t* const lane_list = lists + int64_t(lane_query(0)) * list_stride + warp * kCapW;
   const unsigned lt_mask = (1u << lane) - 1u;
   int cnt_r[QL];
-  int64_t pos_r[QL];
+  int32_t pos_r[QL];  // positions < num_tokens <= INT32_MAX (validated); -1 = padding
 #pragma unroll
   for (int ql = 0; ql < QL; ++ql) {
     cnt_r[ql] = 0;
-    pos_r[ql] = sm.pos[lane_query(ql)];
+    pos_r[ql] = int32_t(sm.pos[lane_query(ql)]);
   }
   auto publish_counts = [&]() {
     if (leader) {
@@ -466,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       lane_ok = (c4 & 1) == 0;
     }
     const int row0 = wg * 64 + 16 * w4 + g8;
-    int64_t key[2];
+    int32_t key[2];  // key indices < num_tokens <= INT32_MAX; -1 = none
     float ks[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -474,8 +482,8 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       if constexpr (kKeyList) {
         key[h] = sm.kidx[stage][row];
       } else {
-        key[h] = sbeg + int64_t(it) * kKeys + row;
-        if (key[h] >= send) key[h] = -1;
+        const int32_t kk = stage_key0 + it * kKeys + row;
+        key[h] = kk < send32 ? kk : -1;
       }
       ks[h] = sm.kscale[stage][row];
     }
@@ -485,20 +493,20 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     for (int j = 0; j < NS; ++j) {
       const int h = hrow[j], ql = qloc[j];
       const int q = lane_query(ql);
-      const float score = sc[j] * ks[h];
+      const float score = sc[j] * (h ? ks[1] : ks[0]);  // h may be lane-dependent: no local array
       const float tf = sm.thr_f[q];
-      const int64_t kj = key[h];
+      const int32_t kj = h ? key[1] : key[0];
       bool pass = lane_ok && kj >= 0 && (all_visible || kj <= pos_r[ql]) && !(a.experiment & 2);
       if (pass && !(score > tf)) {
         // Equal to the float threshold, or NaN: the exact 64-bit comparison.
-        pass = !(score < tf) && topk::CandidateKey(score, int32_t(kj)) > sm.thr[q];
+        pass = !(score < tf) && topk::CandidateKey(score, kj) > sm.thr[q];
       }
       const unsigned b = __ballot_sync(0xffffffffu, pass);
       if (b == 0) continue;
       const unsigned gm = b & gmask;
       if (pass) {
-        lists[q * list_stride + warp * kCapW + cnt_r[ql] + __popc(gm & lt_mask)] =
-            topk::CandidateKey(score, int32_t(kj));
+        lane_list[ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask)] =
+            topk::CandidateKey(score, kj);
       }
       cnt_r[ql] += __popc(gm);
       any_full |= cnt_r[ql] > kCapW - 16;
@@ -637,20 +645,29 @@ cudaError_t LaunchSelectKernelV2(const SelectArgs& args, dim3 grid, cudaStream_t
     if (list || args.rows_per_cta != 128) return cudaErrorInvalidValue;
     return v2::LaunchT<G, 128, false, 4 * kSelectListCap>(args, grid, stream);
   }
-  if constexpr (G == 64) {
-    if (args.rows_per_cta == 64) {
-      return list ? v2::LaunchT<G, 64, true, kSelectListCap>(args, grid, stream)
-                  : v2::LaunchT<G, 64, false, kSelectListCap>(args, grid, stream);
-    }
-  }
+  // Default: one accumulator, 3 stages, 2 CTAs per SM. Experiment bit 3:
+  // double-buffered accumulators, 4 stages, 1 CTA per SM; bit 2: the same
+  // with 6 stages (contiguous keys only).
+  const bool db = (args.experiment & 8) != 0;
   if (!list && (args.experiment & 4) != 0) {
     return v2::LaunchT<G, 128, false, kSelectListCap, 6>(args, grid, stream);
   }
-  if (!list && (args.experiment & 8) != 0) {
-    return v2::LaunchT<G, 128, false, kSelectListCap, 3, false>(args, grid, stream);
+  if constexpr (G == 64) {
+    if (args.rows_per_cta == 64) {
+      if (db) {
+        return list ? v2::LaunchT<G, 64, true, kSelectListCap>(args, grid, stream)
+                    : v2::LaunchT<G, 64, false, kSelectListCap>(args, grid, stream);
+      }
+      return list ? v2::LaunchT<G, 64, true, kSelectListCap, 3, false>(args, grid, stream)
+                  : v2::LaunchT<G, 64, false, kSelectListCap, 3, false>(args, grid, stream);
+    }
   }
-  return list ? v2::LaunchT<G, 128, true, kSelectListCap>(args, grid, stream)
-              : v2::LaunchT<G, 128, false, kSelectListCap>(args, grid, stream);
+  if (db) {
+    return list ? v2::LaunchT<G, 128, true, kSelectListCap>(args, grid, stream)
+                : v2::LaunchT<G, 128, false, kSelectListCap>(args, grid, stream);
+  }
+  return list ? v2::LaunchT<G, 128, true, kSelectListCap, 3, false>(args, grid, stream)
+              : v2::LaunchT<G, 128, false, kSelectListCap, 3, false>(args, grid, stream);
 }
 
 }  // namespace pd::kernels::cuda::select_internal
