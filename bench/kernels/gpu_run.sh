@@ -99,5 +99,9 @@ if [ -n "${SAN:-}" ] && command -v compute-sanitizer >/dev/null; then
   echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san1.log | head -5
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool racecheck "$T_IDX" MisaDecodeBatch > /tmp/san2.log 2>&1
   echo "racecheck rc=$?"; grep -E "RACECHECK SUMMARY|Hazard|ERROR SUMMARY" /tmp/san2.log | head -5
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" HisaBlocksPrecomputed > /tmp/san3.log 2>&1
+  echo "memcheck hisa rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san3.log | head -5
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" PerQueryKeyLists > /tmp/san4.log 2>&1
+  echo "memcheck per-query lists rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san4.log | head -5
 fi
 date

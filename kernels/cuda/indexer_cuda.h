@@ -154,6 +154,11 @@ struct HisaBlockParams {
   const float* block_sums = nullptr;     // [num_seqs, block_stride, 128] fp32 sums of the
                                          // dequantised keys per hisa_block tokens
   int64_t block_stride = 0;
+  // Optional [num_seqs, block_stride, 128] bf16 hi / lo parts of the block
+  // means (LaunchBlockMeansBf16); when null every CTA derives them from
+  // block_sums (the same values, more work per CTA).
+  const uint16_t* means_hi = nullptr;
+  const uint16_t* means_lo = nullptr;
   int heads = 64;                        // must be 64
   int head_dim = 128;                    // must be 128
   int hisa_block = 128;
@@ -164,6 +169,11 @@ struct HisaBlockParams {
 };
 cudaError_t LaunchHisaBlocks(const HisaBlockParams& p, cudaStream_t stream,
                              const char** error = nullptr);
+// hi[b] = bf16(m), lo[b] = bf16(m - hi) of the block means m = sums[b] / BlockCount(b)
+// (zero past num_tokens), per sequence: [num_seqs, block_stride, 128].
+cudaError_t LaunchBlockMeansBf16(const float* sums, int64_t block_stride, const int64_t* num_tokens,
+                                int num_seqs, int block, uint16_t* hi, uint16_t* lo,
+                                cudaStream_t stream, const char** error = nullptr);
 
 // ---------------------------------------------------------------------------
 // Two-stage prefill selections (cpu::SelectTokens modes misa_dagger and hisa):
@@ -196,6 +206,7 @@ struct TwoStagePlan {
   int64_t list_stride = 0;               // key-list entries per query
   int64_t block_stride = 0;              // HISA block sums per sequence
   size_t list_offset = 0, len_offset = 0, sums_offset = 0, zeros_offset = 0, select_offset = 0;
+  size_t means_offset = 0;               // HISA bf16 hi then lo block means
   size_t workspace_bytes = 0;
 };
 cudaError_t PlanTwoStageLaunch(const TwoStageParams& p, TwoStagePlan* plan, const char** error);

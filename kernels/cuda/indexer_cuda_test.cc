@@ -754,6 +754,53 @@ TEST(CudaTwoStage, HisaMatchesCpu) {
   RunTwoStageCase(c, 92);
 }
 
+// The HISA block filter gives the same key lists from precomputed bf16 means
+// (LaunchBlockMeansBf16) as from the block sums.
+TEST(CudaTwoStage, HisaBlocksPrecomputedMeansSameLists) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(95);
+  const std::vector<int64_t> lens = {20000, 999};
+  const int hb = 128, keep = 9;
+  HostBatch b = MakeBatch(rng, lens, hb);  // summaries over 128-token blocks
+  const HostQueries hq = MakeQueries(rng, {{19999, 12345, 0, 700}, {998, 500, 3}});
+  DeviceBatch db(b, hq);
+  const int64_t T = int64_t(hq.pos.size());
+  const int64_t stride = int64_t(keep) * hb;
+  DeviceBuffer<uint16_t> hi(size_t(lens.size() * b.sum_stride * kD)), lo(hi.size());
+  ASSERT_CUDA(LaunchBlockMeansBf16(db.sums.get(), b.sum_stride, db.lens.get(), int(lens.size()), hb,
+                                   hi.get(), lo.get(), 0));
+  std::vector<std::vector<int32_t>> lists, lens_out;
+  for (bool pre : {false, true}) {
+    DeviceBuffer<int32_t> kl(size_t(T * stride)), kn(static_cast<size_t>(T));
+    cudaMemset(kl.get(), 0xff, kl.bytes());
+    HisaBlockParams p;
+    p.queries = db.queries;
+    p.num_tokens = db.lens.get();
+    p.block_sums = db.sums.get();
+    p.block_stride = b.sum_stride;
+    p.means_hi = pre ? hi.get() : nullptr;
+    p.means_lo = pre ? lo.get() : nullptr;
+    p.hisa_block = hb;
+    p.keep_blocks = keep;
+    p.key_list = kl.get();
+    p.key_list_len = kn.get();
+    p.key_list_stride = stride;
+    ASSERT_CUDA(LaunchHisaBlocks(p, 0));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    lists.push_back(kl.Download());
+    lens_out.push_back(kn.Download());
+  }
+  EXPECT_TRUE(lens_out[0] == lens_out[1]);
+  for (int64_t t = 0; t < T; ++t) {
+    const int n = lens_out[0][size_t(t)];
+    EXPECT_GT(n, 0);
+    EXPECT_TRUE(std::equal(lists[0].begin() + t * stride, lists[0].begin() + t * stride + n,
+                           lists[1].begin() + t * stride))
+        << "query " << t;
+    EXPECT_EQ(lists[0][size_t(t * stride)], 0) << "first block kept";  // block 0 starts at key 0
+  }
+}
+
 // Per-query key lists (the second stage of MISA-dagger and HISA): each query
 // has its own candidate keys (any order, some past its position).
 TEST(CudaSelect, PerQueryKeyLists) {

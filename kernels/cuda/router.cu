@@ -273,6 +273,38 @@ __global__ void __launch_bounds__(kThreads) BlockFilterKernel(const BlockFilterP
   }
 }
 
+// Stages precomputed bf16 hi / lo block means (LaunchBlockMeansBf16) of blocks
+// [b0, b0 + kChunk): 16-byte copies, zeros past nb.
+__device__ void StageMeansBf16(const uint16_t* hi_g, const uint16_t* lo_g, int64_t b0, int64_t nb,
+                               uint16_t* hi, uint16_t* lo) {
+  for (int i = threadIdx.x; i < kChunk * 16; i += blockDim.x) {
+    const int r = i >> 4, c = i & 15;
+    const int64_t b = b0 + r;
+    uint4 vh = make_uint4(0, 0, 0, 0), vl = vh;
+    if (b < nb) {
+      vh = reinterpret_cast<const uint4*>(hi_g + b * 128)[c];
+      vl = reinterpret_cast<const uint4*>(lo_g + b * 128)[c];
+    }
+    *reinterpret_cast<uint4*>(hi + r * kRowPad + c * 8) = vh;
+    *reinterpret_cast<uint4*>(lo + r * kRowPad + c * 8) = vl;
+  }
+}
+
+__global__ void BlockMeansBf16Kernel(const float* sums, int64_t block_stride,
+                                     const int64_t* num_tokens, int block, uint16_t* hi,
+                                     uint16_t* lo) {
+  const int64_t seq = blockIdx.y;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= block_stride * 128) return;
+  const int64_t b = i >> 7;
+  const int64_t cnt = BlockCount(num_tokens[seq], b, block);
+  const int64_t o = seq * block_stride * 128 + i;
+  const float m = cnt > 0 ? sums[o] / float(cnt) : 0.0f;
+  const uint16_t h = FloatToBf16(m);
+  hi[o] = h;
+  lo[o] = FloatToBf16(m - Bf16ToFloat(h));
+}
+
 // HISA block filter (prefill): a CTA serves 2 queries of 64 heads (warp w:
 // query w / 4, heads 16 (w % 4) + [0, 16)); block means staged as bf16 hi + lo.
 constexpr int kHisaQueries = 2;
@@ -325,7 +357,12 @@ __global__ void __launch_bounds__(kThreads) HisaBlockKernel(const HisaBlockParam
   const int64_t nb_max = sm.nvis[0] > sm.nvis[1] ? sm.nvis[0] : sm.nvis[1];
   for (int64_t b0 = 0; b0 < nb_max; b0 += kChunk) {
     __syncthreads();
-    StageMeans(sums, ntok, hb, b0, nb_max, sm.hi, sm.lo);
+    if (p.means_hi != nullptr) {
+      const int64_t off = seq * p.block_stride * 128;
+      StageMeansBf16(p.means_hi + off, p.means_lo + off, b0, nb_max, sm.hi, sm.lo);
+    } else {
+      StageMeans(sums, ntok, hb, b0, nb_max, sm.hi, sm.lo);
+    }
     __syncthreads();
     if (active_warp) {
 #pragma unroll 1
@@ -472,6 +509,21 @@ cudaError_t LaunchBlockFilter(const BlockFilterParams& p, cudaStream_t stream,
 
 namespace pd::kernels::cuda {
 
+cudaError_t LaunchBlockMeansBf16(const float* sums, int64_t block_stride, const int64_t* num_tokens,
+                                int num_seqs, int block, uint16_t* hi, uint16_t* lo,
+                                cudaStream_t stream, const char** error) {
+  if (sums == nullptr || num_tokens == nullptr || hi == nullptr || lo == nullptr) {
+    return Invalid(error, "block means: null sums, num_tokens, hi or lo");
+  }
+  if (block < 1 || num_seqs < 1 || num_seqs > 65535 || block_stride < 0) {
+    return Invalid(error, "block means: block must be >= 1 and num_seqs in [1, 65535]");
+  }
+  if (block_stride == 0) return cudaSuccess;
+  const dim3 grid(unsigned((block_stride * 128 + 255) / 256), unsigned(num_seqs));
+  BlockMeansBf16Kernel<<<grid, 256, 0, stream>>>(sums, block_stride, num_tokens, block, hi, lo);
+  return cudaGetLastError();
+}
+
 cudaError_t LaunchHisaBlocks(const HisaBlockParams& p, cudaStream_t stream, const char** error) {
   if (p.heads != 64 || p.head_dim != 128) {
     return Invalid(error, "HISA blocks: heads must be 64 and head_dim 128");
@@ -487,6 +539,9 @@ cudaError_t LaunchHisaBlocks(const HisaBlockParams& p, cudaStream_t stream, cons
   }
   if (p.key_list_stride < int64_t(p.keep_blocks) * p.hisa_block) {
     return Invalid(error, "HISA blocks: key_list_stride < keep_blocks * hisa_block");
+  }
+  if ((p.means_hi == nullptr) != (p.means_lo == nullptr)) {
+    return Invalid(error, "HISA blocks: give both means_hi and means_lo, or neither");
   }
   if (p.num_tokens == nullptr || p.block_sums == nullptr || p.key_list == nullptr ||
       p.key_list_len == nullptr || p.queries.q8 == nullptr || p.queries.weights == nullptr ||

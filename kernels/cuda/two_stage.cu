@@ -103,6 +103,8 @@ cudaError_t PlanTwoStageLaunch(const TwoStageParams& p, TwoStagePlan* plan, cons
   off += Align256(size_t(S) * size_t(pl.block_stride) * 128 * 4);
   pl.zeros_offset = off;
   off += Align256(size_t(S) * 8);
+  pl.means_offset = off;
+  off += Align256(size_t(S) * size_t(pl.block_stride) * 128 * 2 * 2);
   pl.select_offset = off;
   off += std::max(pl.stage1.workspace_bytes, pl.stage2.workspace_bytes);
   pl.workspace_bytes = off;
@@ -148,7 +150,14 @@ cudaError_t LaunchTwoStage(const TwoStageParams& p, const TwoStagePlan& plan, vo
     sp.layout.summary_block = p.hisa_block;
     e = LaunchUpdateSummaries(sp, stream, error);
     if (e != cudaSuccess) return e;
+    uint16_t* means_hi = reinterpret_cast<uint16_t*>(ws + plan.means_offset);
+    uint16_t* means_lo = means_hi + size_t(p.queries.num_seqs) * size_t(plan.block_stride) * 128;
+    e = LaunchBlockMeansBf16(sums, plan.block_stride, p.keys.num_tokens, p.queries.num_seqs,
+                             p.hisa_block, means_hi, means_lo, stream, error);
+    if (e != cudaSuccess) return e;
     HisaBlockParams hp;
+    hp.means_hi = means_hi;
+    hp.means_lo = means_lo;
     hp.queries = p.queries;
     hp.num_tokens = p.keys.num_tokens;
     hp.block_sums = sums;
