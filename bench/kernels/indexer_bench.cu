@@ -252,6 +252,7 @@ void Prefill(int64_t K, int64_t Q, bool all_visible, double anchor_ms, const Opt
   dense.queries = queries(0);
   dense.rows_per_query = kH;
   dense.topk = kTopk;
+  dense.kernel_version = 2;  // the v1 rows below time version 1 on the same inputs
   dense.out = out_dense.get();
   kc::SelectPlan dplan;
   const char* why = nullptr;
@@ -345,7 +346,7 @@ void Prefill(int64_t K, int64_t Q, bool all_visible, double anchor_ms, const Opt
   const double misa_tf = 2.0 * 8 * kD * pairs / (t_mselect * 1e-3) / 1e12;
   const std::string shape = std::to_string(Q) + "q x " + std::to_string(K / 1024) + "K" +
                             (all_visible ? " all-visible" : " causal");
-  PrintRow("%-26s dense %8.3f ms %6.0f TF | misa(h=8) %7.3f ms = router %6.3f + select %7.3f "
+  PrintRow("%-26s dense(v2) %8.3f ms %6.0f TF | misa(h=8,v2) %7.3f ms = router %6.3f + select %7.3f "
            "(%5.0f TF) | %5.2fx | recall %.4f | anchor %.2f ms\n",
            shape.c_str(), t_dense, dense_tf, t_misa, t_router, t_mselect, misa_tf,
            t_dense / t_misa, recall, anchor_ms);
@@ -429,6 +430,7 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
   dense.queries = queries(0);
   dense.rows_per_query = kH;
   dense.topk = kTopk;
+  dense.kernel_version = 2;  // version 1 is timed separately (dense_v1_us)
   dense.out = out_dense.get();
   kc::SelectPlan dplan, mplan, fplan;
   PD_BENCH_CUDA(kc::PlanSelectLaunch(dense, &dplan, nullptr));
@@ -511,7 +513,7 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
   const double key_bytes = double(B) * K * 132.0;
   const int64_t kept = std::min<int64_t>(keep_blocks, kernels::CeilDiv(K, 1024)) * 1024;
   const double filt_bytes = double(B) * (double(kept) * 132.0 + double(kernels::CeilDiv(K, 1024)) * 512.0);
-  PrintRow("decode B=%-3d K=%3lldK  dense %7.1f us (%5.0f GB/s; v1 %7.1f) | misa %7.1f us recall %.4f | "
+  PrintRow("decode B=%-3d K=%3lldK  dense(v2) %7.1f us (%5.0f GB/s; v1 %7.1f) | misa %7.1f us recall %.4f | "
            "misa+filter(16 blk) %7.1f us %5.1f MB recall %.4f | anchor %s\n",
            B, (long long)(K / 1024), t_dense, key_bytes / (t_dense * 1e-6) / 1e9, t_dense_v1, t_misa,
            rec_misa, t_filt, filt_bytes / 1e6, rec_filt,

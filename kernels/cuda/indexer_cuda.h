@@ -73,17 +73,18 @@ struct SelectParams {
   int64_t max_key_list_len = 0;          //   host bound (replaces max_context for the split)
   // Key lists per query instead of per sequence: key_list is [T, key_list_stride]
   // and key_list_len [T] (MISA-dagger's and HISA's second stage). Needs
-  // rows_per_query == 64 (one query per CTA) and kernel_version 2.
+  // rows_per_query == 64 (one query per CTA) and kernel_version 0 or 2.
   bool key_list_per_query = false;
-  int topk = 2048;                       // <= 2048; up to 8192 with kernel_version 2, no
-                                         // key list, sorted == false (one split)
+  int topk = 2048;                       // <= 2048; up to 8192 with kernel_version 0 or 2,
+                                         // no key list, sorted == false (one split)
   bool sorted = false;
   int num_splits = 0;                    // 0 = choose (PlanSelect)
   bool use_wgmma = true;                 // false: mma.sync m16n8k32 fallback (version 1, same results)
   // 2: permuted columns (in-thread head sums), warp-partitioned lists, lean
   // 32-bit epilogue (select_kernel_v2.cuh); 1: the first kernel
-  // (select_kernel.cuh), kept for comparison and for the mma.sync path.
-  int kernel_version = 2;
+  // (select_kernel.cuh; also the mma.sync path); 0: choose by measurement
+  // (1 for the dense prefill tile, 2 elsewhere; docs/perf.md).
+  int kernel_version = 0;
   // Benchmark-only knobs of kernel version 2 (0 in production; results are
   // wrong with bits 0-1): bit 0 skips the epilogue (MMA + pipeline alone),
   // bit 1 scores but never inserts a candidate, bit 3 double-buffers the

@@ -130,6 +130,20 @@ int DeviceSmCount() {
   return sms;
 }
 
+// kernel_version 0 picks by the measurements in docs/perf.md (H200, run 3 of
+// round 2): version 1 for the dense prefill tile (two 64-head queries per CTA,
+// contiguous keys; 1.3x faster than version 2 there), version 2 elsewhere
+// (MISA, decode, key lists; required for per-query lists and topk > 2048).
+int ChooseVersion(const SelectParams& p) {
+  if (p.kernel_version != 0) return p.kernel_version;
+  if (!p.use_wgmma) return 1;
+  if (p.rows_per_query == 64 && p.queries.max_queries_per_seq > 1 && p.key_list == nullptr &&
+      !p.key_list_per_query && p.topk <= kSelectMaxTopk) {
+    return 1;
+  }
+  return 2;
+}
+
 template <int G>
 cudaError_t Dispatch(const select_internal::SelectArgs& args, dim3 grid, bool wgmma, bool v2,
                      cudaStream_t stream) {
@@ -157,15 +171,15 @@ cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char
   if (p.queries.num_seqs < 1 || p.queries.num_seqs > 65535 || p.queries.query_start == nullptr) {
     return Invalid(error, "queries.num_seqs must be in [1, 65535] with a query_start array");
   }
-  const bool v2 = p.kernel_version == 2 && p.use_wgmma;
-  if (p.kernel_version != 1 && p.kernel_version != 2) {
-    return Invalid(error, "kernel_version must be 1 or 2");
+  if (p.kernel_version < 0 || p.kernel_version > 2) {
+    return Invalid(error, "kernel_version must be 0 (choose), 1 or 2");
   }
+  const bool v2 = ChooseVersion(p) == 2 && p.use_wgmma;
   if (p.key_list_per_query && (!v2 || p.key_list == nullptr)) {
-    return Invalid(error, "key_list_per_query needs a key_list and kernel_version 2 with wgmma");
+    return Invalid(error, "key_list_per_query needs a key_list and kernel_version 0 or 2 with wgmma");
   }
   if (p.topk > kSelectMaxTopk && (!v2 || p.key_list != nullptr || p.sorted)) {
-    return Invalid(error, "topk > 2048 needs kernel_version 2 with wgmma, no key list, unsorted");
+    return Invalid(error, "topk > 2048 needs kernel_version 0 or 2 with wgmma, no key list, unsorted");
   }
   SelectPlanInput in;
   in.per_query_key_lists = p.key_list_per_query;
@@ -201,7 +215,7 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   if (p.key_list != nullptr && p.key_list_len == nullptr) {
     return Invalid(error, "key_list given without key_list_len");
   }
-  const bool v2 = p.kernel_version == 2 && p.use_wgmma;
+  const bool v2 = ChooseVersion(p) == 2 && p.use_wgmma;
   if (plan.list_cap != (p.topk > kSelectMaxTopk ? 4 * kSelectListCap : kSelectListCap) ||
       (p.topk > kSelectMaxTopk && (plan.splits != 1 || !v2 || p.key_list != nullptr)) ||
       (p.key_list_per_query && (!v2 || plan.queries_per_cta != 1 || p.key_list == nullptr)) ||
