@@ -14,7 +14,9 @@
 //   either side: Abort(code, message) on failure.
 //
 // Threads: each KvSender and each KvReceiver runs one stream thread that drives
-// its data plane and control channel; public methods are thread-safe.
+// its data plane and control channel; a sender with checksums on also runs a
+// hasher thread (the hash of chunk i overlaps posting chunk i+1). Public
+// methods are thread-safe.
 // Deadlines: every wait is bounded (handshake_timeout, progress_timeout, the
 // caller's deadline); a dead peer is reported as Unavailable within the control
 // channel's peer timeout (1.5 s by default).
