@@ -3,21 +3,24 @@
 // Template definitions; explicit instantiations live in select_g*.cu.
 //
 // What changed against version 1 (select_kernel.cuh), each aimed at the
-// epilogue that bound version 1 (profile in docs/perf.md):
+// epilogue that bounds both (measurements in docs/perf.md):
 // - Column permutation: the B-operand rows (query, head) are stored so that
 //   the accumulator columns one lane holds are whole queries (G <= 32) or half
 //   / quarter queries (G = 64): the head sum runs in-thread, with at most one
 //   or two shuffle levels (version 1 needed a reduce-scatter over the quad).
-// - Double-buffered accumulators: each warpgroup issues the wgmma of stage
-//   n + 1 before it runs the epilogue of stage n, so the tensor core works
-//   while the ReLU / weight / threshold code runs (1 CTA of 2 warpgroups per
-//   SM, up to 255 registers per thread).
+// - Default variant (kDB = false): one accumulator, 3 stages, 2 CTAs of 256
+//   threads per SM. The double-buffered variant (kDB = true: the wgmma of stage
+//   n + 1 in flight during the epilogue of stage n, 4 or 6 stages, 1 CTA per
+//   SM) measured slower: two warps per scheduler cannot hide the epilogue's
+//   latencies. It serves the 16384-entry lists (which fill the shared memory
+//   anyway) and SelectParams::experiment.
 // - Candidate lists partitioned by warp: a warp appends to its own partition
 //   of each query's list with a ballot and popc (no shared-memory atomics, no
 //   shuffles); the per-warp fill lives in registers. Lists are compacted in
 //   shared memory by a radix select that starts at the highest bit in which
-//   the list's keys differ (version 1 started at bit 63, where all candidates
-//   of a query share one byte and the histogram atomics serialised).
+//   the list's keys differ (at bit 63 all candidates of a query share one byte
+//   and the histogram atomics serialise; block_topk.cuh's select, which
+//   version 1 uses, does the same since round 2).
 // - kCap is a template parameter: 4096 (top-k <= 2048) or 16384 (top-k <=
 //   8192, MISA-dagger's stage 1).
 //
