@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs misa-pd's GPU suite on a GPU host from a bundle built elsewhere
+# (deploy/make_bundle.sh, tarred as .bundle/bundle.tar.xz): the one-GPU tests
+# of the model's GPU backend, and, on a host with two GPUs, the transport's
+# GPU tests and NCCL / UCX-staging benchmarks (bench/transport/run_gpu.sh).
+# Every step runs under a timeout and keeps going after a failure; logs go to
+# $OUT (default ./gpu-suite-out): suite.log, logs.tgz (every step's full log)
+# and results.jsonl (the transport benchmark). Usage: deploy/run_gpu_suite.sh [BUNDLE_TAR]
+set -u
+OUT=${OUT:-$PWD/gpu-suite-out}
+W=$(mktemp -d)
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/suite.log") 2>&1
+trap 'tar czf "$OUT/logs.tgz" -C "$W" . 2>/dev/null; cp -f "$W"/transport/results.jsonl "$OUT/" 2>/dev/null' EXIT
+tarball=${1:-.bundle/bundle.tar.xz}
+B=/tmp/pd_bundle
+rm -rf "$B" && mkdir -p "$B" && tar xJf "$tarball" -C "$B" || { echo "cannot unpack $tarball"; exit 1; }
+# The bundle leaves the CUDA runtime and NCCL to the host.
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source "$B/env.sh"
+export NCCL_NVLS_ENABLE=0
+date
+nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,driver_version --format=csv || true
+ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 t=$2; shift 2
+  echo "=== $name"
+  local t0=$(date +%s)
+  timeout -k 5 "$t" "$@" > "$W/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc ($(( $(date +%s) - t0 )) s)"
+  tail -n 25 "$W/$name.log"
+}
+
+[ -x "$B/bin/kernels_cuda_model_test" ] && step kernels_cuda_model_test 120 "$B/bin/kernels_cuda_model_test"
+[ -x "$B/bin/model_gpu_model_test" ] && step model_gpu_model_test 300 "$B/bin/model_gpu_model_test"
+if [ "$ngpu" -ge 2 ] && [ -x "$B/bin/kv_gpu_bench" ]; then
+  mkdir -p "$W/transport"
+  step transport_gpu 420 env OUT="$W/transport" bash bench/transport/run_gpu.sh "$B"
+fi
+date
