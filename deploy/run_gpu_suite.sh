@@ -33,10 +33,10 @@ step() {  # step NAME TIMEOUT_S CMD...
   tail -n 25 "$W/$name.log"
 }
 
-[ -x "$B/bin/kernels_cuda_model_test" ] && step kernels_cuda_model_test 120 "$B/bin/kernels_cuda_model_test"
-[ -x "$B/bin/model_gpu_model_test" ] && step model_gpu_model_test 300 "$B/bin/model_gpu_model_test"
+[ -x "$B/bin/kernels_cuda_model_test" ] && step kernels_cuda_model_test 90 "$B/bin/kernels_cuda_model_test"
+[ -x "$B/bin/model_gpu_model_test" ] && step model_gpu_model_test 200 "$B/bin/model_gpu_model_test"
 if [ "$ngpu" -ge 2 ] && [ -x "$B/bin/kv_gpu_bench" ]; then
   mkdir -p "$W/transport"
-  step transport_gpu 420 env OUT="$W/transport" bash bench/transport/run_gpu.sh "$B"
+  step transport_gpu 270 env OUT="$W/transport" bash bench/transport/run_gpu.sh "$B"
 fi
 date
