@@ -8,10 +8,12 @@
 
 namespace pd::kernels::cuda::topk {
 
+// Branch-free: negative scores flip every bit, others only the sign bit
+// (the same values as select_plan.h's host OrderedScoreBits).
 __device__ __forceinline__ uint32_t OrderedScoreBits(float f) {
-  if (f != f) return 0u;
   const uint32_t u = __float_as_uint(f + 0.0f);  // -0 -> +0
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const uint32_t ord = u ^ (uint32_t(int32_t(u) >> 31) | 0x80000000u);
+  return f != f ? 0u : ord;
 }
 __device__ __forceinline__ uint64_t CandidateKey(float score, int32_t index) {
   return (uint64_t(OrderedScoreBits(score)) << 32) | uint64_t(~uint32_t(index));

@@ -244,6 +244,12 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   a.key_list_stride = p.key_list_stride;
   a.key_list_per_query = p.key_list_per_query ? 1 : 0;
   a.experiment = p.experiment;
+  // Threshold seeding: version 2's single-accumulator variants over contiguous
+  // keys with top-k <= 2048 (SelectSeedTopk; experiment bit 4 turns it off).
+  const bool seedable =
+      v2 && p.key_list == nullptr && p.topk <= kSelectMaxTopk && (p.experiment & 12) == 0;
+  a.seed_k = seedable ? SelectSeedTopk(p.topk) : 0;
+  a.seed_min_keys = SelectSeedMinKeys(p.topk);
   a.rows_per_cta = plan.rows_per_cta;
   a.topk = p.topk;
   a.sorted = p.sorted ? 1 : 0;

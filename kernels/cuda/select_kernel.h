@@ -29,6 +29,10 @@ struct SelectArgs {
   int64_t key_list_stride;
   int key_list_per_query;       // 1: key_list rows are queries (one query per CTA), else sequences
   int experiment;               // SelectParams::experiment (benchmark-only knobs)
+  int seed_k;                   // > 0: version 2 seeds each query's threshold with the
+                                //   seed_k-th best of every kSelectSampleStride-th key
+                                //   (SelectSeedTopk); 0: no seeding
+  int64_t seed_min_keys;        // seed only CTAs whose key range has at least this many keys
   int rows_per_cta;             // 128, or 64 (G == 64, one query per sequence)
   int topk;
   int sorted;

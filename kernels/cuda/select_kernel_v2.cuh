@@ -23,11 +23,25 @@
 //   version 1 uses, does the same since round 2).
 // - kCap is a template parameter: 4096 (top-k <= 2048) or 16384 (top-k <=
 //   8192, MISA-dagger's stage 1).
+// Round 3 (the epilogue's candidate traffic; docs/perf.md):
+// - Threshold seeding (contiguous keys, single accumulator, top-k <= 2048): a
+//   sample pass over every kSelectSampleStride-th key of the CTA's range keeps
+//   the top SelectSeedTopk(k) per query, whose last key becomes the query's
+//   threshold; the full pass then skips the sampled rows. About 1.3 k keys
+//   pass the seed instead of k (1 + ln(N / k)) a running threshold admits, and
+//   the lists rarely fill. A seeded query left with fewer than k keys at or
+//   above its seed is rescanned from threshold 0 (exact either way).
+// - The epilogue compares each score's 64-bit candidate key with the
+//   threshold in integer arithmetic (no float pre-test and exact fallback
+//   branch), checks overflow once per stage, and sums heads in up to four
+//   independent chains; the contiguous copies use precomputed addresses.
 //
 // Exactness is version 1's argument: a key enters its list iff its 64-bit
 // candidate key beats the list's threshold, which is always the k-th best key
 // of some k keys already kept; every key better than the final k-th best is
-// therefore in the list at the end.
+// therefore in the list at the end. With seeding the threshold starts at the
+// seed_k-th best sampled key T0 instead; the list then holds every key >= T0,
+// and when that is at least k keys the k-th best is >= T0 (else: rescan).
 #ifndef PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
 #define PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
 
@@ -60,7 +74,6 @@ struct alignas(1024) Smem {
   float wl[128];                       // head weights in lane-local column order
   int64_t pos[kMaxQ];                  // -1 for padding queries
   unsigned long long thr[kMaxQ];       // enter iff candidate key > thr
-  float thr_f[kMaxQ];                  // score of thr: a score above it enters at once
   int wcnt[kWarps][kMaxQ];             // partition fill (published at compactions)
   unsigned need;                       // bit q: a partition of list q may overflow next stage
   topk::Scratch sc;
@@ -72,11 +85,6 @@ static_assert(sizeof(Smem<4096, 4>::keys) >= 8192 * sizeof(uint64_t),
 template <int kCap, int kSt>
 constexpr size_t SmemBytes() {
   return sizeof(Smem<kCap, kSt>) + 1024;
-}
-
-__device__ __forceinline__ float ScoreOfOrderedBits(uint32_t ord) {
-  if (ord == 0) return -__int_as_float(0x7f800000);
-  return __uint_as_float((ord & 0x80000000u) ? (ord & 0x7fffffffu) : ~ord);
 }
 
 __device__ __forceinline__ uint64_t ShflXor64(uint64_t v, int o) {
@@ -211,7 +219,8 @@ __device__ __forceinline__ void WriteSurvivors(int n, uint64_t T, S& sm, Dst&& d
 }
 
 // Compacts list q to its top k (when longer), rebalances the survivors over
-// the warp partitions and raises the threshold. Whole CTA.
+// the warp partitions and raises the threshold to below the k-th key (never
+// lowers it: a query whose list is complete holds the maximum). Whole CTA.
 template <class S>
 __device__ void CompactList(uint64_t* L, int q, int k, S& sm) {
   constexpr int kCapW = S::kCapacity / kWarps;
@@ -225,10 +234,7 @@ __device__ void CompactList(uint64_t* L, int q, int k, S& sm) {
     const int c = m - int(threadIdx.x) * kw;
     sm.wcnt[threadIdx.x][q] = c < 0 ? 0 : (c > kw ? kw : c);
   }
-  if (threadIdx.x == 0 && n > k) {
-    sm.thr[q] = T - 1;
-    sm.thr_f[q] = ScoreOfOrderedBits(uint32_t(T >> 32));
-  }
+  if (threadIdx.x == 0 && n > k && T - 1 > sm.thr[q]) sm.thr[q] = T - 1;
   __syncthreads();
 }
 
@@ -245,11 +251,16 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   constexpr int LPQ = G > LC ? G / LC : 1;    // lanes sharing one query: 1, 2 or 4
   constexpr int CPQ = LC >= G ? G : LC;       // columns per query per lane
   constexpr int NS = LPQ == 1 ? 2 * QL : 1;   // scores per lane per stage
+  constexpr int NP = CPQ >= 32 ? 4 : (CPQ >= 16 ? 2 : 1);  // partial sums per head sum
   constexpr int ACC = R / 2;
   constexpr int kCapW = kCap / kWarps;
+  constexpr bool kSeedable = !kDB && !kKeyList && kCap == kSelectListCap;
+  constexpr int kP = kSelectSampleStride;
   static_assert(R == 64 || R == 128, "R must be 64 or 128");
   static_assert(NQ >= 1 && NQ <= kMaxQ && LPQ <= 4, "G must be 8, 16, 32 or 64");
   static_assert(kCapW >= 2 * 16 + 256 || kCap == 4096, "partition too small");
+  static_assert(kP >= 2 && kP <= 8 && (kP & (kP - 1)) == 0,
+                "sample rows of a stage must be the rows of the lanes with g8 % kP == 0");
   using S = Smem<kCap, kSt>;
   constexpr int kStages = kSt;
   // 1024-byte aligned (SW128 tiles), computed so that the compiler keeps
@@ -271,7 +282,6 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   if (tid < NQ) {
     sm.pos[tid] = tid < nq ? a.positions[q0 + tid] : -1;
     sm.thr[tid] = 0;
-    sm.thr_f[tid] = -__int_as_float(0x7f800000);
   }
   if (tid == 0) sm.need = 0;
   if ((tid >> 1) < R) {
@@ -329,46 +339,86 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   const int64_t list_stride = int64_t(a.splits) * kCap;  // between consecutive queries
   uint64_t* lists = a.lists + (q0 * a.splits + split) * int64_t(kCap);
   // 32-bit key arithmetic in the epilogue (keys < num_tokens <= INT32_MAX).
-  const int32_t stage_key0 = int32_t(sbeg), send32 = int32_t(send);
+  const int32_t sbeg32 = int32_t(sbeg), send32 = int32_t(send);
   const int32_t list_stride32 = int32_t(list_stride);  // <= 1024 splits x 16384
 
-  const int ld_pg = tid >> 7, ld_u = tid & 127;
-  uint32_t ld_dst[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int c = ld_u + 128 * j;
-    ld_dst[j] = uint32_t(ld_pg * 64 * 128) + ptx::Sw128Offset(c >> 3, (c & 7) * 16);
+  // Seeding (kSeedable; see SelectSeedTopk): a sample pass over the keys
+  // sbeg + kP j of the range with top-k seed_k, then the full pass.
+  bool seed = false;
+  int n_samp_iter = 0;
+  if constexpr (kSeedable) {
+    seed = a.seed_k > 0 && send - sbeg >= a.seed_min_keys && !(a.experiment & 16);
+    const int64_t ns = send > sbeg ? (send - sbeg + kP - 1) / kP : 0;
+    n_samp_iter = int((ns + kKeys - 1) / kKeys);
   }
-  auto load_stage = [&](int stage, int it) {
+  // Keys of the current pass: row r of pass iteration it holds key
+  // sbeg + pass_stride * (it * kKeys + r); with pass_skip_sample the rows of the
+  // sample keys (r % kP == 0, the lanes with g8 % kP == 0) were offered in the
+  // sample pass and are skipped.
+  int32_t pass_stride = 1;
+  bool pass_sample = false, pass_skip_sample = false;
+  int k_cur = k;  // the top-k that compactions keep: seed_k in the sample pass
+
+  const uint32_t keys_smem = ptx::SmemAddr(sm.keys[0]);
+  const uint32_t kscale_smem = ptx::SmemAddr(sm.kscale[0]);
+  // Contiguous copies: thread (ld_pg, ld_u) copies 16-byte chunks ld_u + 128 j
+  // (j < 4) of page ld_pg of the stage; chunk c is row c / 8, so the four
+  // destinations are 2048 bytes apart under the swizzle (row % 8 is fixed).
+  const int ld_pg = tid >> 7, ld_u = tid & 127;
+  const uint32_t ld_dst0 = uint32_t(ld_pg * 64 * 128) + ptx::Sw128Offset(ld_u >> 3, (ld_u & 7) * 16);
+  const int32_t ld_page0 = int32_t(sbeg >> 6) + ld_pg;
+  auto load_contig = [&](int stage, int it) {
+    const int32_t page = ld_page0 + 2 * it;
+    if (int64_t(page) * 64 < send) {
+      const uint8_t* pg = a.pool + int64_t(ptab[page]) * int64_t(a.page_bytes);
+      const uint32_t dst = keys_smem + uint32_t(stage * kKeys * 128) + ld_dst0;
+      const uint8_t* src = pg + ld_u * 16;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) ptx::CpAsync16(dst + 2048u * j, src + 2048 * j);
+      if (ld_u < 16) {
+        ptx::CpAsync16(kscale_smem + uint32_t((stage * kKeys + ld_pg * 64 + 4 * ld_u) * 4),
+                       pg + a.scale_offset + 16 * ld_u);
+      }
+    }
+  };
+  // Gathered copies (sample pass; key lists): thread pair r copies row r.
+  auto load_rows = [&](int stage, int it) {
+    const int r = tid >> 1, half = tid & 1;
+    int64_t key = -1;
     if constexpr (kKeyList) {
-      const int r = tid >> 1, half = tid & 1;
       const int64_t s = sbeg + int64_t(it) * kKeys + r;
-      int64_t key = -1;
       if (s < send) key = int64_t(klist[s]);
       if (key >= ntok) key = -1;
-      if (key >= 0) {
-        const uint8_t* pg = a.pool + int64_t(ptab[key >> 6]) * int64_t(a.page_bytes);
-        const int slotp = int(key & 63);
-        const uint8_t* src = pg + slotp * 128 + half * 64;
-        uint8_t* dst = sm.keys[stage];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          ptx::CpAsync16(dst + ptx::Sw128Offset(r, (half * 4 + c) * 16), src + c * 16);
-        }
-        if (half == 0) ptx::CpAsync4(&sm.kscale[stage][r], pg + a.scale_offset + slotp * 4);
-      }
       if (half == 0) sm.kidx[stage][r] = int32_t(key);
     } else {
-      const int64_t key0 = sbeg + int64_t(it) * kKeys + ld_pg * 64;
-      if (key0 < send) {
-        const uint8_t* pg = a.pool + int64_t(ptab[key0 >> 6]) * int64_t(a.page_bytes);
-        uint8_t* dst = sm.keys[stage];
+      const int64_t s = sbeg + int64_t(kP) * (int64_t(it) * kKeys + r);
+      if (s < send) key = s;
+    }
+    if (key >= 0) {
+      const uint8_t* pg = a.pool + int64_t(ptab[key >> 6]) * int64_t(a.page_bytes);
+      const int slotp = int(key & 63);
+      const uint8_t* src = pg + slotp * 128 + half * 64;
+      const uint32_t dst = keys_smem + uint32_t(stage * kKeys * 128);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) ptx::CpAsync16(dst + ld_dst[j], pg + (ld_u + 128 * j) * 16);
-        if (ld_u < 16) {
-          ptx::CpAsync16(&sm.kscale[stage][ld_pg * 64 + 4 * ld_u], pg + a.scale_offset + 16 * ld_u);
-        }
+      for (int c = 0; c < 4; ++c) {
+        ptx::CpAsync16(dst + ptx::Sw128Offset(r, (half * 4 + c) * 16), src + c * 16);
       }
+      if (half == 0) {
+        ptx::CpAsync4(kscale_smem + uint32_t((stage * kKeys + r) * 4), pg + a.scale_offset + slotp * 4);
+      }
+    }
+  };
+  auto load_stage = [&](int stage, int it) {
+    if constexpr (kKeyList) {
+      load_rows(stage, it);
+    } else if constexpr (kSeedable) {
+      if (pass_sample) {
+        load_rows(stage, it);
+      } else {
+        load_contig(stage, it);
+      }
+    } else {
+      load_contig(stage, it);
     }
   };
 
@@ -398,11 +448,14 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       for (int ql = 0; ql < QL; ++ql) sm.wcnt[warp][lane_query(ql)] = cnt_r[ql];
     }
   };
+  auto refresh_counts = [&]() {
+#pragma unroll
+    for (int ql = 0; ql < QL; ++ql) cnt_r[ql] = sm.wcnt[warp][lane_query(ql)];
+  };
 
   const uint64_t desc_a0 = ptx::Sw128Desc(ptx::SmemAddr(sm.keys[0]) + wg * 64 * 128);
   const uint64_t desc_b0 = ptx::Sw128Desc(ptx::SmemAddr(sm.q));
-  auto issue_mma = [&](float (&acc)[ACC], int it) {
-    const int stage = it % kStages;
+  auto issue_mma = [&](float (&acc)[ACC], int stage) {
     const uint64_t da = desc_a0 + uint64_t((stage * kKeys * 128) >> 4);
     ptx::WgmmaFence();
     if constexpr (R == 128) {
@@ -421,10 +474,14 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     ptx::WgmmaCommit();
   };
 
-  // ---- epilogue of stage `it` from its accumulator ----
-  auto epilogue = [&](const float (&acc)[ACC], int it) {
+  // ---- epilogue of pass iteration `it` (in stage buffer `stage`) ----
+  // Each score is turned into its 64-bit candidate key at once and compared
+  // with the query's threshold in integer arithmetic (no float pre-test, no
+  // second path); a warp inserts with one ballot per score slot, and checks
+  // its partitions for overflow once per stage (a stage adds at most 16 keys
+  // per query to a warp's partition).
+  auto epilogue = [&](const float (&acc)[ACC], int stage, int it) {
     if (a.experiment & 1) return;  // benchmark-only: no epilogue at all
-    const int stage = it % kStages;
     float w[LC];
 #pragma unroll
     for (int m = 0; m < LC; m += 4) {
@@ -434,19 +491,28 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       w[m + 2] = t4.z;
       w[m + 3] = t4.w;
     }
-    // In-thread head sums: s[h][ql] for key rows g8 + 8h.
+    // In-thread head sums: s[h][ql] for key rows g8 + 8h, in NP independent
+    // chains (a 32-long chain of dependent FMAs stalls on its latency).
     float s[2][QL];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int ql = 0; ql < QL; ++ql) {
-        float v = 0.0f;
+        float v[NP];
+#pragma unroll
+        for (int p = 0; p < NP; ++p) v[p] = 0.0f;
 #pragma unroll
         for (int mm = 0; mm < CPQ; ++mm) {
           const int m = ql * CPQ + mm;
-          v = fmaf(fmaxf(acc[4 * (m >> 1) + 2 * h + (m & 1)], 0.0f), w[m], v);
+          v[mm % NP] = fmaf(fmaxf(acc[4 * (m >> 1) + 2 * h + (m & 1)], 0.0f), w[m], v[mm % NP]);
         }
-        s[h][ql] = v;
+        if constexpr (NP == 4) {
+          s[h][ql] = (v[0] + v[1]) + (v[2] + v[3]);
+        } else if constexpr (NP == 2) {
+          s[h][ql] = v[0] + v[1];
+        } else {
+          s[h][ql] = v[0];
+        }
       }
     }
     // Lanes sharing a query: reduce (scatter over the two key rows).
@@ -477,72 +543,63 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       lane_ok = (c4 & 1) == 0;
     }
     const int row0 = wg * 64 + 16 * w4 + g8;
-    int32_t key[2];  // key indices < num_tokens <= INT32_MAX; -1 = none
+    int32_t key[2];  // key indices < num_tokens <= INT32_MAX
+    bool kval[2];
     float ks[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + 8 * h;
       if constexpr (kKeyList) {
         key[h] = sm.kidx[stage][row];
+        kval[h] = key[h] >= 0;
       } else {
-        const int32_t kk = stage_key0 + it * kKeys + row;
-        key[h] = kk < send32 ? kk : -1;
+        key[h] = sbeg32 + pass_stride * (it * kKeys + row);
+        kval[h] = key[h] < send32 && !(pass_skip_sample && (g8 % kP) == 0);
       }
       ks[h] = sm.kscale[stage][row];
     }
-    const bool all_visible = !kKeyList && sbeg + int64_t(it + 1) * kKeys - 1 <= minpos;
-    bool any_full = false;
+    bool all_visible = false;
+    if constexpr (!kKeyList) {
+      all_visible = sbeg + int64_t(pass_stride) * ((int64_t(it) + 1) * kKeys - 1) <= minpos;
+    }
+    unsigned long long thr[QL];
+#pragma unroll
+    for (int ql = 0; ql < QL; ++ql) thr[ql] = sm.thr[lane_query(ql)];
+    const bool insert = lane_ok && !(a.experiment & 2);
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
       const int h = hrow[j], ql = qloc[j];
-      const int q = lane_query(ql);
-      const float score = sc[j] * (h ? ks[1] : ks[0]);  // h may be lane-dependent: no local array
-      const float tf = sm.thr_f[q];
+      // h may be lane-dependent: selects, no local arrays.
+      const float score = sc[j] * (h ? ks[1] : ks[0]);
       const int32_t kj = h ? key[1] : key[0];
-      bool pass = lane_ok && kj >= 0 && (all_visible || kj <= pos_r[ql]) && !(a.experiment & 2);
-      if (pass && !(score > tf)) {
-        // Equal to the float threshold, or NaN: the exact 64-bit comparison.
-        pass = !(score < tf) && topk::CandidateKey(score, kj) > sm.thr[q];
-      }
+      const bool kv = h ? kval[1] : kval[0];
+      const uint64_t cand = topk::CandidateKey(score, kj);
+      const bool pass = insert && kv && (all_visible || kj <= pos_r[ql]) && cand > thr[ql];
       const unsigned b = __ballot_sync(0xffffffffu, pass);
       if (b == 0) continue;
       const unsigned gm = b & gmask;
       if (pass) {
-        lane_list[ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask)] =
-            topk::CandidateKey(score, kj);
+        lane_list[uint32_t(ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask))] = cand;
       }
       cnt_r[ql] += __popc(gm);
-      any_full |= cnt_r[ql] > kCapW - 16;
     }
-    if (any_full && leader) {
+    if (leader) {
       unsigned bits = 0;
 #pragma unroll
       for (int ql = 0; ql < QL; ++ql) {
         if (cnt_r[ql] > kCapW - 16) bits |= 1u << lane_query(ql);
       }
-      atomicOr(&sm.need, bits);
+      if (bits != 0) atomicOr(&sm.need, bits);
     }
   };
 
-  // ---- main loop ----
-  // Four stages per trip; in trip stages s..s+3 the warpgroup issues MMA(s)
-  // and MMA(s+1), then runs each stage's epilogue while the next stage's MMA
-  // is in flight (the last of the four runs alone). The wgmma sequence is the
-  // same in every thread and free of branches (ptxas serialises wgmma issued
-  // on divergent paths or kept in flight across a loop back-edge): stages at
-  // or past n_iter hold stale data and produce no candidates (keys -1).
-  // Copies run kPrefetch stages ahead, one cp.async group per stage.
+  // ---- pipeline ----
+  // Copies run kPrefetch stages ahead, one cp.async group per stage. The step
+  // for iteration it: this thread's copies of its stage landed, barrier (every
+  // warp is done with the stage being refilled), compactions of lists that
+  // may overflow, the next copies.
   constexpr int kPrefetch = kStages - 1;
-#pragma unroll
-  for (int s = 0; s < kPrefetch; ++s) {
-    load_stage(s, s);
-    ptx::CpAsyncCommit();
-  }
-  float acc0[ACC], acc1[ACC];
-  // Top of the step for stage st: this thread's copies of stage st + 1 landed
-  // (groups run kPrefetch - 2 behind), barrier, compactions, next copies.
-  auto step_top = [&](int st) {
-    // Double-buffered: the step's MMA is for stage st + 1; else for stage st.
+  auto step_top = [&](int load_slot, int load_it) {
     ptx::CpAsyncWait<kDB ? kPrefetch - 2 : kPrefetch - 1>();
     ptx::FenceProxyAsync();
     __syncthreads();
@@ -552,54 +609,144 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       __syncthreads();
       if (tid == 0) sm.need = 0;
       for (int q = 0; q < NQ; ++q) {
-        if ((need >> q) & 1u) CompactList(lists + q * list_stride, q, k, sm);
+        if ((need >> q) & 1u) CompactList(lists + q * list_stride, q, k_cur, sm);
       }
-#pragma unroll
-      for (int ql = 0; ql < QL; ++ql) cnt_r[ql] = sm.wcnt[warp][lane_query(ql)];
+      refresh_counts();
     }
-    load_stage((st + kPrefetch) % kStages, st + kPrefetch);  // no copy past send
+    load_stage(load_slot, load_it);  // no copy past send
     ptx::CpAsyncCommit();
   };
   auto retire = [&](float (&acc)[ACC]) {
 #pragma unroll
     for (int i = 0; i < ACC; ++i) ptx::FenceOperand(acc[i]);
   };
-  if constexpr (!kDB) {
-    for (int s = 0; s < n_iter; ++s) {
-      step_top(s);
-      issue_mma(acc0, s);
+  float acc0[ACC], acc1[ACC];
+  // One pass of n iterations (single accumulator): an MMA then its epilogue,
+  // stage by stage; ends with every copy landed and a barrier.
+  auto run_pass = [&](int n) {
+#pragma unroll
+    for (int s = 0; s < kPrefetch; ++s) {
+      load_stage(s, s);
+      ptx::CpAsyncCommit();
+    }
+    int st = 0, ld = kPrefetch % kStages;
+    for (int s = 0; s < n; ++s) {
+      step_top(ld, s + kPrefetch);
+      issue_mma(acc0, st);
       ptx::WgmmaWait<0>();
       retire(acc0);
-      epilogue(acc0, s);
+      epilogue(acc0, st, s);
+      st = st + 1 == kStages ? 0 : st + 1;
+      ld = ld + 1 == kStages ? 0 : ld + 1;
     }
-  }
-  for (int s = 0; kDB && s < n_iter; s += 4) {
-    step_top(s);
-    issue_mma(acc0, s);
-    issue_mma(acc1, s + 1);
-    ptx::WgmmaWait<1>();
-    retire(acc0);
-    epilogue(acc0, s);
-    step_top(s + 1);
-    issue_mma(acc0, s + 2);
-    ptx::WgmmaWait<1>();
-    retire(acc1);
-    epilogue(acc1, s + 1);
-    step_top(s + 2);
-    issue_mma(acc1, s + 3);
-    ptx::WgmmaWait<1>();
-    retire(acc0);
-    epilogue(acc0, s + 2);
-    step_top(s + 3);
-    ptx::WgmmaWait<0>();
-    retire(acc1);
-    epilogue(acc1, s + 3);
+    ptx::CpAsyncWait<0>();
+    __syncthreads();
+  };
+
+  unsigned seeded = 0;  // bit q: query q's threshold was seeded (CTA-uniform)
+  if constexpr (!kDB) {
+    if constexpr (kSeedable) {
+      if (seed) {
+        // Sample pass: the running top-seed_k of the sampled keys.
+        const int ks_top = (a.experiment & 32) ? max(1, k / (4 * kP)) : a.seed_k;
+        k_cur = ks_top;
+        pass_stride = kP;
+        pass_sample = true;
+        run_pass(n_samp_iter);
+        publish_counts();
+        __syncthreads();
+        // Seed: keep each list's top seed_k (threshold = its seed_k-th key).
+        // Queries with at most seed_k sampled keys keep threshold 0 (their
+        // whole sample is in the list).
+        for (int q = 0; q < nq; ++q) {
+          int n = 0;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) n += sm.wcnt[w][q];
+          if (n > ks_top) {
+            CompactList(lists + q * list_stride, q, ks_top, sm);
+            seeded |= 1u << q;
+          }
+        }
+        refresh_counts();
+        k_cur = k;
+        pass_stride = 1;
+        pass_sample = false;
+        pass_skip_sample = true;
+      }
+    }
+    run_pass(n_iter);
+    publish_counts();
+    __syncthreads();
+    if constexpr (kSeedable) {
+      // A seeded query's list holds every key of the range at or above its
+      // seed; with fewer than k of them its top-k reaches below the seed:
+      // rescan those queries from threshold 0 (the others' thresholds are set
+      // to the maximum so that they take nothing twice).
+      unsigned fail = 0;
+      for (int q = 0; q < nq; ++q) {
+        if (((seeded >> q) & 1u) == 0) continue;
+        int n = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) n += sm.wcnt[w][q];
+        if (n < k) fail |= 1u << q;
+      }
+      if (fail != 0) {
+        __syncthreads();  // every thread has read wcnt
+        if (tid < NQ) sm.thr[tid] = ((fail >> tid) & 1u) ? 0ull : ~0ull;
+        if (tid == 0) sm.need = 0;
+        for (int i = tid; i < kWarps * kMaxQ; i += kThreads) {
+          if ((fail >> (i % kMaxQ)) & 1u) (&sm.wcnt[0][0])[i] = 0;
+        }
+        __syncthreads();
+        refresh_counts();
+        pass_skip_sample = false;
+        run_pass(n_iter);
+        publish_counts();
+        __syncthreads();
+      }
+    }
+  } else {
+    // Double-buffered: four stages per trip; in trip stages s..s+3 the
+    // warpgroup issues MMA(s) and MMA(s+1), then runs each stage's epilogue
+    // while the next stage's MMA is in flight (the last of the four runs
+    // alone). The wgmma sequence is the same in every thread and free of
+    // branches (ptxas serialises wgmma issued on divergent paths or kept in
+    // flight across a loop back-edge): stages at or past n_iter hold stale
+    // data and produce no candidates (keys -1 or past send).
+#pragma unroll
+    for (int s = 0; s < kPrefetch; ++s) {
+      load_stage(s, s);
+      ptx::CpAsyncCommit();
+    }
+    auto top = [&](int st) { step_top((st + kPrefetch) % kStages, st + kPrefetch); };
+    for (int s = 0; s < n_iter; s += 4) {
+      top(s);
+      issue_mma(acc0, s % kStages);
+      issue_mma(acc1, (s + 1) % kStages);
+      ptx::WgmmaWait<1>();
+      retire(acc0);
+      epilogue(acc0, s % kStages, s);
+      top(s + 1);
+      issue_mma(acc0, (s + 2) % kStages);
+      ptx::WgmmaWait<1>();
+      retire(acc1);
+      epilogue(acc1, (s + 1) % kStages, s + 1);
+      top(s + 2);
+      issue_mma(acc1, (s + 3) % kStages);
+      ptx::WgmmaWait<1>();
+      retire(acc0);
+      epilogue(acc0, (s + 2) % kStages, s + 2);
+      top(s + 3);
+      ptx::WgmmaWait<0>();
+      retire(acc1);
+      epilogue(acc1, (s + 3) % kStages, s + 3);
+    }
+    ptx::CpAsyncWait<0>();
+    publish_counts();
+    __syncthreads();
   }
 
   // ---- final selection per query ----
-  ptx::CpAsyncWait<0>();
-  publish_counts();
-  __syncthreads();
   uint64_t* scratch = reinterpret_cast<uint64_t*>(&sm.keys[0][0]);
   for (int q = 0; q < nq; ++q) {
     uint64_t* L = lists + q * list_stride;

@@ -1,6 +1,7 @@
 #include "kernels/cuda/select_plan.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace pd::kernels::cuda {
 namespace {
@@ -9,6 +10,15 @@ size_t Align256(size_t x) { return (x + 255) & ~size_t(255); }
 int64_t CeilDivI(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
+
+int SelectSeedTopk(int topk) {
+  if (topk < 1) return 0;
+  const double p = kSelectSampleStride;
+  const double target = double(topk) + 4.5 * std::sqrt(1.3 * double(topk) * p);
+  return int(std::ceil(target / p));
+}
+
+int64_t SelectSeedMinKeys(int topk) { return 4 * int64_t(std::max(topk, 1)); }
 
 bool PlanSelect(const SelectPlanInput& in, SelectPlan* plan, const char** error) {
   const char* unused = nullptr;

@@ -20,6 +20,24 @@ inline constexpr int kSelectMaxTopkLarge = 8192;  // version-2 kernel, no key li
                                                   // (MISA-dagger's stage 1, list cap 16384)
 inline constexpr int kSelectMinSplitKeys = 512;   // smallest key range one split CTA scans
 
+// Threshold seeding (version-2 kernel, contiguous keys): before its full scan a
+// CTA scores every kSelectSampleStride-th key of its range and starts each
+// query's threshold at the SelectSeedTopk(k)-th best of that sample, which
+// about 1.3 k keys of the range beat; insertions then fall from about
+// k (1 + ln(N / k)) to about 1.3 k + the sample's own, and list compactions
+// mostly vanish. A query that ends with fewer than k keys above its seeded
+// threshold is rescanned without it (exactness never depends on the sample).
+inline constexpr int kSelectSampleStride = 8;
+
+// The sample rank: ceil((k + 4.5 sqrt(1.3 k P)) / P), P = kSelectSampleStride,
+// so that the expected count of keys above the seed, about P times the rank,
+// exceeds k by 4.5 of its standard deviations for keys in random order (at
+// k = 2048: rank 339, about 1.32 k keys pass). 0 for k < 1.
+int SelectSeedTopk(int topk);
+// Smallest key range (keys of one CTA) worth seeding: 4 k (below it a running
+// threshold inserts at most ~2.4 k keys and the sample would cost more).
+int64_t SelectSeedMinKeys(int topk);
+
 // True for the per-query row counts the kernel is instantiated for.
 inline bool SelectRowsSupported(int rows_per_query) {
   return rows_per_query == 8 || rows_per_query == 16 || rows_per_query == 32 ||
