@@ -103,5 +103,10 @@ if [ -n "${SAN:-}" ] && command -v compute-sanitizer >/dev/null; then
   echo "memcheck hisa rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san3.log | head -5
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" PerQueryKeyLists > /tmp/san4.log 2>&1
   echo "memcheck per-query lists rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san4.log | head -5
+  # Seeded thresholds: the sample pass, the seed, the exact rescan.
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" SeededFallback > /tmp/san5.log 2>&1
+  echo "memcheck seeded rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san5.log | head -5
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool racecheck "$T_IDX" DensePrefillSmallTopk > /tmp/san6.log 2>&1
+  echo "racecheck seeded rc=$?"; grep -E "RACECHECK SUMMARY|Hazard|ERROR SUMMARY" /tmp/san6.log | head -5
 fi
 date

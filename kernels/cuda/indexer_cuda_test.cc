@@ -486,6 +486,58 @@ TEST(CudaSelect, KernelV2DoubleBufferedVariantMatches) {
   }
 }
 
+// Threshold seeding (version 2, contiguous keys): CTAs whose key range holds
+// at least SelectSeedMinKeys(k) keys first score every kSelectSampleStride-th
+// key and start from a seeded threshold. Long contexts (seeded CTAs) and
+// early queries (unseeded ones) in one launch, dense and MISA, with and
+// without a forced split (seeded split ranges, then the merge), against
+// cpu::SelectTokens.
+TEST(CudaSelect, SeededThresholdsLongContext) {
+  SKIP_WITHOUT_GPU();
+  for (bool misa : {false, true}) {
+    SelectCase c;
+    c.misa = misa;
+    c.lens = {20011};
+    auto pos = Tail(20011, misa ? 37 : 9);
+    for (int64_t p : {100, 2047, 8190, 8191, 8192, 12000, 16385}) pos.push_back(p);
+    c.positions = {pos};
+    c.sorted = !misa;
+    RunSelectCase(c, 41 + uint32_t(misa));
+    c.splits = 2;  // two ranges of 10,112 keys (>= 8192: both seeded)
+    c.sorted = misa;
+    RunSelectCase(c, 43 + uint32_t(misa));
+  }
+}
+
+// Experiment bit 5 seeds from a rank that too few keys beat (k / 32 of the
+// sample, about k / 4 keys of the range), so every seeded query must take the
+// exact rescan; bit 4 turns seeding off. Both must give the exact selection,
+// as must a small top-k (k = 300: seeded from rank 69 of the sample, whose
+// 4.5-sigma margin still leaves some queries to the rescan).
+TEST(CudaSelect, SeededFallbackRescanAndNoSeeding) {
+  SKIP_WITHOUT_GPU();
+  for (int experiment : {32, 16}) {
+    for (bool misa : {false, true}) {
+      SelectCase c;
+      c.misa = misa;
+      c.lens = {17003};
+      auto pos = Tail(17003, misa ? 21 : 5);
+      for (int64_t p : {9000, 13001}) pos.push_back(p);
+      c.positions = {pos};
+      c.experiment = experiment;
+      c.sorted = false;
+      RunSelectCase(c, 50 + uint32_t(experiment) + uint32_t(misa));
+    }
+  }
+  SelectCase c;
+  c.misa = true;
+  c.lens = {30000};
+  c.positions = {Tail(30000, 48)};
+  c.topk = 300;
+  c.sorted = false;
+  RunSelectCase(c, 47);
+}
+
 TEST(CudaSelect, MisaLargeTopkBigLists) {
   SKIP_WITHOUT_GPU();
   // topk > 2048: the version-2 kernel with 16384-entry lists (MISA-dagger's

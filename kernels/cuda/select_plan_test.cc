@@ -169,5 +169,31 @@ TEST(CandidateKey, OrdersLikeTheCpuTopK) {
   }
 }
 
+// The seeding rank: the expected count of keys above the seed (rank x
+// stride) exceeds k by 4.5 sqrt(1.3 k stride); from k = 1024 on that is more
+// than 4 standard deviations of the count (about sqrt(rank) x stride for keys
+// in random order), and the count stays within 1.4 k.
+TEST(SelectPlan, SeedRankLeavesAMarginAboveK) {
+  EXPECT_EQ(SelectSeedTopk(0), 0);
+  EXPECT_EQ(SelectSeedTopk(2048), 339);
+  int prev = 0;
+  for (int k = 1; k <= 8192; ++k) {
+    const int r = SelectSeedTopk(k);
+    ASSERT_GE(r, prev) << k;
+    prev = r;
+    const double expected = double(r) * kSelectSampleStride;
+    const double sd = std::sqrt(double(r)) * kSelectSampleStride;
+    ASSERT_GE(expected - double(k), 4.5 * std::sqrt(1.3 * k * kSelectSampleStride) - 1e-9) << k;
+    if (k >= 1024) {
+      ASSERT_GE((expected - double(k)) / sd, 4.0) << k;
+    }
+    if (k >= 2048) {
+      ASSERT_LE(expected, 1.4 * k) << k;
+    }
+  }
+  EXPECT_EQ(SelectSeedMinKeys(2048), 8192);
+  EXPECT_EQ(SelectSeedMinKeys(0), 4);
+}
+
 }  // namespace
 }  // namespace pd::kernels::cuda
