@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "transport/memory_ops.h"
 
 namespace pd::transport {
 
@@ -64,6 +65,12 @@ class DataSender {
   // The stream failed: the peer may be gone, so per-peer state this sender
   // used (cached endpoints, keys) must not be reused. Default: nothing cached.
   virtual void Abandon() {}
+  // One-sided backends on one host: the receiver's region mapped into this
+  // process (its byte 0), or null. When non-null the caller may store bytes
+  // into the region directly instead of PostWrite (e.g. a device-to-host copy
+  // straight into a receiver's staging slot); a later PostFence orders those
+  // stores like writes. Default: not mapped.
+  virtual uint8_t* mapped_destination() const { return nullptr; }
   // Default: a fence behind every write, polled until the deadline.
   virtual absl::Status Quiesce(absl::Time deadline) {
     absl::StatusOr<uint64_t> fence = PostFence();
@@ -99,6 +106,13 @@ class DataReceiver {
   virtual absl::StatusOr<bool> PollRecv(uint64_t ticket) {
     return absl::UnimplementedError("PollRecv on a one-sided backend");
   }
+  // Two-sided backends: receives posted before this call never wait for
+  // receives posted after it. A backend that issues receives in batches (NCCL
+  // groups, whose completion is the whole group's) issues what it holds now.
+  // The stream calls it at every layer boundary and whenever it stops
+  // posting, so that a layer's data lands without depending on later layers.
+  // Default: receives are issued as they are posted.
+  virtual absl::Status FlushRecvs() { return absl::OkStatus(); }
   // Drives the data plane on the calling thread while the stream waits (for
   // backends that apply incoming data only when progressed); true when
   // something progressed. Default: nothing to drive.
@@ -138,6 +152,15 @@ class Backend {
   // Drops any cached registration of memory starting at `base` (call before
   // freeing memory that was given to Listen). Default: nothing cached.
   virtual void ForgetRegion(const uint8_t* base) {}
+  // Receiver: host memory for a staging ring that this backend can expose to
+  // a sender on the same host without copies (UCX: allocated by UCX, so that
+  // shared-memory transports map it into the sender); Listen on it reuses
+  // the allocation's registration. Counted as Resource::kPinnedBuffer.
+  // Unimplemented when the backend has no such memory (the stream then
+  // allocates the ring through its MemoryOps).
+  virtual absl::StatusOr<std::unique_ptr<StagingBuffer>> AllocateStagingRing(size_t bytes) {
+    return absl::UnimplementedError("backend has no exposable staging memory");
+  }
 };
 
 }  // namespace pd::transport

@@ -9,9 +9,12 @@
 #include <algorithm>
 #include <deque>
 #include <functional>
+#include <list>
 #include <map>
 #include <optional>
 #include <thread>
+
+#include <sys/prctl.h>
 #include <utility>
 #include <vector>
 
@@ -69,6 +72,10 @@ SideLayout LocalSide(const kvcache::KvCache& cache, int32_t seq, int64_t tokens)
 bool Hashed(const proto::Manifest& m, uint32_t id) {
   return m.checksum && id % std::max<uint32_t>(1, m.checksum_every) == 0;
 }
+
+// Stream threads wait in steps of tens of microseconds while data is in
+// flight; Linux adds 50 us of timer slack to every such wait by default.
+void TightenTimerSlack() { prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0); }
 
 absl::Status HashOnHost(MemoryOps& ops, const uint8_t* p, size_t n, Xxh3& h) {
   return ops.ReadOnHost(p, n, [&](const uint8_t* q, size_t m) { h.Update(q, m); });
@@ -160,7 +167,8 @@ class SenderImpl final : public KvSender {
   SenderImpl(Backend& backend, std::unique_ptr<ControlChannel> channel, const kvcache::KvCache& cache,
              SendRequest request, SenderOptions options, MemoryOps& ops, proto::Manifest manifest,
              proto::Accept accept, ChunkPlan plan, std::unique_ptr<StagingBuffer> bounce,
-             std::unique_ptr<DataSender> data, bool one_sided, absl::Time start)
+             std::unique_ptr<HostPin> mapped_pin, std::unique_ptr<DataSender> data, bool one_sided,
+             absl::Time start)
       : backend_(backend),
         channel_(std::move(channel)),
         cache_(cache),
@@ -171,9 +179,11 @@ class SenderImpl final : public KvSender {
         accept_(std::move(accept)),
         plan_(std::move(plan)),
         bounce_(std::move(bounce)),
+        mapped_pin_(std::move(mapped_pin)),
         data_(std::move(data)),
         one_sided_(one_sided),
         staged_(accept_.staging_slots > 0),
+        mapped_(staged_ ? data_->mapped_destination() : nullptr),
         start_(start),
         token_(Resource::kStream) {
     const size_t n = plan_.chunks.size();
@@ -189,8 +199,10 @@ class SenderImpl final : public KvSender {
       absl::MutexLock lock(&mu_);
       ++wakeups_;
     });
-    if (manifest_.checksum && !staged_) {
-      hasher_ = std::make_unique<AsyncHasher>(ops_, [this] {
+    // Direct mode hashes the cache (through the MemoryOps); staged mode with
+    // the receiver's ring mapped here hashes the bytes where they landed.
+    if (manifest_.checksum && (!staged_ || mapped_ != nullptr)) {
+      hasher_ = std::make_unique<AsyncHasher>(staged_ ? HostMemoryOps() : ops_, [this] {
         absl::MutexLock lock(&mu_);
         ++wakeups_;
       });
@@ -261,10 +273,16 @@ class SenderImpl final : public KvSender {
   struct Batch {
     uint64_t fence = 0;
     proto::ChunkBatch headers;
-    std::vector<uint64_t> hash_tickets;  // per header: AsyncHasher ticket, 0 once filled in
+    std::vector<uint64_t> hash_tickets;  // per header: AsyncHasher ticket, 0: checksum known
+  };
+  // A fenced chunk whose checksum the hasher is still computing.
+  struct Hashing {
+    proto::ChunkHeader header;
+    uint64_t ticket = 0;
   };
 
   void Run() {
+    TightenTimerSlack();
     absl::Status st = Loop();
     Finalize(st);
   }
@@ -297,18 +315,14 @@ class SenderImpl final : public KvSender {
         }
         return absl::OkStatus();
       }
-      // 2. Completed fences release their headers (once their checksums are in).
-      while (!batches_.empty()) {
-        PD_ASSIGN_OR_RETURN(bool hashed, FillChecksums(batches_.front()));
-        if (!hashed) break;
-        PD_ASSIGN_OR_RETURN(bool fenced, data_->PollFence(batches_.front().fence));
-        if (!fenced) break;
-        for (const auto& h : batches_.front().headers.chunks) state_[h.chunk_id] = State::kHeaderSent;
-        PD_RETURN_IF_ERROR(channel_->Send(std::move(batches_.front().headers)));
-        batches_.pop_front();
+      // 2. Completed fences release their chunks' headers, each once its
+      // checksum is known: a chunk still being hashed holds back no other.
+      PD_RETURN_IF_ERROR(ReleaseHeaders());
+      if (released_any_) {
+        released_any_ = false;
         last_progress = absl::Now();
       }
-      // 3. Post more chunks within the credit (two batches in flight at most).
+      // 3. Post more chunks within the credit (max_batches_in_flight fences).
       if (batches_.size() < size_t(options_.max_batches_in_flight)) {
         Batch batch;
         while (int(batch.headers.chunks.size()) < options_.max_batch_chunks) {
@@ -327,7 +341,7 @@ class SenderImpl final : public KvSender {
       }
       // 4. Wait for something to happen.
       const bool busy = acked_ < plan_.chunks.size();
-      const bool awaiting_peer = !batches_.empty() || InFlight() > 0;
+      const bool awaiting_peer = !batches_.empty() || !hashing_.empty() || InFlight() > 0;
       if (awaiting_peer && absl::Now() - last_progress > options_.progress_timeout) {
         return absl::DeadlineExceededError(absl::StrCat(
             "KV stream ", request_.request_id, ": no progress for ",
@@ -336,7 +350,8 @@ class SenderImpl final : public KvSender {
       }
       if (!awaiting_peer) last_progress = absl::Now();  // idle: waiting for SendLayer
       if (!batches_.empty() && data_->Progress()) continue;
-      absl::Duration wait = !batches_.empty() ? absl::Microseconds(50)
+      // Fences are polled; acknowledgements, hashes and SendLayer wake us.
+      absl::Duration wait = !batches_.empty() ? absl::Microseconds(20)
                             : busy            ? absl::Milliseconds(20)
                                               : absl::Milliseconds(100);
       absl::MutexLock lock(&mu_);
@@ -360,17 +375,39 @@ class SenderImpl final : public KvSender {
     return id;
   }
 
-  // True once every header of `b` has its checksum.
-  absl::StatusOr<bool> FillChecksums(Batch& b) {
-    for (size_t i = 0; i < b.hash_tickets.size(); ++i) {
-      if (b.hash_tickets[i] == 0) continue;
-      absl::StatusOr<uint64_t> r = absl::UnknownError("unset");
-      if (!hasher_->Take(b.hash_tickets[i], &r)) return false;
-      if (!r.ok()) return r.status();
-      b.headers.chunks[i].checksum = *r;
-      b.hash_tickets[i] = 0;
+  // Sends, as one ChunkBatch, the headers of chunks whose fence completed
+  // (fences complete in order) and whose checksum is known.
+  absl::Status ReleaseHeaders() {
+    proto::ChunkBatch out;
+    while (!batches_.empty()) {
+      PD_ASSIGN_OR_RETURN(bool fenced, data_->PollFence(batches_.front().fence));
+      if (!fenced) break;
+      Batch& b = batches_.front();
+      for (size_t i = 0; i < b.headers.chunks.size(); ++i) {
+        if (b.hash_tickets[i] == 0) {
+          out.chunks.push_back(b.headers.chunks[i]);
+        } else {
+          hashing_.push_back({b.headers.chunks[i], b.hash_tickets[i]});
+        }
+      }
+      batches_.pop_front();
+      released_any_ = true;
     }
-    return true;
+    for (auto it = hashing_.begin(); it != hashing_.end();) {
+      absl::StatusOr<uint64_t> r = absl::UnknownError("unset");
+      if (!hasher_->Take(it->ticket, &r)) {
+        ++it;
+        continue;
+      }
+      if (!r.ok()) return r.status();
+      it->header.checksum = *r;
+      out.chunks.push_back(it->header);
+      it = hashing_.erase(it);
+      released_any_ = true;
+    }
+    if (out.chunks.empty()) return absl::OkStatus();
+    for (const auto& h : out.chunks) state_[h.chunk_id] = State::kHeaderSent;
+    return channel_->Send(std::move(out));
   }
 
   // Posts chunk `id`'s writes. Its checksum is in the header, or (direct
@@ -399,6 +436,14 @@ class SenderImpl final : public KvSender {
       uint64_t off = 0;
       for (const Segment& s : c.segments) {
         const uint8_t* src = arena + s.src;
+        if (mapped_ != nullptr) {
+          // The receiver's ring is mapped here (same host): copy the cache
+          // bytes straight into the slot (device caches: one device-to-host
+          // copy into pinned memory), no bounce, no put.
+          PD_RETURN_IF_ERROR(ops_.CopyToHost(mapped_ + slot_base + off, src, s.len));
+          off += s.len;
+          continue;
+        }
         if (bounce_ != nullptr) {  // device cache: copy into the pinned bounce slot first
           uint8_t* b = bounce_->data() + slot_base + off;
           PD_RETURN_IF_ERROR(ops_.CopyToHost(b, src, s.len));
@@ -407,6 +452,9 @@ class SenderImpl final : public KvSender {
         if (hashed) hash.Update(src, s.len);
         PD_RETURN_IF_ERROR(data_->PostWrite(src, slot_base + off, s.len));
         off += s.len;
+      }
+      if (mapped_ != nullptr && hashed) {
+        *ticket = hasher_->Submit({{mapped_ + slot_base, size_t(c.bytes)}});
       }
     } else {
       // Post in pieces (a backend that sends in the background gets going
@@ -425,7 +473,7 @@ class SenderImpl final : public KvSender {
       }
       if (hashed) *ticket = hasher_->Submit(std::move(pieces));
     }
-    if (staged_) h.checksum = hashed ? hash.Digest() : 0;
+    if (staged_ && mapped_ == nullptr) h.checksum = hashed ? hash.Digest() : 0;
     ++writes_posted_;
     state_[id] = State::kPosted;
     credit_bytes_ -= std::min(credit_bytes_, c.bytes);
@@ -526,10 +574,11 @@ class SenderImpl final : public KvSender {
       }
     }
     if (!st.ok()) data_->Abandon();
-    hasher_.reset();
+    hasher_.reset();  // may read the receiver's ring mapped here
     channel_->Close();
-    data_.reset();    // endpoint, remote key
-    bounce_.reset();  // pinned bounce buffers
+    mapped_pin_.reset();  // before the mapping goes
+    data_.reset();        // endpoint, remote key (and the mapping)
+    bounce_.reset();      // pinned bounce buffers
     absl::MutexLock lock(&mu_);
     stats_.elapsed = absl::Now() - start_;
     final_ = st;
@@ -546,17 +595,21 @@ class SenderImpl final : public KvSender {
   const proto::Accept accept_;
   const ChunkPlan plan_;
   std::unique_ptr<StagingBuffer> bounce_;
+  std::unique_ptr<HostPin> mapped_pin_;  // the receiver's ring, mapped here, registered for DMA
   std::unique_ptr<DataSender> data_;
   const bool one_sided_, staged_;
+  uint8_t* const mapped_;  // staged: the receiver's ring mapped into this process, or null
   const absl::Time start_;
   ResourceToken token_;
-  std::unique_ptr<AsyncHasher> hasher_;  // direct mode with checksums
+  std::unique_ptr<AsyncHasher> hasher_;  // checksums computed off the stream thread
 
   // Stream-thread state.
   std::vector<State> state_;
   std::vector<uint32_t> slot_of_;
   std::deque<uint32_t> free_slots_;
   std::deque<Batch> batches_;
+  std::list<Hashing> hashing_;
+  bool released_any_ = false;
   uint64_t credit_bytes_ = 0;
   uint32_t credit_chunks_ = 0;
   uint64_t writes_posted_ = 0;  // chunks posted (for Quiesced)
@@ -591,7 +644,8 @@ class ReceiverImpl final : public KvReceiver {
  public:
   ReceiverImpl(std::unique_ptr<ControlChannel> channel, kvcache::KvCache& cache,
                ReceiverOptions options, MemoryOps& ops, proto::Manifest manifest, int32_t seq,
-               ChunkPlan plan, std::unique_ptr<StagingBuffer> staging, uint64_t slot_bytes,
+               ChunkPlan plan, std::unique_ptr<StagingBuffer> staging,
+               std::unique_ptr<HostPin> staging_pin, uint64_t slot_bytes,
                std::unique_ptr<DataReceiver> data, bool one_sided, absl::Time start)
       : channel_(std::move(channel)),
         cache_(cache),
@@ -601,6 +655,7 @@ class ReceiverImpl final : public KvReceiver {
         seq_(seq),
         plan_(std::move(plan)),
         staging_(std::move(staging)),
+        staging_pin_(std::move(staging_pin)),
         slot_bytes_(slot_bytes),
         data_(std::move(data)),
         one_sided_(one_sided),
@@ -609,6 +664,8 @@ class ReceiverImpl final : public KvReceiver {
     verified_.assign(plan_.chunks.size(), false);
     attempts_.assign(plan_.chunks.size(), 0);
     recv_ticket_.assign(plan_.chunks.size(), 0);
+    landed_.assign(plan_.chunks.size(), false);
+    hash_ticket_.assign(plan_.chunks.size(), 0);
     layer_left_.resize(manifest_.num_layers);
     for (uint32_t l = 0; l < manifest_.num_layers; ++l) {
       layer_left_[l] = plan_.layer_first[l + 1] - plan_.layer_first[l];
@@ -618,6 +675,12 @@ class ReceiverImpl final : public KvReceiver {
       absl::MutexLock lock(&mu_);
       ++wakeups_;
     });
+    if (!one_sided_ && manifest_.checksum) {
+      hasher_ = std::make_unique<AsyncHasher>(ops_, [this] {
+        absl::MutexLock lock(&mu_);
+        ++wakeups_;
+      });
+    }
     thread_ = std::thread([this] { Run(); });
   }
 
@@ -682,6 +745,7 @@ class ReceiverImpl final : public KvReceiver {
 
  private:
   void Run() {
+    TightenTimerSlack();
     absl::Status st = Loop();
     Finalize(st);
   }
@@ -689,7 +753,12 @@ class ReceiverImpl final : public KvReceiver {
   absl::Status Loop() {
     absl::Time last_progress = absl::Now();
     while (verified_count_ < plan_.chunks.size()) {
-      if (!one_sided_) PD_RETURN_IF_ERROR(PostRecvsAhead());
+      if (!one_sided_) {
+        PD_RETURN_IF_ERROR(PostRecvsAhead());
+        PD_RETURN_IF_ERROR(PollLanded());
+        if (!announced_.empty()) PD_RETURN_IF_ERROR(VerifyAnnounced());
+        if (verified_count_ == plan_.chunks.size()) break;
+      }
       uint64_t seen_wakeups = 0;
       {
         absl::MutexLock lock(&mu_);
@@ -720,25 +789,85 @@ class ReceiverImpl final : public KvReceiver {
         last_data_ = now;
         continue;
       }
-      const absl::Time wake = now - last_data_ < absl::Milliseconds(1)
-                                  ? std::min(deadline, now + absl::Microseconds(20))
-                                  : deadline;
-      // Woken by a message, the channel closing, or Abort.
+      // Poll briefly while data flows (receives landing, announced chunks
+      // not yet landed); otherwise sleep until a message, the hasher or Abort
+      // wakes us (two-sided: still look for landed receives now and then, to
+      // start hashing them early).
+      absl::Duration poll = absl::InfiniteDuration();
+      if (now - last_data_ < absl::Milliseconds(1) || !announced_.empty()) {
+        poll = absl::Microseconds(20);
+      } else if (!one_sided_ && next_landed_ < next_recv_) {
+        poll = absl::Milliseconds(1);
+      }
+      const absl::Time wake = std::min(deadline, now + poll);
       absl::MutexLock lock(&mu_);
       auto woken = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return wakeups_ != seen_wakeups; };
       mu_.AwaitWithDeadline(absl::Condition(&woken), wake);
     }
     PD_RETURN_IF_ERROR(cache_.SetLength(seq_, int64_t(manifest_.num_tokens)));
+    // Every chunk landed: end the data plane's part of the stream before
+    // saying Done, so that per-peer state it leased (an NCCL communicator) is
+    // idle again by the time the sender can start its next stream.
+    hasher_.reset();
+    data_.reset();
     PD_RETURN_IF_ERROR(channel_->Send(proto::Done{uint32_t(plan_.chunks.size()), plan_.total_bytes}));
     return absl::OkStatus();
   }
 
+  // Two-sided: posts receives in chunk order ahead of the headers, as many as
+  // the sender can fill without another acknowledgement: at most the credit
+  // (credit_chunks chunks, credit_bytes bytes; always one chunk) posted and
+  // not yet verified. Every chunk the sender sends before it needs an
+  // acknowledgement then meets a posted receive, and every run of receives
+  // issued together completes without one. Runs end at layer boundaries and
+  // where posting stops (FlushRecvs), so that a layer lands as soon as the
+  // sender sent it, whatever it does next. A run that would stop short of its
+  // layer's end waits while more than half the window is in use, so that
+  // runs stay large when the window is small.
   absl::Status PostRecvsAhead() {
-    const uint64_t limit = std::min<uint64_t>(plan_.chunks.size(),
-                                              verified_count_ + options_.credit_chunks);
-    for (; next_recv_ < limit; ++next_recv_) {
-      for (const Segment& s : plan_.chunks[next_recv_].segments) {
-        PD_ASSIGN_OR_RETURN(recv_ticket_[next_recv_], data_->PostRecv(s.dst, s.len));
+    const uint64_t n = plan_.chunks.size();
+    while (next_recv_ < n) {
+      const uint32_t layer = plan_.chunks[next_recv_].layer;
+      const uint64_t layer_end = plan_.layer_first[layer + 1];
+      uint64_t end = next_recv_, chunks = window_chunks_, bytes = window_bytes_;
+      while (end < layer_end) {
+        const uint64_t b = plan_.chunks[end].bytes;
+        if (chunks > 0 && (chunks + 1 > options_.credit_chunks || bytes + b > options_.credit_bytes)) break;
+        ++chunks;
+        bytes += b;
+        ++end;
+      }
+      if (end == next_recv_) break;  // the window is full
+      if (end < layer_end && window_chunks_ > 0 &&
+          (2 * window_chunks_ > options_.credit_chunks || 2 * window_bytes_ > options_.credit_bytes)) {
+        break;
+      }
+      for (; next_recv_ < end; ++next_recv_) {
+        const PlannedChunk& c = plan_.chunks[next_recv_];
+        for (const Segment& s : c.segments) {
+          PD_ASSIGN_OR_RETURN(recv_ticket_[next_recv_], data_->PostRecv(s.dst, s.len));
+        }
+        ++window_chunks_;
+        window_bytes_ += c.bytes;
+      }
+      PD_RETURN_IF_ERROR(data_->FlushRecvs());
+    }
+    return absl::OkStatus();
+  }
+
+  // Two-sided: notes the receives that completed (in order) and starts
+  // hashing each sampled chunk as soon as it landed.
+  absl::Status PollLanded() {
+    while (next_landed_ < next_recv_) {
+      PD_ASSIGN_OR_RETURN(bool landed, data_->PollRecv(recv_ticket_[next_landed_]));
+      if (!landed) break;
+      const uint32_t id = uint32_t(next_landed_++);
+      landed_[id] = true;
+      last_data_ = absl::Now();
+      if (hasher_ != nullptr && Hashed(manifest_, id)) {
+        AsyncHasher::Pieces pieces;
+        for (const Segment& s : plan_.chunks[id].segments) pieces.emplace_back(cache_.arena() + s.dst, s.len);
+        hash_ticket_[id] = hasher_->Submit(std::move(pieces));
       }
     }
     return absl::OkStatus();
@@ -751,6 +880,19 @@ class ReceiverImpl final : public KvReceiver {
                                                          " chunks at once, credit is ",
                                                          options_.credit_chunks));
       }
+      if (!one_sided_) {
+        // Verified as they land and their hashes complete, in any order.
+        const absl::Time now = absl::Now();
+        for (const proto::ChunkHeader& h : batch->chunks) {
+          PD_RETURN_IF_ERROR(CheckHeader(h));
+          if (!announced_.emplace(h.chunk_id, Announced{h, now}).second) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(ChunkName(plan_.chunks[h.chunk_id]), " announced twice"));
+          }
+        }
+        PD_RETURN_IF_ERROR(PollLanded());
+        return VerifyAnnounced();
+      }
       proto::AckBatch acks;
       std::vector<uint32_t> completed_layers;
       for (const proto::ChunkHeader& h : batch->chunks) {
@@ -759,26 +901,14 @@ class ReceiverImpl final : public KvReceiver {
         acks.acks.push_back({h.chunk_id, ok});
         acks.credit_bytes += c.bytes;
         acks.credit_chunks += 1;
-        absl::MutexLock lock(&mu_);
         if (!ok) {
+          absl::MutexLock lock(&mu_);
           ++stats_.checksum_failures;
           continue;
         }
-        verified_[h.chunk_id] = true;
-        ++verified_count_;
-        ++stats_.chunks;
-        stats_.bytes += c.bytes;
-        if (--layer_left_[c.layer] == 0) completed_layers.push_back(c.layer);
+        if (MarkVerified(c)) completed_layers.push_back(c.layer);
       }
-      PD_RETURN_IF_ERROR(channel_->Send(std::move(acks)));
-      for (uint32_t l : completed_layers) {
-        {
-          absl::MutexLock lock(&mu_);
-          ready_[l] = true;
-        }
-        PD_RETURN_IF_ERROR(channel_->Send(proto::LayerReady{l}));
-      }
-      return absl::OkStatus();
+      return SendAcks(std::move(acks), completed_layers);
     }
     if (const auto* a = std::get_if<proto::Abort>(&msg)) {
       peer_aborted_ = true;
@@ -789,9 +919,77 @@ class ReceiverImpl final : public KvReceiver {
         absl::StrCat("unexpected ", proto::MessageName(msg), " message from the sender"));
   }
 
-  // Checks `h` against the plan, waits for a two-sided receive, verifies the
-  // checksum and (staged) moves the bytes into the cache. False: mismatch.
-  absl::StatusOr<bool> Verify(const proto::ChunkHeader& h) {
+  // Counts chunk `c` as verified; true when that completed its layer.
+  bool MarkVerified(const PlannedChunk& c) {
+    verified_[c.id] = true;
+    ++verified_count_;
+    if (!one_sided_) {
+      --window_chunks_;
+      window_bytes_ -= c.bytes;
+    }
+    absl::MutexLock lock(&mu_);
+    ++stats_.chunks;
+    stats_.bytes += c.bytes;
+    return --layer_left_[c.layer] == 0;
+  }
+
+  absl::Status SendAcks(proto::AckBatch acks, const std::vector<uint32_t>& completed_layers) {
+    if (!acks.acks.empty()) PD_RETURN_IF_ERROR(channel_->Send(std::move(acks)));
+    for (uint32_t l : completed_layers) {
+      {
+        absl::MutexLock lock(&mu_);
+        ready_[l] = true;
+      }
+      PD_RETURN_IF_ERROR(channel_->Send(proto::LayerReady{l}));
+    }
+    return absl::OkStatus();
+  }
+
+  // Two-sided: verifies the announced chunks that landed and (if sampled)
+  // were hashed, and acknowledges them. A checksum mismatch fails the stream
+  // (DataLoss: two-sided backends do not resend), as does an announced chunk
+  // that does not land within progress_timeout.
+  absl::Status VerifyAnnounced() {
+    proto::AckBatch acks;
+    std::vector<uint32_t> completed_layers;
+    const absl::Time now = absl::Now();
+    for (auto it = announced_.begin(); it != announced_.end();) {
+      const proto::ChunkHeader& h = it->second.header;
+      const PlannedChunk& c = plan_.chunks[h.chunk_id];
+      if (!landed_[h.chunk_id]) {
+        if (now - it->second.since > options_.progress_timeout) {
+          return absl::DeadlineExceededError(absl::StrCat(ChunkName(c), " announced but not received within ",
+                                                          absl::FormatDuration(options_.progress_timeout)));
+        }
+        ++it;
+        continue;
+      }
+      if (Hashed(manifest_, h.chunk_id)) {
+        absl::StatusOr<uint64_t> r = absl::UnknownError("unset");
+        if (!hasher_->Take(hash_ticket_[h.chunk_id], &r)) {
+          ++it;
+          continue;
+        }
+        if (!r.ok()) return r.status();
+        if (*r != h.checksum) {
+          {
+            absl::MutexLock lock(&mu_);
+            ++stats_.checksum_failures;
+          }
+          return absl::DataLossError(absl::StrCat(ChunkName(c), " failed checksum verification"));
+        }
+      }
+      acks.acks.push_back({h.chunk_id, true});
+      acks.credit_bytes += c.bytes;
+      acks.credit_chunks += 1;
+      if (MarkVerified(c)) completed_layers.push_back(c.layer);
+      it = announced_.erase(it);
+    }
+    return SendAcks(std::move(acks), completed_layers);
+  }
+
+  // Checks a header against the plan and the chunks verified so far.
+  absl::Status CheckHeader(const proto::ChunkHeader& h) {
     if (h.chunk_id >= plan_.chunks.size()) {
       return absl::InvalidArgumentError(absl::StrCat("chunk id ", h.chunk_id, " outside the plan of ",
                                                      plan_.chunks.size(), " chunks"));
@@ -809,18 +1007,14 @@ class ReceiverImpl final : public KvReceiver {
     if (++attempts_[h.chunk_id] > 64) {
       return absl::DataLossError(absl::StrCat(ChunkName(c), " resent more than 64 times"));
     }
-    if (!one_sided_) {
-      const absl::Time deadline = absl::Now() + options_.progress_timeout;
-      while (true) {
-        PD_ASSIGN_OR_RETURN(bool landed, data_->PollRecv(recv_ticket_[h.chunk_id]));
-        if (landed) break;
-        if (absl::Now() > deadline) {
-          return absl::DeadlineExceededError(absl::StrCat(ChunkName(c), " announced but not received within ",
-                                                          absl::FormatDuration(options_.progress_timeout)));
-        }
-        std::this_thread::yield();
-      }
-    }
+    return absl::OkStatus();
+  }
+
+  // One-sided: checks `h` against the plan, verifies the checksum of the
+  // landed bytes and (staged) moves them into the cache. False: mismatch.
+  absl::StatusOr<bool> Verify(const proto::ChunkHeader& h) {
+    PD_RETURN_IF_ERROR(CheckHeader(h));
+    const PlannedChunk& c = plan_.chunks[h.chunk_id];
     uint8_t* arena = cache_.arena();
     if (staging_ != nullptr) {
       if (h.slot >= staging_->size() / slot_bytes_ || h.bytes > slot_bytes_) {
@@ -839,11 +1033,7 @@ class ReceiverImpl final : public KvReceiver {
     if (!Hashed(manifest_, h.chunk_id)) return true;
     Xxh3 hash;
     for (const Segment& s : c.segments) PD_RETURN_IF_ERROR(HashOnHost(ops_, arena + s.dst, s.len, hash));
-    if (hash.Digest() == h.checksum) return true;
-    if (!one_sided_) {
-      return absl::DataLossError(absl::StrCat(ChunkName(c), " failed checksum verification"));
-    }
-    return false;
+    return hash.Digest() == h.checksum;
   }
 
   void Finalize(absl::Status st) {
@@ -863,8 +1053,10 @@ class ReceiverImpl final : public KvReceiver {
       done_ = true;
     }
     if (!st.ok() && one_sided_) AwaitQuiescence();
+    hasher_.reset();  // reads the sequence's pages
     // Two-sided: destroying the receiver ends its posted receives first.
     data_.reset();
+    staging_pin_.reset();
     staging_.reset();
     if (!st.ok()) cache_.Release(seq_).IgnoreError();
     channel_->Close();
@@ -909,16 +1101,27 @@ class ReceiverImpl final : public KvReceiver {
   const int32_t seq_;
   const ChunkPlan plan_;
   std::unique_ptr<StagingBuffer> staging_;
+  std::unique_ptr<HostPin> staging_pin_;  // the ring registered for fast device copies
   const uint64_t slot_bytes_;
   std::unique_ptr<DataReceiver> data_;
   const bool one_sided_;
   const absl::Time start_;
   ResourceToken token_;
+  std::unique_ptr<AsyncHasher> hasher_;  // two-sided streams with checksums
 
   // Stream-thread state.
+  struct Announced {
+    proto::ChunkHeader header;
+    absl::Time since;
+  };
   std::vector<uint32_t> attempts_;
-  std::vector<uint64_t> recv_ticket_;
-  uint64_t next_recv_ = 0;
+  std::vector<uint64_t> recv_ticket_;  // two-sided: the ticket of each chunk's last receive
+  std::vector<bool> landed_;           // two-sided: the chunk's receives completed
+  std::vector<uint64_t> hash_ticket_;  // two-sided: the receiver hasher's ticket
+  uint64_t next_recv_ = 0;             // chunks [0, next_recv_) have receives posted
+  uint64_t next_landed_ = 0;           // chunks [0, next_landed_) landed
+  uint64_t window_chunks_ = 0, window_bytes_ = 0;  // posted and not yet verified
+  std::map<uint32_t, Announced> announced_;      // two-sided: headers awaiting verification
   bool peer_aborted_ = false;
   absl::Time last_data_ = absl::InfinitePast();  // the data plane last progressed here
 
@@ -1021,7 +1224,8 @@ absl::StatusOr<std::unique_ptr<KvSender>> KvSender::Start(Backend& backend,
     return absl::UnimplementedError(absl::StrCat("staged streams need a one-sided backend, not ",
                                                  backend.name()));
   }
-  PeerContext peer{request.request_id, options.node_name, channel->peer()};
+  PeerContext peer{request.request_id, options.node_name,
+                   request.receiver_node.empty() ? channel->peer() : request.receiver_node};
   PD_ASSIGN_OR_RETURN(std::string sender_info, backend.SenderInfo(peer));
   // Until Connect succeeds, a failure hands back what SenderInfo reserved.
   struct CancelGuard {
@@ -1089,20 +1293,37 @@ absl::StatusOr<std::unique_ptr<KvSender>> KvSender::Start(Backend& backend,
   auto plan = MakeChunkPlan(params, src, dst);
   if (!plan.ok()) return Reject(*channel, Annotate(plan.status(), "receiver's accept"));
 
+  // Staged streams write from host memory: the bounce ring (device caches),
+  // allocated once the backend says whether the receiver's ring is mapped
+  // here (then the device-to-host copies go straight into it), or the cache.
   MemoryRegion local{cache.arena(), cache.arena_bytes(), cache.on_device(), /*persistent=*/true};
-  std::unique_ptr<StagingBuffer> bounce;
-  if (staged && cache.on_device()) {
-    auto b = ops.AllocateStaging(uint64_t(accept->staging_slots) * accept->slot_bytes);
-    if (!b.ok()) return Reject(*channel, b.status());
-    bounce = std::move(*b);
-    local = MemoryRegion{bounce->data(), bounce->size(), false};
-  }
+  if (staged && cache.on_device()) local = MemoryRegion{};
   auto data = backend.Connect(local, accept->receiver_info, peer, deadline);
   if (!data.ok()) return Reject(*channel, data.status());
   cancel.armed = false;
+  const uint64_t ring_bytes = uint64_t(accept->staging_slots) * accept->slot_bytes;
+  uint8_t* mapped = staged ? (*data)->mapped_destination() : nullptr;
+  std::unique_ptr<StagingBuffer> bounce;
+  std::unique_ptr<HostPin> pin;
+  if (staged && cache.on_device() && mapped == nullptr) {
+    auto b = ops.AllocateStaging(ring_bytes);
+    if (!b.ok()) {
+      (*data)->Abandon();
+      return Reject(*channel, b.status());
+    }
+    bounce = std::move(*b);
+  } else if (mapped != nullptr && cache.on_device()) {
+    auto p = ops.PinHostMemory(mapped, ring_bytes);
+    if (p.ok()) {
+      pin = std::move(*p);
+    } else {
+      LOG(WARNING) << "KV stream " << request.request_id
+                   << ": cannot pin the receiver's mapped staging ring (copies run slower): " << p.status();
+    }
+  }
   return std::unique_ptr<KvSender>(new SenderImpl(
       backend, std::move(channel), cache, request, options, ops, std::move(m), std::move(*accept),
-      std::move(*plan), std::move(bounce), std::move(*data), backend.one_sided(), start));
+      std::move(*plan), std::move(bounce), std::move(pin), std::move(*data), backend.one_sided(), start));
 }
 
 absl::StatusOr<std::unique_ptr<KvReceiver>> KvReceiver::Accept(Backend& backend,
@@ -1157,11 +1378,25 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> KvReceiver::Accept(Backend& backend,
   MemoryRegion region{cache.arena(), cache.arena_bytes(), cache.on_device(), /*persistent=*/true};
   std::unique_ptr<StagingBuffer> staging;
   uint32_t slots = 0;
+  std::unique_ptr<HostPin> staging_pin;
   if (staged) {
     slots = std::max<uint32_t>(1, options.staging_slots);
-    auto b = ops.AllocateStaging(uint64_t(slots) * m.max_chunk_bytes);
+    const uint64_t ring_bytes = uint64_t(slots) * m.max_chunk_bytes;
+    // Memory the backend can expose without copies (UCX shared memory maps
+    // it into a sender on this host), else the MemoryOps' staging memory.
+    auto b = backend.AllocateStagingRing(ring_bytes);
+    if (absl::IsUnimplemented(b.status())) b = ops.AllocateStaging(ring_bytes);
     if (!b.ok()) return fail(b.status());
     staging = std::move(*b);
+    if (cache.on_device()) {
+      auto pin = ops.PinHostMemory(staging->data(), staging->size());
+      if (pin.ok()) {
+        staging_pin = std::move(*pin);
+      } else {
+        LOG(WARNING) << "KV stream " << m.request_id
+                     << ": cannot pin the staging ring (copies run slower): " << pin.status();
+      }
+    }
     region = MemoryRegion{staging->data(), staging->size(), false};
   }
   PeerContext peer{m.request_id, options.node_name,
@@ -1185,7 +1420,8 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> KvReceiver::Accept(Backend& backend,
   effective.credit_chunks = a.credit_chunks;
   return std::unique_ptr<KvReceiver>(new ReceiverImpl(
       std::move(channel), cache, effective, ops, std::move(m), *seq, std::move(*plan),
-      std::move(staging), a.slot_bytes, std::move(*data), backend.one_sided(), start));
+      std::move(staging), std::move(staging_pin), a.slot_bytes, std::move(*data), backend.one_sided(),
+      start));
 }
 
 }  // namespace pd::transport

@@ -15,8 +15,15 @@
 //
 // Threads: each KvSender and each KvReceiver runs one stream thread that drives
 // its data plane and control channel; a sender with checksums on also runs a
-// hasher thread (the hash of chunk i overlaps posting chunk i+1). Public
-// methods are thread-safe.
+// hasher thread (the hash of chunk i overlaps posting chunk i+1), and so does
+// the receiver of a two-sided stream (it hashes each sampled chunk as soon as
+// it landed, before or while its header arrives). A chunk's header leaves as
+// soon as its fence completed and its checksum is known, so a chunk still
+// being hashed holds back no other. Public methods are thread-safe.
+// Two-sided backends (NCCL): the receiver posts receives ahead, within the
+// credit, and issues them (DataReceiver::FlushRecvs) in runs that never span
+// two layers, so that a layer lands as soon as the sender sent it, however
+// long the sender then pauses before the next layer.
 // Deadlines: every wait is bounded (handshake_timeout, progress_timeout, the
 // caller's deadline); a dead peer is reported as Unavailable within the control
 // channel's peer timeout (1.5 s by default).
@@ -88,6 +95,10 @@ struct SendRequest {
   std::string model_fingerprint;
   int32_t sequence = -1;  // in the sender's cache
   int64_t tokens = 0;     // tokens to ship (<= the sequence's capacity)
+  // The receiver's stable node name: it keys the per-peer state a backend
+  // keeps across streams (NCCL communicators). Empty: the control channel's
+  // peer address (host:port), stable only while the receiver keeps its port.
+  std::string receiver_node = {};
 };
 
 class KvSender {

@@ -177,6 +177,64 @@ TEST_F(KvStreamTest, TwoSidedLargeSegmentsStayWhole) {
   ExpectNothingLeaked();
 }
 
+// The prefill node ships a layer as soon as it is computed and may pause
+// before the next one: a layer must land and become ready with no later
+// layer sent, on every backend, including two-sided ones that issue
+// operations in batches (loopback2 with group_ops behaves like the NCCL
+// backend: a batch of receives completes only as a whole). Small credits
+// split layers across receive windows.
+struct OneLayerCase {
+  const char* name;
+  LoopbackOptions backend;
+  uint32_t credit_chunks;
+};
+
+void PrintTo(const OneLayerCase& c, std::ostream* os) { *os << c.name; }
+
+class OneLayerThenWaitTest : public KvStreamTest, public ::testing::WithParamInterface<OneLayerCase> {};
+
+TEST_P(OneLayerThenWaitTest, EachLayerLandsWithoutTheNext) {
+  auto backend = NewLoopbackBackend(GetParam().backend);
+  StreamSetup s;
+  s.receiver.credit_chunks = GetParam().credit_chunks;
+  s.sender.max_batch_chunks = 4;
+  {
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+    ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+    auto& rx = **st.receiver;
+    for (int l = 0; l < kLayers; ++l) {
+      ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+      absl::Status ready = rx.WaitLayer(l, absl::Now() + absl::Seconds(3));
+      ASSERT_TRUE(ready.ok()) << "layer " << l << ": " << ready;
+      absl::Status cmp = CompareLayer(*src_, seq_, *dst_, rx.sequence(), kTokens, l);
+      EXPECT_TRUE(cmp.ok()) << cmp;
+      if (l + 1 < kLayers) {
+        // The sender pauses (computing the next layer): nothing more lands.
+        absl::SleepFor(absl::Milliseconds(100));
+        EXPECT_FALSE(rx.LayerReady(l + 1));
+      }
+    }
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
+    ASSERT_TRUE(fin.ok()) << fin;
+    ASSERT_TRUE(rx.WaitDone(absl::Now() + absl::Seconds(10)).ok());
+    EXPECT_TRUE(CompareSequences(*src_, seq_, *dst_, rx.sequence(), kTokens).ok());
+    EXPECT_EQ(rx.stats().chunks, (*st.sender)->stats().chunks);
+  }
+  ExpectNothingLeaked();
+}
+
+// 6 chunks per layer, 24 in all: one batch of 32 receives would span every
+// layer; a credit of 4 chunks splits layers across windows, 1 makes every
+// chunk its own window.
+INSTANTIATE_TEST_SUITE_P(
+    Backends, OneLayerThenWaitTest,
+    ::testing::Values(OneLayerCase{"loopback", {}, 64}, OneLayerCase{"loopback2", {.two_sided = true}, 64},
+                      OneLayerCase{"loopback2_grouped", {.two_sided = true, .group_ops = 32}, 64},
+                      OneLayerCase{"loopback2_grouped_credit4", {.two_sided = true, .group_ops = 32}, 4},
+                      OneLayerCase{"loopback2_grouped_credit1", {.two_sided = true, .group_ops = 32}, 1}),
+    [](const ::testing::TestParamInfo<OneLayerCase>& i) { return std::string(i.param.name); });
+
 TEST_F(KvStreamTest, StagedRoundTripThroughTwoSlots) {
   auto backend = NewLoopbackBackend();
   StreamSetup s;

@@ -1,8 +1,10 @@
 #include "transport/loopback_backend.h"
 
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/numbers.h"
@@ -25,9 +27,39 @@ struct Entry {
     uint64_t dst;        // receives
     size_t len;
   };
+  // Issued operations, matched in order.
   std::deque<Pending> sends ABSL_GUARDED_BY(mu), recvs ABSL_GUARDED_BY(mu);
   uint64_t sends_posted ABSL_GUARDED_BY(mu) = 0, sends_done ABSL_GUARDED_BY(mu) = 0;
   uint64_t recvs_posted ABSL_GUARDED_BY(mu) = 0, recvs_done ABSL_GUARDED_BY(mu) = 0;
+  // Batching (group_ops > 0): operations queued but not yet issued, and the
+  // last receive ticket of every issued batch of receives.
+  size_t group_ops = 0;
+  std::deque<Pending> queued_sends ABSL_GUARDED_BY(mu), queued_recvs ABSL_GUARDED_BY(mu);
+  std::vector<uint64_t> recv_batch_ends ABSL_GUARDED_BY(mu);
+
+  void IssueSendsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    while (!queued_sends.empty()) {
+      sends.push_back(queued_sends.front());
+      queued_sends.pop_front();
+    }
+    MatchLocked();
+  }
+  void IssueRecvsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (queued_recvs.empty()) return;
+    while (!queued_recvs.empty()) {
+      recvs.push_back(queued_recvs.front());
+      queued_recvs.pop_front();
+    }
+    recv_batch_ends.push_back(recvs_posted);
+    MatchLocked();
+  }
+  // Batching: receive `ticket` is complete once its whole batch matched.
+  bool RecvDoneLocked(uint64_t ticket) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (group_ops == 0) return recvs_done >= ticket;
+    if (ticket > recvs_posted - queued_recvs.size()) IssueRecvsLocked();  // as NCCL polling flushes
+    auto it = std::lower_bound(recv_batch_ends.begin(), recv_batch_ends.end(), ticket);
+    return it != recv_batch_ends.end() && recvs_done >= *it;
+  }
 
   // Pairs queued sends with queued receives.
   void MatchLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
@@ -90,6 +122,12 @@ class LoopbackReceiver final : public DataReceiver {
       return absl::OutOfRangeError(absl::StrCat("loopback receive [", dst, ", +", len,
                                                 ") outside the region of ", entry_->bytes, " bytes"));
     }
+    if (entry_->group_ops > 0) {
+      entry_->queued_recvs.push_back({nullptr, dst, len});
+      ++entry_->recvs_posted;
+      if (entry_->queued_recvs.size() >= entry_->group_ops) entry_->IssueRecvsLocked();
+      return entry_->recvs_posted;
+    }
     entry_->recvs.push_back({nullptr, dst, len});
     entry_->MatchLocked();
     return ++entry_->recvs_posted;
@@ -97,7 +135,12 @@ class LoopbackReceiver final : public DataReceiver {
   absl::StatusOr<bool> PollRecv(uint64_t ticket) override {
     absl::MutexLock lock(&entry_->mu);
     if (!entry_->broken.ok()) return entry_->broken;
-    return entry_->recvs_done >= ticket;
+    return entry_->RecvDoneLocked(ticket);
+  }
+  absl::Status FlushRecvs() override {
+    absl::MutexLock lock(&entry_->mu);
+    entry_->IssueRecvsLocked();
+    return absl::OkStatus();
   }
 
  private:
@@ -115,8 +158,13 @@ class LoopbackSender final : public DataSender {
     if (!entry_->alive) return absl::UnavailableError("loopback receiver is gone");
     if (!entry_->broken.ok()) return entry_->broken;
     if (two_sided_) {
-      entry_->sends.push_back({src, 0, len});
       ++entry_->sends_posted;
+      if (entry_->group_ops > 0) {
+        entry_->queued_sends.push_back({src, 0, len});
+        if (entry_->queued_sends.size() >= entry_->group_ops) entry_->IssueSendsLocked();
+        return absl::OkStatus();
+      }
+      entry_->sends.push_back({src, 0, len});
       entry_->MatchLocked();
       return absl::OkStatus();
     }
@@ -130,6 +178,7 @@ class LoopbackSender final : public DataSender {
   absl::StatusOr<uint64_t> PostFence() override {
     if (!two_sided_) return ++fences_;
     absl::MutexLock lock(&entry_->mu);
+    entry_->IssueSendsLocked();
     return entry_->sends_posted;
   }
   absl::StatusOr<bool> PollFence(uint64_t id) override {
@@ -162,6 +211,7 @@ class LoopbackBackend final : public Backend {
     auto e = std::make_shared<Entry>();
     e->base = region.base;
     e->bytes = region.bytes;
+    e->group_ops = options_.two_sided ? options_.group_ops : 0;
     uint64_t id = Registry::Get().Add(e);
     return std::unique_ptr<DataReceiver>(new LoopbackReceiver(std::move(e), id));
   }

@@ -1,7 +1,11 @@
 // In-process data plane, for tests and for co-located prefill/decode: the
 // receiver's region is entered in a process-wide registry, the sender copies
 // into it. One-sided mode behaves like puts; two-sided mode pairs each write
-// with a posted receive in order, like NCCL send/recv.
+// with a posted receive in order, like NCCL send/recv, and with `group_ops`
+// also batches like the NCCL backend: operations are held until a fence
+// (sends), FlushRecvs (receives) or `group_ops` of them are queued, and a
+// batch of receives completes only when all of it matched sends (an NCCL
+// group's CUDA event).
 #ifndef PD_TRANSPORT_LOOPBACK_BACKEND_H_
 #define PD_TRANSPORT_LOOPBACK_BACKEND_H_
 
@@ -13,6 +17,8 @@ namespace pd::transport {
 
 struct LoopbackOptions {
   bool two_sided = false;
+  // Two-sided only: operations per batch at most; 0: no batching.
+  size_t group_ops = 0;
 };
 
 // Host memory only. Writes to a region whose receiver is gone fail with

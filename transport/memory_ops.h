@@ -25,6 +25,12 @@ class StagingBuffer {
   virtual size_t size() const = 0;
 };
 
+// Host memory registered for fast device copies (page-locked) while alive.
+class HostPin {
+ public:
+  virtual ~HostPin() = default;
+};
+
 class MemoryOps {
  public:
   virtual ~MemoryOps() = default;
@@ -37,6 +43,15 @@ class MemoryOps {
   virtual absl::Status ReadOnHost(const uint8_t* src, size_t n,
                                   const std::function<void(const uint8_t*, size_t)>& fn) = 0;
   virtual absl::StatusOr<std::unique_ptr<StagingBuffer>> AllocateStaging(size_t bytes) = 0;
+  // Registers `n` bytes of host memory at `p`, allocated elsewhere (a
+  // backend's staging ring, a peer's ring mapped into this process), so that
+  // CopyToHost / CopyFromHost with it run at full speed until the returned pin
+  // is destroyed; counted as Resource::kPinnedBuffer. Callers may go on
+  // without the pin on error (copies are then slower). Default (host memory):
+  // nothing to register.
+  virtual absl::StatusOr<std::unique_ptr<HostPin>> PinHostMemory(uint8_t* p, size_t n) {
+    return std::make_unique<HostPin>();
+  }
 };
 
 // Host memory: memcpy, page-aligned zeroed staging buffers. Thread-safe.
