@@ -60,6 +60,20 @@ class PinnedStaging final : public StagingBuffer {
   std::unique_ptr<PinnedBuffer> b_;
 };
 
+// Host memory allocated elsewhere, page-locked with cudaHostRegister.
+class RegisteredHost final : public HostPin {
+ public:
+  RegisteredHost(void* p, size_t n) : p_(p), token_(Resource::kPinnedBuffer, n) {}
+  ~RegisteredHost() override {
+    absl::Status st = CudaStatus(cudaHostUnregister(p_), "cudaHostUnregister");
+    if (!st.ok()) LOG(WARNING) << st;
+  }
+
+ private:
+  void* const p_;
+  ResourceToken token_;
+};
+
 // One ReadOnHost in progress: a stream and two pinned pieces.
 struct Stager {
   std::unique_ptr<Stream> stream;
@@ -96,6 +110,20 @@ class CudaOps final : public MemoryOps {
     PD_ASSIGN_OR_RETURN(std::unique_ptr<PinnedBuffer> b, PinnedBuffer::Create(bytes));
     std::memset(b->data(), 0, b->size());
     return std::unique_ptr<StagingBuffer>(new PinnedStaging(std::move(b)));
+  }
+
+  absl::StatusOr<std::unique_ptr<HostPin>> PinHostMemory(uint8_t* p, size_t n) override {
+    if (p == nullptr || n == 0) return std::make_unique<HostPin>();
+    PD_RETURN_IF_ERROR(UseDevice(o_.device));
+    cudaError_t e = cudaHostRegister(p, n, cudaHostRegisterPortable);
+    if (e == cudaErrorHostMemoryAlreadyRegistered) {
+      cudaGetLastError();  // pinned already (by its owner): nothing to undo
+      return std::make_unique<HostPin>();
+    }
+    if (e != cudaSuccess) cudaGetLastError();
+    PD_RETURN_IF_ERROR(Annotate(CudaStatus(e, "cudaHostRegister"),
+                                absl::StrCat("pinning ", n, " bytes of host memory")));
+    return std::unique_ptr<HostPin>(new RegisteredHost(p, n));
   }
 
  private:

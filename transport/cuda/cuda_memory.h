@@ -31,8 +31,9 @@ struct CudaMemoryOptions {
 };
 
 // MemoryOps for a KV cache on one device: cudaMemcpy for copies, pinned
-// double-buffered pieces for ReadOnHost, cudaHostAlloc for staging buffers
-// (each counted as Resource::kPinnedBuffer while alive). Thread-safe; each
+// double-buffered pieces for ReadOnHost, cudaHostAlloc for staging buffers,
+// cudaHostRegister for PinHostMemory (each counted as Resource::kPinnedBuffer
+// while alive; memory already registered gives an empty pin). Thread-safe; each
 // concurrent ReadOnHost uses its own stream and pinned pair (kept for reuse).
 // FailedPrecondition when `device` does not exist.
 absl::StatusOr<std::unique_ptr<MemoryOps>> NewCudaMemoryOps(const CudaMemoryOptions& options = {});

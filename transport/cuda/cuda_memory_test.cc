@@ -83,6 +83,41 @@ TEST_F(CudaTest, ReadOnHostDeliversTheDeviceBytesInOrder) {
   EXPECT_EQ(NewCudaMemoryOps({.device = 1 << 20}).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// PinHostMemory page-locks memory allocated elsewhere (cudaHostRegister),
+// counts it while pinned, copies into it, and a second pin of the same range
+// is an empty one (already registered).
+TEST_F(CudaTest, PinHostMemoryRegistersAndReleases) {
+  const size_t n = 8 << 20;
+  void* host = std::aligned_alloc(4096, n);
+  ASSERT_NE(host, nullptr);
+  std::memset(host, 0, n);
+  void* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, n), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d, 0x3c, n), cudaSuccess);
+  {
+    auto ops = *NewCudaMemoryOps({.device = 0});
+    auto pin = ops->PinHostMemory(static_cast<uint8_t*>(host), n);
+    ASSERT_TRUE(pin.ok()) << pin.status();
+    EXPECT_EQ(GetResourceCounters()[Resource::kPinnedBuffer], baseline_[Resource::kPinnedBuffer] + 1);
+    EXPECT_EQ(GetResourceCounters().pinned_bytes, baseline_.pinned_bytes + int64_t(n));
+    cudaPointerAttributes attr{};
+    ASSERT_EQ(cudaPointerGetAttributes(&attr, host), cudaSuccess);
+    EXPECT_EQ(attr.type, cudaMemoryTypeHost);
+    auto again = ops->PinHostMemory(static_cast<uint8_t*>(host), n);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(GetResourceCounters()[Resource::kPinnedBuffer], baseline_[Resource::kPinnedBuffer] + 1);
+    ASSERT_TRUE(ops->CopyToHost(static_cast<uint8_t*>(host), static_cast<uint8_t*>(d), n).ok());
+    const uint8_t* p = static_cast<uint8_t*>(host);
+    EXPECT_TRUE(std::all_of(p, p + n, [](uint8_t b) { return b == 0x3c; }));
+  }
+  EXPECT_EQ(GetResourceCounters(), baseline_) << GetResourceCounters().ToString();
+  cudaPointerAttributes attr{};
+  ASSERT_EQ(cudaPointerGetAttributes(&attr, host), cudaSuccess);
+  EXPECT_EQ(attr.type, cudaMemoryTypeUnregistered);  // unregistered again
+  cudaFree(d);
+  std::free(host);
+}
+
 // A device-to-device KV stream over UCX (shared memory or TCP), staged through
 // pinned host memory: UCX built without CUDA support cannot reach device
 // memory, so the stream forces staging; the bytes land exactly, and every

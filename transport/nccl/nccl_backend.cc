@@ -3,6 +3,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -35,6 +36,8 @@ using cuda_internal::Stream;
 using cuda_internal::UseDevice;
 
 constexpr uint64_t kBlobVersion = 1;
+
+std::atomic<uint64_t> communicators_created{0};
 constexpr int kSenderRank = 0, kReceiverRank = 1;
 enum : uint64_t { kReuse = 0, kCreate = 1 };
 
@@ -68,6 +71,7 @@ class Comm {
       if (comm != nullptr) ncclCommAbort(comm);
       return NcclStatus(r, "ncclCommInitRankConfig");
     }
+    communicators_created.fetch_add(1, std::memory_order_relaxed);
     return std::unique_ptr<Comm>(new Comm(device, comm, std::move(stream)));
   }
   ~Comm() {
@@ -273,11 +277,9 @@ class NcclReceiver final : public DataReceiver {
     return b_.Queue(false, base_ + dst, len);
   }
   absl::StatusOr<bool> PollRecv(uint64_t ticket) override { return b_.Done(ticket); }
-  // Issues receives queued so far, so that the sender's matching sends can run.
-  bool Progress() override {
-    b_.Flush().IgnoreError();  // a failure is reported by the next PollRecv
-    return false;
-  }
+  // Issues the receives queued so far as one group (its CUDA event completes
+  // when all of them did), so that they never wait for later receives.
+  absl::Status FlushRecvs() override { return b_.Flush(); }
 
  private:
   Batcher b_;
@@ -386,9 +388,10 @@ class NcclBackend final : public Backend {
       }
       return std::unique_ptr<DataSender>(new NcclSender(o_, comms_, *offered));
     }
-    // The receiver created a new communicator (it had none of ours idle):
-    // join it. Our offered one stays cached for later streams.
-    release_offer();
+    // The receiver created a new communicator: it no longer has the one we
+    // offered (evicted, failed, restarted; its lease ends before its Done, so
+    // it is never merely busy), so ours is stale: drop it, then join the new one.
+    if (offered) comms_.Release(offered->key, /*reusable=*/false);
     ncclUniqueId id;
     std::memcpy(&id, id_bytes.data(), sizeof(id));
     PD_RETURN_IF_ERROR(UseDevice(o_.device));
@@ -424,6 +427,8 @@ class NcclBackend final : public Backend {
 };
 
 }  // namespace
+
+uint64_t NcclCommunicatorsCreated() { return communicators_created.load(std::memory_order_relaxed); }
 
 absl::StatusOr<std::unique_ptr<Backend>> NewNcclBackend(const NcclOptions& options) {
   const int n = CudaDeviceCount();

@@ -4,7 +4,9 @@
 //
 // Communicators: one 2-rank communicator per stream at a time (sender rank 0,
 // receiver rank 1), created lazily per prefill/decode pair and cached for
-// later streams to the same peer (at most max_communicators per backend,
+// later streams to the same peer (keyed by the peer's node name:
+// SendRequest::receiver_node on the sender, the manifest's sender node on the
+// receiver) (at most max_communicators per backend,
 // least recently used idle one evicted first; counted as
 // Resource::kCommunicator). Bootstrap over the control channel: the manifest's
 // backend blob names the communicator the sender would reuse; the receiver
@@ -14,9 +16,11 @@
 // docs/kv-format.md has the blob layouts.
 //
 // Each communicator owns one CUDA stream. Writes and receives are queued and
-// issued in ncclGroupStart/End batches on it; fences and receive tickets are
-// CUDA events, polled with cudaEventQuery (post-then-poll), as is
-// ncclCommGetAsyncError. A stream that ends with operations outstanding (the
+// issued in ncclGroupStart/End batches on it (a sender's at each fence, a
+// receiver's at each FlushRecvs, which the stream calls at layer boundaries;
+// at most group_ops per batch); fences and receive tickets are CUDA events
+// recorded after each batch, polled with cudaEventQuery (post-then-poll), as
+// is ncclCommGetAsyncError. A stream that ends with operations outstanding (the
 // peer died, the stream failed) aborts its communicator (ncclCommAbort),
 // waits for the CUDA stream to drain and drops the communicator from the
 // cache, so no receive can land in the arena afterwards.
@@ -53,6 +57,10 @@ struct NcclOptions {
 
 // FailedPrecondition when `device` does not exist (no GPU, no driver).
 absl::StatusOr<std::unique_ptr<Backend>> NewNcclBackend(const NcclOptions& options = {});
+
+// Communicators this process has started joining (both ends, every backend),
+// ever: a stream that reuses a cached communicator adds none.
+uint64_t NcclCommunicatorsCreated();
 
 }  // namespace pd::transport
 

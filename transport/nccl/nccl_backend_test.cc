@@ -53,6 +53,10 @@ class NcclTest : public ::testing::Test {
     so_.max_chunk_bytes = 1 << 20;
     ro_.model_fingerprint = kFingerprint;
     ro_.memory_ops = rx_ops_.get();
+    // The decode node listens on one port for every stream.
+    auto listener = ControlListener::Listen("127.0.0.1", 0);
+    ASSERT_TRUE(listener.ok()) << listener.status();
+    listener_ = std::move(*listener);
   }
   void TearDown() override {
     tx_.reset();
@@ -68,18 +72,18 @@ class NcclTest : public ::testing::Test {
 
   Stream Start(const std::string& request_id) {
     Stream out;
-    auto listener = *ControlListener::Listen("127.0.0.1", 0);
     std::thread t([&] {
-      auto ch = listener->Accept(absl::Now() + absl::Seconds(30));
+      auto ch = listener_->Accept(absl::Now() + absl::Seconds(30));
       if (!ch.ok()) {
         out.receiver = ch.status();
         return;
       }
       out.receiver = KvReceiver::Accept(*rx_, std::move(*ch), *dst_, ro_);
     });
-    auto ch = ControlChannel::Connect("127.0.0.1", listener->port(), absl::Now() + absl::Seconds(30));
+    auto ch = ControlChannel::Connect("127.0.0.1", listener_->port(), absl::Now() + absl::Seconds(30));
     EXPECT_TRUE(ch.ok());
-    out.sender = KvSender::Start(*tx_, std::move(*ch), *src_, {request_id, kFingerprint, seq_, kTokens}, so_);
+    out.sender = KvSender::Start(*tx_, std::move(*ch), *src_,
+                                 {request_id, kFingerprint, seq_, kTokens, "decode-gpu1"}, so_);
     t.join();
     return out;
   }
@@ -94,6 +98,17 @@ class NcclTest : public ::testing::Test {
     return testing::CompareSequences(*host_src_, seq_, *host_dst, rseq, kTokens);
   }
 
+  // One layer of the received sequence, copied to the host and compared.
+  absl::Status CheckLayer(int32_t rseq, int layer) {
+    auto host_dst = *testing::MakeCache(testing::V32Layout(), kLayers, kTokens, 1);
+    auto s = host_dst->CreateSequence();
+    if (!s.ok() || *s != rseq) return absl::InternalError("host mirror's sequence differs");
+    PD_RETURN_IF_ERROR(host_dst->Reserve(rseq, kTokens));
+    PD_RETURN_IF_ERROR(testing::CopyArena(*dst_, *host_dst));
+    return testing::CompareLayer(*host_src_, seq_, *host_dst, rseq, kTokens, layer);
+  }
+
+  std::unique_ptr<ControlListener> listener_;
   ResourceSnapshot baseline_;
   std::unique_ptr<kvcache::KvCache> host_src_, src_, dst_;
   int32_t seq_ = -1;
@@ -103,14 +118,27 @@ class NcclTest : public ::testing::Test {
   ReceiverOptions ro_;
 };
 
-// Byte-exact twice; the second stream reuses both ends' communicator.
+// Byte-exact twice; the second stream reuses both ends' communicator (the
+// sender finds it by the receiver's node name) and ships layer by layer, each
+// layer landing before the next is sent.
 TEST_F(NcclTest, Gpu0ToGpu1IsByteExactAndReusesTheCommunicator) {
   for (int round = 0; round < 2; ++round) {
     so_.checksum_every = round == 0 ? 1 : 4;  // every chunk, then a sample
+    const uint64_t created = NcclCommunicatorsCreated();
     Stream st = Start(absl::StrCat("nccl-", round));
     ASSERT_TRUE(st.sender.ok()) << st.sender.status();
     ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
-    for (int l = 0; l < kLayers; ++l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+    for (int l = 0; l < kLayers; ++l) {
+      ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+      if (round == 0) continue;
+      absl::Status ready = (*st.receiver)->WaitLayer(l, absl::Now() + absl::Seconds(10));
+      ASSERT_TRUE(ready.ok()) << "layer " << l << ": " << ready;
+      absl::Status cmp = CheckLayer((*st.receiver)->sequence(), l);
+      EXPECT_TRUE(cmp.ok()) << cmp;
+      if (l + 1 < kLayers) {
+        EXPECT_FALSE((*st.receiver)->LayerReady(l + 1));
+      }
+    }
     absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(60));
     ASSERT_TRUE(fin.ok()) << fin;
     ASSERT_TRUE((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10)).ok());
@@ -119,8 +147,11 @@ TEST_F(NcclTest, Gpu0ToGpu1IsByteExactAndReusesTheCommunicator) {
     ASSERT_TRUE(dst_->Release((*st.receiver)->sequence()).ok());
     st.sender->reset();
     st.receiver->reset();
-    // One communicator per end, cached for the next stream.
-    EXPECT_EQ(GetResourceCounters()[Resource::kCommunicator], baseline_[Resource::kCommunicator] + 2);
+    // One communicator per end, created by the first stream and reused by
+    // the second, cached for the next stream.
+    EXPECT_EQ(NcclCommunicatorsCreated() - created, round == 0 ? 2u : 0u) << "round " << round;
+    EXPECT_EQ(GetResourceCounters()[Resource::kCommunicator], baseline_[Resource::kCommunicator] + 2)
+        << "round " << round;
   }
 }
 
@@ -132,8 +163,13 @@ TEST_F(NcclTest, FailedStreamAbortsTheCommunicatorAndTheNextOneWorks) {
   {
     Stream st = Start("nccl-fail");
     ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    // Layer 0 alone lands, whatever the sender does next.
     ASSERT_TRUE((*st.sender)->SendLayer(0).ok());
-    ASSERT_TRUE((*st.receiver)->WaitLayer(0, absl::Now() + absl::Seconds(30)).ok());
+    absl::Status ready = (*st.receiver)->WaitLayer(0, absl::Now() + absl::Seconds(30));
+    ASSERT_TRUE(ready.ok()) << ready;
+    EXPECT_TRUE(CheckLayer((*st.receiver)->sequence(), 0).ok());
+    absl::SleepFor(absl::Milliseconds(200));
+    EXPECT_FALSE((*st.receiver)->LayerReady(1));
     (*st.receiver)->Abort(absl::CancelledError("decode node draining"));
     EXPECT_EQ((*st.receiver)->WaitDone(absl::Now() + absl::Seconds(5)).code(), absl::StatusCode::kCancelled);
     ASSERT_TRUE((*st.receiver)->WaitReleased(absl::Now() + absl::Seconds(5)).ok());
@@ -141,11 +177,15 @@ TEST_F(NcclTest, FailedStreamAbortsTheCommunicatorAndTheNextOneWorks) {
     EXPECT_EQ((*st.sender)->Finish(absl::Now() + absl::Seconds(10)).code(), absl::StatusCode::kCancelled);
   }
   EXPECT_EQ(GetResourceCounters()[Resource::kCommunicator], baseline_[Resource::kCommunicator]);
+  const uint64_t created = NcclCommunicatorsCreated();
   Stream st = Start("nccl-after");
   ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
   for (int l = 0; l < kLayers; ++l) ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
-  ASSERT_TRUE((*st.sender)->Finish(absl::Now() + absl::Seconds(60)).ok());
-  EXPECT_TRUE(CheckReceived((*st.receiver)->sequence()).ok());
+  absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(60));
+  ASSERT_TRUE(fin.ok()) << fin;
+  absl::Status cmp = CheckReceived((*st.receiver)->sequence());
+  EXPECT_TRUE(cmp.ok()) << cmp;
+  EXPECT_EQ(NcclCommunicatorsCreated() - created, 2u);  // a fresh pair
 }
 
 TEST_F(NcclTest, HostMemoryIsRejected) {

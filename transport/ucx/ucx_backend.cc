@@ -3,11 +3,15 @@
 #include <sys/epoll.h>
 #include <unistd.h>
 #include <ucp/api/ucp.h>
+#include <ucs/debug/log_def.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdarg>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <algorithm>
 #include <list>
 #include <map>
@@ -42,11 +46,40 @@ using blob::GetU64;
 using blob::PutBytes;
 using blob::PutU64;
 
+// UCX 1.13's shared-memory transports cannot detect a dead peer: creating an
+// endpoint with UCP_ERR_HANDLING_MODE_PEER to a peer reachable only through
+// them fails with UNREACHABLE, and UCX first logs "no active messages
+// transport to <...>: posix/memory - no peer failure handler" as an ERROR.
+// Peer::Create expects that failure and retries without peer error handling,
+// so while it probes, on its thread, this handler turns that one message into
+// a VLOG; every other UCX message passes.
+thread_local bool probing_peer_error_mode = false;
+
+ucs_log_func_rc_t FilterPeerModeProbe(const char* file, unsigned line, const char* function,
+                                      ucs_log_level_t level, const ucs_log_component_config_t* comp,
+                                      const char* format, va_list ap) {
+  if (!probing_peer_error_mode || level != UCS_LOG_LEVEL_ERROR) return UCS_LOG_FUNC_RC_CONTINUE;
+  char text[512];
+  va_list copy;
+  va_copy(copy, ap);
+  std::vsnprintf(text, sizeof(text), format, copy);
+  va_end(copy);
+  if (std::strstr(text, "no peer failure handler") == nullptr) return UCS_LOG_FUNC_RC_CONTINUE;
+  VLOG(1) << "UCX (expected while probing peer error handling): " << text;
+  return UCS_LOG_FUNC_RC_STOP;
+}
+
+void InstallUcxLogFilter() {
+  static std::once_flag once;
+  std::call_once(once, [] { ucs_log_push_handler(FilterPeerModeProbe); });
+}
+
 // Owns the ucp context, worker and the progress thread.
 class Worker {
  public:
   static absl::StatusOr<std::unique_ptr<Worker>> Create(const UcxOptions& o) {
     auto w = std::unique_ptr<Worker>(new Worker(o));
+    InstallUcxLogFilter();
     ucp_config_t* config = nullptr;
     ucs_status_t s = ucp_config_read(nullptr, nullptr, &config);
     if (s != UCS_OK) return UcsError(s, "ucp_config_read");
@@ -328,8 +361,10 @@ class Peer {
     ep.err_mode = error_handling ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
     ep.err_handler.cb = EpError;
     ep.err_handler.arg = &peer->failure_;
+    probing_peer_error_mode = error_handling;
     ucs_status_t s = ucp_ep_create(w.worker(), &ep, &peer->ep_);
-    if (s == UCS_ERR_UNREACHABLE) {
+    probing_peer_error_mode = false;
+    if (s == UCS_ERR_UNREACHABLE && error_handling) {
       // Some transports (UCX 1.13's shared memory) cannot detect a dead peer;
       // then the control channel's heartbeat is the only failure detector.
       ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
@@ -579,6 +614,8 @@ class UcxSender final : public DataSender {
 
   bool Progress() override { return direct_ == nullptr && worker_.Drive(); }
 
+  uint8_t* mapped_destination() const override { return direct_; }
+
   void Abandon() override {
     peer_->Abandon();
     cache_.Evict(peer_.get());
@@ -626,10 +663,19 @@ class UcxBackend final : public Backend {
       return absl::FailedPreconditionError("UCX reports no CUDA memory support: stage device memory");
     }
     std::shared_ptr<Registration> reg;
-    if (region.persistent) {
+    {
       absl::MutexLock lock(&mu_);
-      auto it = cache_.find(region.base);
-      if (it != cache_.end() && it->second->region().bytes == region.bytes) reg = it->second;
+      if (region.persistent) {
+        auto it = cache_.find(region.base);
+        if (it != cache_.end() && it->second->region().bytes == region.bytes) reg = it->second;
+      } else {
+        // A staging ring from AllocateStagingRing: registered at allocation.
+        auto it = rings_.find(region.base);
+        if (it != rings_.end()) {
+          std::shared_ptr<Registration> r = it->second.lock();
+          if (r != nullptr && r->region().bytes == region.bytes) reg = std::move(r);
+        }
+      }
     }
     if (reg == nullptr) {
       PD_ASSIGN_OR_RETURN(reg, Registration::Create(*worker_, region));
@@ -678,6 +724,12 @@ class UcxBackend final : public Backend {
     cache_.erase(base);
   }
 
+  // UCX-allocated host memory: on shared-memory transports a sender maps it
+  // (ucp_rkey_ptr) and copies into it directly, where memory registered
+  // from elsewhere (e.g. cudaHostAlloc) could only take puts emulated with
+  // active messages (two copies, 8 KiB segments: ~3 GB/s, docs/perf.md).
+  absl::StatusOr<std::unique_ptr<StagingBuffer>> AllocateStagingRing(size_t bytes) override;
+
   // For NewUcxArenaAllocator: allocate + register, entered in the cache.
   absl::StatusOr<uint8_t*> AllocateArena(size_t bytes) {
     PD_ASSIGN_OR_RETURN(std::shared_ptr<Registration> reg, Registration::Allocate(*worker_, bytes));
@@ -696,7 +748,41 @@ class UcxBackend final : public Backend {
   absl::Mutex mu_;
   // Registrations of persistent regions (cache arenas), by base address.
   std::map<const uint8_t*, std::shared_ptr<Registration>> cache_ ABSL_GUARDED_BY(mu_);
+  // Live staging rings from AllocateStagingRing, by base address.
+  std::map<const uint8_t*, std::weak_ptr<Registration>> rings_ ABSL_GUARDED_BY(mu_);
+
+  friend class UcxRing;
 };
+
+// A staging ring allocated and registered by UCX (the registration unmaps
+// and frees it when the ring and every stream that listened on it let go).
+class UcxRing final : public StagingBuffer {
+ public:
+  UcxRing(UcxBackend& b, std::shared_ptr<Registration> reg)
+      : backend_(b), reg_(std::move(reg)), token_(Resource::kPinnedBuffer, reg_->region().bytes) {}
+  ~UcxRing() override {
+    absl::MutexLock lock(&backend_.mu_);
+    backend_.rings_.erase(reg_->region().base);
+  }
+  uint8_t* data() const override { return reg_->region().base; }
+  size_t size() const override { return reg_->region().bytes; }
+
+ private:
+  UcxBackend& backend_;
+  std::shared_ptr<Registration> reg_;
+  ResourceToken token_;
+};
+
+absl::StatusOr<std::unique_ptr<StagingBuffer>> UcxBackend::AllocateStagingRing(size_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("zero-byte staging ring");
+  PD_ASSIGN_OR_RETURN(std::shared_ptr<Registration> reg, Registration::Allocate(*worker_, bytes));
+  std::memset(reg->region().base, 0, bytes);
+  {
+    absl::MutexLock lock(&mu_);
+    rings_[reg->region().base] = reg;
+  }
+  return std::unique_ptr<StagingBuffer>(new UcxRing(*this, std::move(reg)));
+}
 
 class UcxArenaAllocator final : public kvcache::Allocator {
  public:

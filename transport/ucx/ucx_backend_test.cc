@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -134,6 +136,54 @@ TEST_P(UcxStreamTest, StagedRoundTrip) {
   // The endpoint stays cached; the per-stream ring's key does not.
   ExpectRequestResourcesReleased(baseline_, 1, 0);
   // The per-stream ring registration ended with the stream.
+  EXPECT_EQ(GetResourceCounters()[Resource::kRegisteredRegion], baseline_[Resource::kRegisteredRegion]);
+}
+
+// Staging rings come from UCX itself: over shared memory the sender maps the
+// receiver's ring and stores into it directly (a staged device stream copies
+// device-to-host straight into the slot); over TCP it cannot, and puts do.
+TEST_P(UcxStreamTest, StagingRingIsMappedIntoSendersOnSharedMemory) {
+  const bool shm = std::string(GetParam()) == "posix";
+  {
+    auto ring = rx_->AllocateStagingRing(1 << 20);
+    ASSERT_TRUE(ring.ok()) << ring.status();
+    EXPECT_EQ(GetResourceCounters()[Resource::kPinnedBuffer], baseline_[Resource::kPinnedBuffer] + 1);
+    EXPECT_EQ(GetResourceCounters()[Resource::kRegisteredRegion], baseline_[Resource::kRegisteredRegion] + 1);
+    EXPECT_TRUE(std::all_of((*ring)->data(), (*ring)->data() + (*ring)->size(), [](uint8_t b) { return b == 0; }));
+    PeerContext peer{"ring-1", "decode", "prefill"};
+    auto recv = rx_->Listen({(*ring)->data(), (*ring)->size(), false, false}, "", peer,
+                            absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(recv.ok()) << recv.status();
+    // Listen reused the ring's registration.
+    EXPECT_EQ(GetResourceCounters()[Resource::kRegisteredRegion], baseline_[Resource::kRegisteredRegion] + 1);
+    auto send = tx_->Connect({}, (*recv)->info(), peer, absl::Now() + absl::Seconds(5));
+    ASSERT_TRUE(send.ok()) << send.status();
+    std::vector<uint8_t> pattern(4096);
+    for (size_t i = 0; i < pattern.size(); ++i) pattern[i] = uint8_t(i * 7 + 1);
+    uint8_t* mapped = (*send)->mapped_destination();
+    EXPECT_EQ(mapped != nullptr, shm);
+    if (mapped != nullptr) {
+      std::memcpy(mapped + 8192, pattern.data(), pattern.size());
+    } else {
+      ASSERT_TRUE((*send)->PostWrite(pattern.data(), 8192, pattern.size()).ok());
+    }
+    auto fence = (*send)->PostFence();
+    ASSERT_TRUE(fence.ok());
+    const absl::Time until = absl::Now() + absl::Seconds(5);
+    while (true) {
+      auto done = (*send)->PollFence(*fence);
+      ASSERT_TRUE(done.ok()) << done.status();
+      if (*done || absl::Now() > until) break;
+      (*recv)->Progress();
+    }
+    // Emulated puts land when the receiver's worker progresses.
+    while (!std::equal(pattern.begin(), pattern.end(), (*ring)->data() + 8192) && absl::Now() < until) {
+      (*recv)->Progress();
+    }
+    EXPECT_TRUE(std::equal(pattern.begin(), pattern.end(), (*ring)->data() + 8192));
+  }
+  // The ring, its registration and the mapping went with their owners.
+  ExpectRequestResourcesReleased(baseline_, 1, 0);
   EXPECT_EQ(GetResourceCounters()[Resource::kRegisteredRegion], baseline_[Resource::kRegisteredRegion]);
 }
 
