@@ -6,20 +6,30 @@
 //   nccl_plain    a plain ncclSend/ncclRecv loop over distinct device buffers
 //                 of the same total size, in messages of --plain_chunks MiB
 //                 (0: the whole KV as one message), one op per message
+//   nccl_plain_kv a plain ncclSend/ncclRecv loop over the stream's own
+//                 messages (the KV's objects in the caches: per layer the
+//                 summaries, the keys and the MLA latents, cut at the chunk
+//                 size), one op per message (ops=single) or one ncclGroup per
+//                 layer (ops=layer_group): what NCCL itself achieves with the
+//                 KV's message sizes, with no protocol around it
 //   ucx_staged    KvSender/KvReceiver over UCX (UCX_TLS, default posix) with
-//                 device memory staged through pinned host buffers
+//                 device memory staged through host memory (the receiver's
+//                 UCX-allocated ring, mapped into the sender on shared memory)
+// nccl_stream runs once per --batch_chunks x --checksum_every combination
+// (checksum_every=0: checksums off); the first is the headline figure.
 // One process, one thread per rank (GPU 0 sends, GPU 1 receives); stream
 // timings run from the first SendLayer to the sender's Finish (every chunk
 // landed and acknowledged). The first stream of each mode is checked byte for
 // byte against the source (--verify=1).
 //
 //   kv_gpu_bench [--tokens=32768,131072] [--layers=61] [--iters=5]
-//                [--modes=nccl,plain,ucx] [--chunk_mb=64] [--checksum_every=64]
-//                [--plain_chunks=4,64,0] [--credit_mb=4096] [--ucx_chunk_mb=4]
+//                [--modes=nccl,plain,plain_kv,ucx] [--chunk_mb=64]
+//                [--checksum_every=64] [--batch_chunks=8] [--plain_chunks=4,64,0]
+//                [--credit_mb=4096] [--ucx_chunk_mb=4] [--ucx_checksum_every=1]
 //                [--verify=1]
 // Prints one RESULT line per measurement and RATIO lines:
 //   RESULT mode=nccl_stream tokens=.. bytes=.. chunk_bytes=.. best_gbps=.. median_gbps=..
-//   RATIO tokens=.. stream_vs_plain_same_chunk=.. stream_vs_best_plain=..
+//   RATIO tokens=.. stream_vs_plain_same_chunk=.. stream_vs_best_plain=.. stream_vs_plain_kv=..
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
@@ -38,6 +48,7 @@
 #include "absl/synchronization/barrier.h"
 #include "common/logging.h"
 #include "common/status.h"
+#include "transport/chunk_plan.h"
 #include "transport/cuda/cuda_memory.h"
 #include "transport/kv_stream.h"
 #include "transport/nccl/nccl_backend.h"
@@ -121,6 +132,14 @@ class PlainNccl {
   ~PlainNccl() {
     for (int r = 0; r < 2; ++r) {
       cudaSetDevice(r);
+      for (void* b : stage_[r]) cudaFree(b);
+      if (copy_stream_[r] != nullptr) {
+        cudaStreamDestroy(copy_stream_[r]);
+        for (int k = 0; k < 2; ++k) {
+          cudaEventDestroy(copied_[r][k]);
+          cudaEventDestroy(moved_[r][k]);
+        }
+      }
       ncclCommDestroy(comm_[r]);
       cudaStreamDestroy(stream_[r]);
       cudaFree(buf_[r]);
@@ -154,11 +173,149 @@ class PlainNccl {
     return double(bytes_) / std::max(secs[0], secs[1]) / 1e9;
   }
 
+  // GB/s of one pass over `ops` (send from src + op.src on GPU 0 into
+  // dst + op.dst on GPU 1), each its own launch, or one ncclGroup per layer
+  // (`layer_first` as in a ChunkPlan: ops of layer L are [layer_first[L],
+  // layer_first[L+1])).
+  double RunOps(uint8_t* src, uint8_t* dst, const std::vector<Segment>& ops,
+                const std::vector<size_t>& layer_first, bool group_layers) {
+    absl::Barrier* start = new absl::Barrier(2);
+    double secs[2] = {0, 0};
+    uint64_t bytes = 0;
+    for (const Segment& o : ops) bytes += o.len;
+    std::thread t[2];
+    for (int r = 0; r < 2; ++r) {
+      t[r] = std::thread([&, r] {
+        CUDA_CHECK(cudaSetDevice(r));
+        CUDA_CHECK(cudaStreamSynchronize(stream_[r]));
+        if (start->Block()) delete start;
+        const absl::Time t0 = absl::Now();
+        auto op = [&](const Segment& o) {
+          if (r == 0) {
+            NCCL_CHECK(ncclSend(src + o.src, o.len, ncclUint8, 1, comm_[0], stream_[0]));
+          } else {
+            NCCL_CHECK(ncclRecv(dst + o.dst, o.len, ncclUint8, 0, comm_[1], stream_[1]));
+          }
+        };
+        for (size_t l = 0; l + 1 < layer_first.size(); ++l) {
+          if (group_layers) NCCL_CHECK(ncclGroupStart());
+          for (size_t i = layer_first[l]; i < layer_first[l + 1]; ++i) op(ops[i]);
+          if (group_layers) NCCL_CHECK(ncclGroupEnd());
+        }
+        CUDA_CHECK(cudaStreamSynchronize(stream_[r]));
+        secs[r] = absl::ToDoubleSeconds(absl::Now() - t0);
+      });
+    }
+    for (auto& x : t) x.join();
+    return double(bytes) / std::max(secs[0], secs[1]) / 1e9;
+  }
+
+  // GB/s of one pass over `ops` packed into units: consecutive ops of at most
+  // `unit_bytes` together (a unit never spans layers when `per_layer`; an
+  // op larger than the limit is a unit of its own). The sender gathers each
+  // unit with device-to-device copies into one of two staging buffers on a
+  // copy stream and sends it as one message; the receiver receives into one
+  // of two staging buffers and scatters it on its copy stream. Unit i's
+  // copies overlap unit i-1's transfer. What packing the KV's small messages
+  // into large ones would give (the stream does not pack).
+  double RunPacked(uint8_t* src, uint8_t* dst, const std::vector<Segment>& ops,
+                   const std::vector<size_t>& layer_first, uint64_t unit_bytes, bool per_layer) {
+    std::vector<std::pair<size_t, size_t>> units;  // [begin, end) into ops
+    std::vector<uint64_t> unit_len;
+    std::vector<bool> starts_layer(ops.size() + 1, false);
+    for (size_t b : layer_first) starts_layer[b] = true;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      const bool fresh = units.empty() || (per_layer && starts_layer[i]) ||
+                         unit_len.back() + ops[i].len > unit_bytes;
+      if (fresh) {
+        units.push_back({i, i});
+        unit_len.push_back(0);
+      }
+      units.back().second = i + 1;
+      unit_len.back() += ops[i].len;
+    }
+    const uint64_t max_unit = *std::max_element(unit_len.begin(), unit_len.end());
+    for (int r = 0; r < 2; ++r) {
+      CUDA_CHECK(cudaSetDevice(r));
+      if (stage_bytes_ < max_unit) {
+        for (auto& b : stage_[r]) {
+          if (b != nullptr) CUDA_CHECK(cudaFree(b));
+          CUDA_CHECK(cudaMalloc(&b, max_unit));
+        }
+      }
+      if (copy_stream_[r] == nullptr) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_[r], cudaStreamNonBlocking));
+        for (int k = 0; k < 2; ++k) {
+          CUDA_CHECK(cudaEventCreateWithFlags(&copied_[r][k], cudaEventDisableTiming));
+          CUDA_CHECK(cudaEventCreateWithFlags(&moved_[r][k], cudaEventDisableTiming));
+        }
+      }
+    }
+    stage_bytes_ = std::max(stage_bytes_, max_unit);
+    absl::Barrier* start = new absl::Barrier(2);
+    double secs[2] = {0, 0};
+    uint64_t bytes = 0;
+    for (uint64_t n : unit_len) bytes += n;
+    std::thread t[2];
+    for (int r = 0; r < 2; ++r) {
+      t[r] = std::thread([&, r] {
+        CUDA_CHECK(cudaSetDevice(r));
+        CUDA_CHECK(cudaStreamSynchronize(stream_[r]));
+        if (start->Block()) delete start;
+        const absl::Time t0 = absl::Now();
+        for (size_t u = 0; u < units.size(); ++u) {
+          const int k = int(u % 2);
+          uint8_t* stage = static_cast<uint8_t*>(stage_[r][k]);
+          if (r == 0) {
+            // Gather: the buffer is free once its previous send completed.
+            if (u >= 2) CUDA_CHECK(cudaStreamWaitEvent(copy_stream_[0], moved_[0][k]));
+            uint64_t off = 0;
+            for (size_t i = units[u].first; i < units[u].second; ++i) {
+              CUDA_CHECK(cudaMemcpyAsync(stage + off, src + ops[i].src, ops[i].len, cudaMemcpyDeviceToDevice,
+                                         copy_stream_[0]));
+              off += ops[i].len;
+            }
+            CUDA_CHECK(cudaEventRecord(copied_[0][k], copy_stream_[0]));
+            CUDA_CHECK(cudaStreamWaitEvent(stream_[0], copied_[0][k]));
+            NCCL_CHECK(ncclSend(stage, unit_len[u], ncclUint8, 1, comm_[0], stream_[0]));
+            CUDA_CHECK(cudaEventRecord(moved_[0][k], stream_[0]));
+          } else {
+            // Receive: the buffer is free once its previous scatter completed.
+            if (u >= 2) CUDA_CHECK(cudaStreamWaitEvent(stream_[1], copied_[1][k]));
+            NCCL_CHECK(ncclRecv(stage, unit_len[u], ncclUint8, 0, comm_[1], stream_[1]));
+            CUDA_CHECK(cudaEventRecord(moved_[1][k], stream_[1]));
+            CUDA_CHECK(cudaStreamWaitEvent(copy_stream_[1], moved_[1][k]));
+            uint64_t off = 0;
+            for (size_t i = units[u].first; i < units[u].second; ++i) {
+              CUDA_CHECK(cudaMemcpyAsync(dst + ops[i].dst, stage + off, ops[i].len, cudaMemcpyDeviceToDevice,
+                                         copy_stream_[1]));
+              off += ops[i].len;
+            }
+            CUDA_CHECK(cudaEventRecord(copied_[1][k], copy_stream_[1]));
+          }
+        }
+        CUDA_CHECK(cudaStreamSynchronize(stream_[r]));
+        CUDA_CHECK(cudaStreamSynchronize(copy_stream_[r]));
+        secs[r] = absl::ToDoubleSeconds(absl::Now() - t0);
+      });
+    }
+    for (auto& x : t) x.join();
+    units_ = units.size();
+    return double(bytes) / std::max(secs[0], secs[1]) / 1e9;
+  }
+  size_t units() const { return units_; }
+
  private:
   const uint64_t bytes_;
   void* buf_[2] = {nullptr, nullptr};
   cudaStream_t stream_[2] = {nullptr, nullptr};
   ncclComm_t comm_[2] = {nullptr, nullptr};
+  // RunPacked: two staging buffers per GPU, a copy stream and its events.
+  void* stage_[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
+  uint64_t stage_bytes_ = 0;
+  cudaStream_t copy_stream_[2] = {nullptr, nullptr};
+  cudaEvent_t copied_[2][2] = {}, moved_[2][2] = {};
+  size_t units_ = 0;
 };
 
 // Device caches on GPU 0 (filled, one sequence) and GPU 1, plus the host
@@ -179,6 +336,38 @@ Caches MakeCaches(int layers, int64_t tokens) {
   PD_CHECK_OK(testing::CopyArena(*c.host_src, *c.src));
   c.dst = *testing::MakeCache(testing::V32Layout(), layers, tokens, 1, NewCudaDeviceAllocator(1));
   return c;
+}
+
+// The stream's messages: its chunk plan between the two caches' sequence
+// (each fresh cache gives the sequence the same pages), flattened to
+// segments, with the first segment of each layer.
+absl::Status KvMessages(const Caches& c, int layers, int64_t tokens, uint64_t chunk, std::vector<Segment>* ops,
+                        std::vector<size_t>* layer_first) {
+  auto side = [&](const kvcache::KvCache& cache) {
+    SideLayout s;
+    s.pages = cache.PageTable(c.seq);
+    s.pages.resize(size_t(kernels::NumPages(tokens)));
+    for (int l = 0; l < layers; ++l) {
+      s.mla.push_back(uint64_t(cache.MlaPool(l) - cache.arena()));
+      s.index.push_back(uint64_t(cache.IndexPool(l) - cache.arena()));
+      s.summary.push_back(uint64_t(reinterpret_cast<const uint8_t*>(cache.Summaries(l, c.seq)) - cache.arena()));
+    }
+    return s;
+  };
+  // The destination cache has no sequence yet: mirror the source's (same
+  // options, so the same offsets and page ids).
+  SideLayout src = side(*c.src);
+  PlanParams params{testing::V32Layout(), uint32_t(layers), uint64_t(tokens), chunk};
+  PD_ASSIGN_OR_RETURN(ChunkPlan plan, MakeChunkPlan(params, src, src));
+  ops->clear();
+  layer_first->assign(1, 0);
+  for (int l = 0; l < layers; ++l) {
+    for (uint32_t id = plan.layer_first[l]; id < plan.layer_first[l + 1]; ++id) {
+      for (const Segment& s : plan.chunks[id].segments) ops->push_back(s);
+    }
+    layer_first->push_back(ops->size());
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Verify(Caches& c, int layers, int64_t tokens, int32_t rseq) {
@@ -208,7 +397,8 @@ std::vector<double> RunStreams(Backend& tx, Backend& rx, Caches& c, int layers, 
     auto ch = ControlChannel::Connect("127.0.0.1", listener->port(), absl::Now() + absl::Seconds(60));
     PD_CHECK_OK(ch.status());
     auto sender = KvSender::Start(tx, std::move(*ch), *c.src,
-                                  {absl::StrCat(mode, "-", tokens, "-", it), "bench", c.seq, tokens}, so);
+                                  {absl::StrCat(mode, "-", tokens, "-", it), "bench", c.seq, tokens, "bench-gpu1"},
+                                  so);
     PD_CHECK_OK(sender.status());
     acceptor.join();
     const absl::Time t0 = absl::Now();
@@ -244,17 +434,21 @@ int Main(const Flags& f) {
   const int layers = int(Int(f, "layers", 61));
   const int iters = int(Int(f, "iters", 5));
   const bool verify = Int(f, "verify", 1) != 0;
-  const std::string modes = f.count("modes") ? f.at("modes") : "nccl,plain,ucx";
+  const std::string modes = f.count("modes") ? f.at("modes") : "nccl,plain,plain_kv,ucx";
   auto has = [&](const char* m) { return absl::StrContains(absl::StrCat(",", modes, ","), absl::StrCat(",", m, ",")); };
   const uint64_t chunk = uint64_t(Int(f, "chunk_mb", 64)) << 20;
+  const std::vector<int64_t> batch_list = IntList(f, "batch_chunks", "8");
+  const std::vector<int64_t> csum_list = IntList(f, "checksum_every", "64");
+  if (batch_list.empty() || csum_list.empty()) {
+    std::fprintf(stderr, "kv_gpu_bench: --batch_chunks and --checksum_every need a value\n");
+    return 2;
+  }
 
   auto tx_ops = *NewCudaMemoryOps({.device = 0});
   auto rx_ops = *NewCudaMemoryOps({.device = 1});
   SenderOptions so;
   so.memory_ops = tx_ops.get();
   so.max_chunk_bytes = chunk;
-  so.checksum_every = uint32_t(Int(f, "checksum_every", 64));
-  so.max_batch_chunks = 8;
   so.progress_timeout = absl::Seconds(60);
   ReceiverOptions ro;
   ro.model_fingerprint = "bench";
@@ -273,9 +467,22 @@ int Main(const Flags& f) {
       auto rx = NewNcclBackend({.device = 1});
       PD_CHECK_OK(tx.status());
       PD_CHECK_OK(rx.status());
-      stream = Summarize(RunStreams(**tx, **rx, c, layers, tokens, iters, so, ro, verify, "nccl_stream"));
-      PrintResult("nccl_stream", tokens, c.bytes, chunk, stream,
-                  absl::StrCat(" checksum_every=", so.checksum_every));
+      bool first = true;
+      for (int64_t csum : csum_list) {
+        for (int64_t batch : batch_list) {
+          SenderOptions v = so;
+          v.checksum = csum > 0;
+          v.checksum_every = uint32_t(std::max<int64_t>(1, csum));
+          v.max_batch_chunks = int(batch);
+          Stats s = Summarize(RunStreams(**tx, **rx, c, layers, tokens, iters, v, ro, verify && first,
+                                         "nccl_stream"));
+          PrintResult("nccl_stream", tokens, c.bytes, chunk, s,
+                      absl::StrCat(" checksum_every=", csum, " batch_chunks=", batch,
+                                   first ? " headline=1" : " headline=0"));
+          if (first) stream = s;
+          first = false;
+        }
+      }
     }
     if (c.bytes == 0) {
       // The stream did not run: size the references by the chunk plan's total.
@@ -283,24 +490,65 @@ int Main(const Flags& f) {
                                         (testing::V32Layout().MlaPageBytes() + testing::V32Layout().IndexPageBytes()) +
                                     uint64_t(kernels::CeilDiv(tokens, 1024)) * testing::V32Layout().SummaryBytes());
     }
-    double best_plain = 0, same_chunk = 0;
-    if (has("plain")) {
+    double best_plain = 0, same_chunk = 0, plain_kv = 0;
+    if (has("plain") || has("plain_kv")) {
       PlainNccl plain(c.bytes);
-      for (int64_t mb : IntList(f, "plain_chunks", "4,64,0")) {
-        const uint64_t pc = uint64_t(mb) << 20;
-        plain.Run(pc);  // warm-up
-        std::vector<double> v;
-        for (int it = 0; it < iters; ++it) v.push_back(plain.Run(pc));
-        Stats s = Summarize(v);
-        PrintResult("nccl_plain", tokens, c.bytes, pc == 0 ? c.bytes : pc, s);
-        best_plain = std::max(best_plain, s.best);
-        if (pc == chunk) same_chunk = s.best;
+      if (has("plain")) {
+        for (int64_t mb : IntList(f, "plain_chunks", "4,64,0")) {
+          const uint64_t pc = uint64_t(mb) << 20;
+          plain.Run(pc);  // warm-up
+          std::vector<double> v;
+          for (int it = 0; it < iters; ++it) v.push_back(plain.Run(pc));
+          Stats s = Summarize(v);
+          PrintResult("nccl_plain", tokens, c.bytes, pc == 0 ? c.bytes : pc, s);
+          best_plain = std::max(best_plain, s.best);
+          if (pc == chunk) same_chunk = s.best;
+        }
+      }
+      if (has("plain_kv")) {
+        std::vector<Segment> ops;
+        std::vector<size_t> layer_first;
+        PD_CHECK_OK(KvMessages(c, layers, tokens, chunk, &ops, &layer_first));
+        for (bool grouped : {false, true}) {
+          plain.RunOps(c.src->arena(), c.dst->arena(), ops, layer_first, grouped);  // warm-up
+          std::vector<double> v;
+          for (int it = 0; it < iters; ++it) {
+            v.push_back(plain.RunOps(c.src->arena(), c.dst->arena(), ops, layer_first, grouped));
+          }
+          Stats s = Summarize(v);
+          PrintResult("nccl_plain_kv", tokens, c.bytes, chunk, s,
+                      absl::StrCat(" ops=", grouped ? "layer_group" : "single", " messages=", ops.size()));
+          plain_kv = std::max(plain_kv, s.best);
+        }
+        // Packing the messages: one per layer, or up to 64 MiB across layers.
+        // Checked once: the destination is cleared, then compared.
+        for (bool per_layer : {true, false}) {
+          const uint64_t unit = per_layer ? UINT64_MAX : uint64_t(64) << 20;
+          CUDA_CHECK(cudaSetDevice(1));
+          CUDA_CHECK(cudaMemset(c.dst->arena(), 0, c.dst->arena_bytes()));
+          CUDA_CHECK(cudaDeviceSynchronize());
+          plain.RunPacked(c.src->arena(), c.dst->arena(), ops, layer_first, unit, per_layer);
+          if (verify) {
+            absl::Status st = Verify(c, layers, tokens, c.seq);
+            std::printf("VERIFY mode=nccl_plain_kv ops=%s tokens=%lld %s\n",
+                        per_layer ? "layer_packed" : "packed_64", (long long)tokens,
+                        st.ok() ? "OK" : std::string(st.ToString()).c_str());
+          }
+          std::vector<double> v;
+          for (int it = 0; it < iters; ++it) {
+            v.push_back(plain.RunPacked(c.src->arena(), c.dst->arena(), ops, layer_first, unit, per_layer));
+          }
+          Stats s = Summarize(v);
+          PrintResult("nccl_plain_kv", tokens, c.bytes, chunk, s,
+                      absl::StrCat(" ops=", per_layer ? "layer_packed" : "packed_64", " messages=", plain.units()));
+        }
       }
     }
-    if (has("nccl") && has("plain")) {
-      std::printf("RATIO tokens=%lld stream_vs_plain_same_chunk=%.3f stream_vs_best_plain=%.3f\n",
+    if (has("nccl") && (has("plain") || has("plain_kv"))) {
+      std::printf("RATIO tokens=%lld stream_vs_plain_same_chunk=%.3f stream_vs_best_plain=%.3f "
+                  "stream_vs_plain_kv=%.3f\n",
                   (long long)tokens, same_chunk > 0 ? stream.best / same_chunk : 0.0,
-                  best_plain > 0 ? stream.best / best_plain : 0.0);
+                  best_plain > 0 ? stream.best / best_plain : 0.0, plain_kv > 0 ? stream.best / plain_kv : 0.0);
     }
     if (has("ucx")) {
       if (std::getenv("UCX_TLS") == nullptr) setenv("UCX_TLS", "posix", 1);
@@ -308,17 +556,22 @@ int Main(const Flags& f) {
       auto rx = NewUcxBackend();
       PD_CHECK_OK(tx.status());
       PD_CHECK_OK(rx.status());
-      SenderOptions uso = so;
-      uso.max_chunk_bytes = uint64_t(Int(f, "ucx_chunk_mb", 4)) << 20;
-      uso.staged = true;
-      uso.checksum_every = 1;
-      ReceiverOptions uro = ro;
-      uro.staging_slots = 16;
-      Stats s = Summarize(RunStreams(**tx, **rx, c, layers, tokens, std::max(1, iters / 2), uso, uro, verify,
-                                     "ucx_staged"));
-      PrintResult("ucx_staged", tokens, c.bytes, uso.max_chunk_bytes, s,
-                  absl::StrCat(" tls=", std::getenv("UCX_TLS"), " device_memory=",
-                               (*tx)->supports_device_memory() ? "direct" : "staged"));
+      for (int64_t csum : IntList(f, "ucx_checksum_every", "1")) {
+        SenderOptions uso = so;
+        uso.max_chunk_bytes = uint64_t(Int(f, "ucx_chunk_mb", 4)) << 20;
+        uso.staged = true;
+        uso.checksum = csum > 0;
+        uso.checksum_every = uint32_t(std::max<int64_t>(1, csum));
+        uso.max_batch_chunks = 8;
+        ReceiverOptions uro = ro;
+        uro.staging_slots = 16;
+        Stats s = Summarize(RunStreams(**tx, **rx, c, layers, tokens, std::max(1, iters / 2), uso, uro, verify,
+                                       "ucx_staged"));
+        PrintResult("ucx_staged", tokens, c.bytes, uso.max_chunk_bytes, s,
+                    absl::StrCat(" tls=", std::getenv("UCX_TLS"), " device_memory=",
+                                 (*tx)->supports_device_memory() ? "direct" : "staged",
+                                 " checksum_every=", csum));
+      }
     }
   }
   return 0;
