@@ -56,7 +56,12 @@ timeout -k 5 60 "$T_PLAN" > /tmp/test_plan.log 2>&1; echo "plan test rc=$?"
 tail -1 /tmp/test_plan.log
 timeout -k 5 ${TEST_S:-200} "$T_IDX" > "$OUT/test_gpu.log" 2>&1; echo "gpu test rc=$?"
 timeout -k 5 ${TEST_S:-200} "$T_MLA" >> "$OUT/test_gpu.log" 2>&1; echo "mla test rc=$?"
-grep -E "^\[  FAILED|^\[==|Failure|error|swaps|differences|prep:" "$OUT/test_gpu.log" | head -60
+# The model's GPU engine launches these selection kernels too (its own test).
+if [ -n "${BIN:-}" ] && [ -x "$BIN/kernels_cuda_model_test" ]; then
+  timeout -k 5 ${TEST_S:-200} "$BIN/kernels_cuda_model_test" >> "$OUT/test_gpu.log" 2>&1
+  echo "model kernels test rc=$?"
+fi
+grep -E "^\[  FAILED|^\[==|Failure|error|swaps|differences|prep:" "$OUT/test_gpu.log" | head -80
 
 # 4. Benchmarks and plots.
 if [ "$MODE" = quick ]; then BARGS=--quick; else BARGS=; fi
@@ -106,7 +111,7 @@ if [ -n "${SAN:-}" ] && command -v compute-sanitizer >/dev/null; then
   # Seeded thresholds: the sample pass, the seed, the exact rescan.
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" SeededFallback > /tmp/san5.log 2>&1
   echo "memcheck seeded rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san5.log | head -5
-  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool racecheck "$T_IDX" DensePrefillSmallTopk > /tmp/san6.log 2>&1
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool racecheck "$T_IDX" SeededSmallTopk > /tmp/san6.log 2>&1
   echo "racecheck seeded rc=$?"; grep -E "RACECHECK SUMMARY|Hazard|ERROR SUMMARY" /tmp/san6.log | head -5
 fi
 date

@@ -90,9 +90,10 @@ struct SelectParams {
   // bit 1 scores but never inserts a candidate, bit 3 double-buffers the
   // accumulators (MMA of stage n+1 in flight during the epilogue of n; 1 CTA
   // per SM, 4 stages), bit 2 the same with 6 stages, bit 4 turns the
-  // threshold seeding off (SelectSeedTopk), bit 5 seeds from a rank k / 32
-  // that too few keys beat, so that every seeded query takes the exact
-  // fallback (a test of that path). Bits 2-5 give the same results as 0.
+  // threshold seeding off (SelectSeedTopk; it is used with fewer than 64 rows
+  // per query), bit 5 seeds from a rank k / 32 that too few keys beat, so
+  // that every seeded query takes the exact fallback (a test of that path).
+  // Bits 2-5 give the same results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

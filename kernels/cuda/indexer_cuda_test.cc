@@ -486,10 +486,11 @@ TEST(CudaSelect, KernelV2DoubleBufferedVariantMatches) {
   }
 }
 
-// Threshold seeding (version 2, contiguous keys): CTAs whose key range holds
-// at least SelectSeedMinKeys(k) keys first score every kSelectSampleStride-th
-// key and start from a seeded threshold. Long contexts (seeded CTAs) and
-// early queries (unseeded ones) in one launch, dense and MISA, with and
+// Threshold seeding (version 2, contiguous keys, fewer than 64 rows per
+// query): CTAs whose key range holds at least SelectSeedMinKeys(k) keys first
+// score every kSelectSampleStride-th key and start from a seeded threshold.
+// Long contexts (seeded CTAs) and early queries (unseeded ones) in one
+// launch, MISA (seeded) and dense (the same shapes unseeded), with and
 // without a forced split (seeded split ranges, then the merge), against
 // cpu::SelectTokens.
 TEST(CudaSelect, SeededThresholdsLongContext) {
@@ -513,7 +514,9 @@ TEST(CudaSelect, SeededThresholdsLongContext) {
 // sample, about k / 4 keys of the range), so every seeded query must take the
 // exact rescan; bit 4 turns seeding off. Both must give the exact selection,
 // as must a small top-k (k = 300: seeded from rank 69 of the sample, whose
-// 4.5-sigma margin still leaves some queries to the rescan).
+// margin still leaves some queries to the rescan; its sample lists compact
+// after ~3 x 69 keys). The dense cases (64 rows per query: never seeded)
+// check that the bits change nothing there.
 TEST(CudaSelect, SeededFallbackRescanAndNoSeeding) {
   SKIP_WITHOUT_GPU();
   for (int experiment : {32, 16}) {
@@ -536,6 +539,24 @@ TEST(CudaSelect, SeededFallbackRescanAndNoSeeding) {
   c.topk = 300;
   c.sorted = false;
   RunSelectCase(c, 47);
+}
+
+// A small seeded MISA case (also the sanitizers' case for the seeded paths):
+// k = 256 over 9000 keys, seeded and with every seeded query rescanned.
+TEST(CudaSelect, SeededSmallTopkMisa) {
+  SKIP_WITHOUT_GPU();
+  for (int experiment : {0, 32}) {
+    SelectCase c;
+    c.misa = true;
+    c.lens = {9000};
+    auto pos = Tail(9000, 17);
+    for (int64_t p : {1500, 4000, 6000}) pos.push_back(p);
+    c.positions = {pos};
+    c.topk = 256;
+    c.sorted = experiment == 0;
+    c.experiment = experiment;
+    RunSelectCase(c, 60 + uint32_t(experiment));
+  }
 }
 
 TEST(CudaSelect, MisaLargeTopkBigLists) {

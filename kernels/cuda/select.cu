@@ -245,9 +245,13 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   a.key_list_per_query = p.key_list_per_query ? 1 : 0;
   a.experiment = p.experiment;
   // Threshold seeding: version 2's single-accumulator variants over contiguous
-  // keys with top-k <= 2048 (SelectSeedTopk; experiment bit 4 turns it off).
-  const bool seedable =
-      v2 && p.key_list == nullptr && p.topk <= kSelectMaxTopk && (p.experiment & 12) == 0;
+  // keys with top-k <= 2048 and fewer than 64 rows per query (SelectSeedTopk;
+  // experiment bit 4 turns it off). With 64 rows per query (dense) the
+  // epilogue's head sums dominate and the sample pass cost more than it saved
+  // (H200: 9.64 vs 9.40 ms at 32K, docs/perf.md); the kernel is built without
+  // it there (fewer registers).
+  const bool seedable = v2 && p.key_list == nullptr && p.topk <= kSelectMaxTopk &&
+                        (p.experiment & 12) == 0 && p.rows_per_query < 64;
   a.seed_k = seedable ? SelectSeedTopk(p.topk) : 0;
   a.seed_min_keys = SelectSeedMinKeys(p.topk);
   a.rows_per_cta = plan.rows_per_cta;
