@@ -71,6 +71,12 @@ class DataSender {
   // straight into a receiver's staging slot); a later PostFence orders those
   // stores like writes. Default: not mapped.
   virtual uint8_t* mapped_destination() const { return nullptr; }
+  // Two-sided backends that move each fenced group of writes as one
+  // transfer (packing them on the way): the largest group in bytes, agreed
+  // with the receiver (its packed_group_bytes() is the same). The stream
+  // then makes the groups equal on both ends (kv_stream.h). 0: groups are
+  // free (each write pairs with one receive of its own).
+  virtual uint64_t packed_group_bytes() const { return 0; }
   // Default: a fence behind every write, polled until the deadline.
   virtual absl::Status Quiesce(absl::Time deadline) {
     absl::StatusOr<uint64_t> fence = PostFence();
@@ -113,6 +119,10 @@ class DataReceiver {
   // posting, so that a layer's data lands without depending on later layers.
   // Default: receives are issued as they are posted.
   virtual absl::Status FlushRecvs() { return absl::OkStatus(); }
+  // Two-sided backends that move each group of receives between FlushRecvs
+  // calls as one transfer: the sender's packed_group_bytes(), agreed at
+  // Listen / Connect. 0: no packing.
+  virtual uint64_t packed_group_bytes() const { return 0; }
   // Drives the data plane on the calling thread while the stream waits (for
   // backends that apply incoming data only when progressed); true when
   // something progressed. Default: nothing to drive.

@@ -68,6 +68,34 @@ SideLayout LocalSide(const kvcache::KvCache& cache, int32_t seq, int64_t tokens)
   return s;
 }
 
+// Packed two-sided streams (packed_group_bytes() > 0 on both ends): the
+// runs of chunks both ends move as one transfer, as run_end[id] = the id
+// after chunk id's run. Each layer's chunks in order, cut into runs of at
+// most `packed` bytes and at most half the credit (so that two runs fit in
+// flight); a chunk larger than that is a run of its own. Empty when not packed.
+std::vector<uint32_t> PackedRuns(const ChunkPlan& plan, uint64_t packed, uint64_t credit_bytes,
+                                 uint32_t credit_chunks) {
+  std::vector<uint32_t> run_end;
+  if (packed == 0) return run_end;
+  const uint64_t max_bytes = std::min(packed, std::max<uint64_t>(1, credit_bytes / 2));
+  const uint32_t max_chunks = std::max<uint32_t>(1, credit_chunks / 2);
+  run_end.resize(plan.chunks.size());
+  for (size_t l = 0; l + 1 < plan.layer_first.size(); ++l) {
+    uint32_t begin = plan.layer_first[l];
+    while (begin < plan.layer_first[l + 1]) {
+      uint32_t end = begin;
+      uint64_t bytes = 0;
+      while (end < plan.layer_first[l + 1] && end - begin < max_chunks &&
+             (end == begin || bytes + plan.chunks[end].bytes <= max_bytes)) {
+        bytes += plan.chunks[end++].bytes;
+      }
+      for (uint32_t id = begin; id < end; ++id) run_end[id] = end;
+      begin = end;
+    }
+  }
+  return run_end;
+}
+
 // Whether chunk `id` carries (and is verified by) an XXH3-64 checksum.
 bool Hashed(const proto::Manifest& m, uint32_t id) {
   return m.checksum && id % std::max<uint32_t>(1, m.checksum_every) == 0;
@@ -195,6 +223,9 @@ class SenderImpl final : public KvSender {
     credit_bytes_ = accept_.credit_bytes;
     credit_chunks_ = accept_.credit_chunks;
     for (uint32_t s = 0; s < accept_.staging_slots; ++s) free_slots_.push_back(s);
+    if (!one_sided_) {
+      run_end_ = PackedRuns(plan_, data_->packed_group_bytes(), accept_.credit_bytes, accept_.credit_chunks);
+    }
     channel_->SetNotify([this] {
       absl::MutexLock lock(&mu_);
       ++wakeups_;
@@ -324,16 +355,17 @@ class SenderImpl final : public KvSender {
       }
       // 3. Post more chunks within the credit (max_batches_in_flight fences).
       if (batches_.size() < size_t(options_.max_batches_in_flight)) {
-        Batch batch;
-        while (int(batch.headers.chunks.size()) < options_.max_batch_chunks) {
-          std::optional<uint32_t> id = NextChunk();
-          if (!id) break;
-          uint64_t ticket = 0;
-          PD_ASSIGN_OR_RETURN(proto::ChunkHeader h, PostChunk(*id, &ticket));
-          batch.headers.chunks.push_back(h);
-          batch.hash_tickets.push_back(ticket);
-        }
-        if (!batch.headers.chunks.empty()) {
+        // Packed streams: a batch is exactly one run; otherwise up to
+        // max_batch_chunks chunks.
+        std::vector<uint32_t> ids = run_end_.empty() ? NextChunks() : NextRun();
+        if (!ids.empty()) {
+          Batch batch;
+          for (uint32_t id : ids) {
+            uint64_t ticket = 0;
+            PD_ASSIGN_OR_RETURN(proto::ChunkHeader h, PostChunk(id, &ticket));
+            batch.headers.chunks.push_back(h);
+            batch.hash_tickets.push_back(ticket);
+          }
           PD_ASSIGN_OR_RETURN(batch.fence, data_->PostFence());
           batches_.push_back(std::move(batch));
           continue;
@@ -362,17 +394,48 @@ class SenderImpl final : public KvSender {
 
   size_t InFlight() const { return accept_.credit_chunks - credit_chunks_; }
 
-  std::optional<uint32_t> NextChunk() {
+  // Packed streams: the next run's chunk ids, taken off the queue, once the
+  // credit covers all of it (or nothing is in flight); empty otherwise.
+  std::vector<uint32_t> NextRun() {
+    std::vector<uint32_t> run;
+    if (run_end_.empty()) return run;
     absl::MutexLock lock(&mu_);
-    std::deque<uint32_t>& q = !resend_.empty() ? resend_ : ready_;
-    if (q.empty()) return std::nullopt;
-    const PlannedChunk& c = plan_.chunks[q.front()];
+    if (ready_.empty()) return run;
+    const uint32_t first = ready_.front(), end = run_end_[first];
+    if (ready_.size() < end - first) return run;  // a run never spans layers: never happens
+    uint64_t bytes = 0;
+    for (uint32_t id = first; id < end; ++id) bytes += plan_.chunks[id].bytes;
     const bool idle = InFlight() == 0;
-    if (credit_chunks_ == 0 || (c.bytes > credit_bytes_ && !idle)) return std::nullopt;
-    if (staged_ && free_slots_.empty()) return std::nullopt;
-    uint32_t id = q.front();
-    q.pop_front();
-    return id;
+    if (!idle && (credit_chunks_ < end - first || credit_bytes_ < bytes)) return run;
+    for (uint32_t id = first; id < end; ++id) {
+      run.push_back(ready_.front());
+      ready_.pop_front();
+    }
+    return run;
+  }
+
+  // Up to max_batch_chunks chunks (resends first) within the credit and,
+  // staged, the free slots, taken off their queues.
+  std::vector<uint32_t> NextChunks() {
+    std::vector<uint32_t> ids;
+    absl::MutexLock lock(&mu_);
+    uint64_t credit_bytes = credit_bytes_;
+    uint32_t credit_chunks = credit_chunks_;
+    size_t slots = free_slots_.size();
+    while (int(ids.size()) < options_.max_batch_chunks) {
+      std::deque<uint32_t>& q = !resend_.empty() ? resend_ : ready_;
+      if (q.empty()) break;
+      const PlannedChunk& c = plan_.chunks[q.front()];
+      const bool idle = InFlight() == 0 && ids.empty();
+      if (credit_chunks == 0 || (c.bytes > credit_bytes && !idle)) break;
+      if (staged_ && slots == 0) break;
+      credit_bytes -= std::min(credit_bytes, c.bytes);
+      --credit_chunks;
+      if (staged_) --slots;
+      ids.push_back(q.front());
+      q.pop_front();
+    }
+    return ids;
   }
 
   // Sends, as one ChunkBatch, the headers of chunks whose fence completed
@@ -610,6 +673,7 @@ class SenderImpl final : public KvSender {
   std::deque<Batch> batches_;
   std::list<Hashing> hashing_;
   bool released_any_ = false;
+  std::vector<uint32_t> run_end_;  // packed two-sided streams: PackedRuns
   uint64_t credit_bytes_ = 0;
   uint32_t credit_chunks_ = 0;
   uint64_t writes_posted_ = 0;  // chunks posted (for Quiesced)
@@ -675,6 +739,9 @@ class ReceiverImpl final : public KvReceiver {
       absl::MutexLock lock(&mu_);
       ++wakeups_;
     });
+    if (!one_sided_) {
+      run_end_ = PackedRuns(plan_, data_->packed_group_bytes(), options_.credit_bytes, options_.credit_chunks);
+    }
     if (!one_sided_ && manifest_.checksum) {
       hasher_ = std::make_unique<AsyncHasher>(ops_, [this] {
         absl::MutexLock lock(&mu_);
@@ -824,15 +891,29 @@ class ReceiverImpl final : public KvReceiver {
   // sender sent it, whatever it does next. A run that would stop short of its
   // layer's end waits while more than half the window is in use, so that
   // runs stay large when the window is small.
+  // Packed streams post whole runs (PackedRuns), each when it fits in the
+  // window (or the window is empty), and flush after each.
   absl::Status PostRecvsAhead() {
     const uint64_t n = plan_.chunks.size();
     while (next_recv_ < n) {
       const uint32_t layer = plan_.chunks[next_recv_].layer;
-      const uint64_t layer_end = plan_.layer_first[layer + 1];
+      const uint64_t layer_end = run_end_.empty() ? plan_.layer_first[layer + 1] : run_end_[next_recv_];
+      if (!run_end_.empty() && window_chunks_ > 0) {
+        uint64_t bytes = 0;
+        for (uint64_t id = next_recv_; id < layer_end; ++id) bytes += plan_.chunks[id].bytes;
+        if (window_chunks_ + (layer_end - next_recv_) > options_.credit_chunks ||
+            window_bytes_ + bytes > options_.credit_bytes) {
+          break;
+        }
+      }
       uint64_t end = next_recv_, chunks = window_chunks_, bytes = window_bytes_;
       while (end < layer_end) {
         const uint64_t b = plan_.chunks[end].bytes;
-        if (chunks > 0 && (chunks + 1 > options_.credit_chunks || bytes + b > options_.credit_bytes)) break;
+        const bool whole_run = !run_end_.empty();  // checked above
+        if (!whole_run && chunks > 0 &&
+            (chunks + 1 > options_.credit_chunks || bytes + b > options_.credit_bytes)) {
+          break;
+        }
         ++chunks;
         bytes += b;
         ++end;
@@ -1122,6 +1203,7 @@ class ReceiverImpl final : public KvReceiver {
   uint64_t next_landed_ = 0;           // chunks [0, next_landed_) landed
   uint64_t window_chunks_ = 0, window_bytes_ = 0;  // posted and not yet verified
   std::map<uint32_t, Announced> announced_;      // two-sided: headers awaiting verification
+  std::vector<uint32_t> run_end_;                // packed two-sided streams: PackedRuns
   bool peer_aborted_ = false;
   absl::Time last_data_ = absl::InfinitePast();  // the data plane last progressed here
 

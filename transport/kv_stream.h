@@ -23,7 +23,12 @@
 // Two-sided backends (NCCL): the receiver posts receives ahead, within the
 // credit, and issues them (DataReceiver::FlushRecvs) in runs that never span
 // two layers, so that a layer lands as soon as the sender sent it, however
-// long the sender then pauses before the next layer.
+// long the sender then pauses before the next layer. Backends that pack each
+// group into one transfer (packed_group_bytes() > 0) get the same runs on
+// both ends: each layer's chunks cut, in order, into runs of at most that
+// many bytes and at most half the credit (bytes and chunks; a larger chunk
+// is a run of its own); the sender fences after each run and the receiver
+// flushes after each.
 // Deadlines: every wait is bounded (handshake_timeout, progress_timeout, the
 // caller's deadline); a dead peer is reported as Unavailable within the control
 // channel's peer timeout (1.5 s by default).

@@ -191,9 +191,13 @@ struct OneLayerCase {
 
 void PrintTo(const OneLayerCase& c, std::ostream* os) { *os << c.name; }
 
-class OneLayerThenWaitTest : public KvStreamTest, public ::testing::WithParamInterface<OneLayerCase> {};
+class OneLayerThenWaitTest : public KvStreamTest, public ::testing::WithParamInterface<OneLayerCase> {
+ protected:
+  uint64_t packed_before_ = 0;
+};
 
 TEST_P(OneLayerThenWaitTest, EachLayerLandsWithoutTheNext) {
+  packed_before_ = LoopbackPackedMessages();
   auto backend = NewLoopbackBackend(GetParam().backend);
   StreamSetup s;
   s.receiver.credit_chunks = GetParam().credit_chunks;
@@ -222,17 +226,25 @@ TEST_P(OneLayerThenWaitTest, EachLayerLandsWithoutTheNext) {
     EXPECT_EQ(rx.stats().chunks, (*st.sender)->stats().chunks);
   }
   ExpectNothingLeaked();
+  if (GetParam().backend.pack_bytes > 0) {
+    EXPECT_GT(LoopbackPackedMessages(), packed_before_);
+  }
 }
 
 // 6 chunks per layer, 24 in all: one batch of 32 receives would span every
 // layer; a credit of 4 chunks splits layers across windows, 1 makes every
-// chunk its own window.
+// chunk its own window. Packed (like the NCCL backend with pack_bytes): a
+// run is a whole layer (1 MiB), two chunks (credit 4) or about one chunk
+// (200 KiB), and sender and receiver must cut the same runs.
 INSTANTIATE_TEST_SUITE_P(
     Backends, OneLayerThenWaitTest,
     ::testing::Values(OneLayerCase{"loopback", {}, 64}, OneLayerCase{"loopback2", {.two_sided = true}, 64},
                       OneLayerCase{"loopback2_grouped", {.two_sided = true, .group_ops = 32}, 64},
                       OneLayerCase{"loopback2_grouped_credit4", {.two_sided = true, .group_ops = 32}, 4},
-                      OneLayerCase{"loopback2_grouped_credit1", {.two_sided = true, .group_ops = 32}, 1}),
+                      OneLayerCase{"loopback2_grouped_credit1", {.two_sided = true, .group_ops = 32}, 1},
+                      OneLayerCase{"loopback2_packed", {.two_sided = true, .pack_bytes = 1 << 20}, 64},
+                      OneLayerCase{"loopback2_packed_credit4", {.two_sided = true, .pack_bytes = 1 << 20}, 4},
+                      OneLayerCase{"loopback2_packed_small", {.two_sided = true, .pack_bytes = 200 << 10}, 64}),
     [](const ::testing::TestParamInfo<OneLayerCase>& i) { return std::string(i.param.name); });
 
 TEST_F(KvStreamTest, StagedRoundTripThroughTwoSlots) {

@@ -1,9 +1,12 @@
 #include "transport/loopback_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -14,6 +17,8 @@
 
 namespace pd::transport {
 namespace {
+
+std::atomic<uint64_t> packed_messages{0};
 
 // One receiver's exposed region. Two-sided state pairs writes and receives.
 struct Entry {
@@ -26,6 +31,9 @@ struct Entry {
     const uint8_t* src;  // sends
     uint64_t dst;        // receives
     size_t len;
+    uint64_t ops = 1;    // operations this one stands for (packed: several)
+    std::shared_ptr<std::vector<uint8_t>> packed = {};      // a packed send's bytes
+    std::vector<std::pair<uint64_t, size_t>> parts = {};    // a packed receive's (dst, len)
   };
   // Issued operations, matched in order.
   std::deque<Pending> sends ABSL_GUARDED_BY(mu), recvs ABSL_GUARDED_BY(mu);
@@ -34,10 +42,21 @@ struct Entry {
   // Batching (group_ops > 0): operations queued but not yet issued, and the
   // last receive ticket of every issued batch of receives.
   size_t group_ops = 0;
+  uint64_t pack_bytes = 0;
   std::deque<Pending> queued_sends ABSL_GUARDED_BY(mu), queued_recvs ABSL_GUARDED_BY(mu);
   std::vector<uint64_t> recv_batch_ends ABSL_GUARDED_BY(mu);
 
+  bool batching() const { return group_ops > 0 || pack_bytes > 0; }
   void IssueSendsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (pack_bytes > 0 && queued_sends.size() >= 2) {
+      auto bytes = std::make_shared<std::vector<uint8_t>>();
+      for (const Pending& p : queued_sends) bytes->insert(bytes->end(), p.src, p.src + p.len);
+      Pending packed{bytes->data(), 0, bytes->size()};
+      packed.ops = queued_sends.size();
+      packed.packed = std::move(bytes);
+      queued_sends.clear();
+      sends.push_back(std::move(packed));
+    }
     while (!queued_sends.empty()) {
       sends.push_back(queued_sends.front());
       queued_sends.pop_front();
@@ -46,6 +65,16 @@ struct Entry {
   }
   void IssueRecvsLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     if (queued_recvs.empty()) return;
+    if (pack_bytes > 0 && queued_recvs.size() >= 2) {
+      Pending packed{nullptr, 0, 0};
+      for (const Pending& p : queued_recvs) {
+        packed.parts.emplace_back(p.dst, p.len);
+        packed.len += p.len;
+      }
+      packed.ops = queued_recvs.size();
+      queued_recvs.clear();
+      recvs.push_back(std::move(packed));
+    }
     while (!queued_recvs.empty()) {
       recvs.push_back(queued_recvs.front());
       queued_recvs.pop_front();
@@ -55,7 +84,7 @@ struct Entry {
   }
   // Batching: receive `ticket` is complete once its whole batch matched.
   bool RecvDoneLocked(uint64_t ticket) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    if (group_ops == 0) return recvs_done >= ticket;
+    if (!batching()) return recvs_done >= ticket;
     if (ticket > recvs_posted - queued_recvs.size()) IssueRecvsLocked();  // as NCCL polling flushes
     auto it = std::lower_bound(recv_batch_ends.begin(), recv_batch_ends.end(), ticket);
     return it != recv_batch_ends.end() && recvs_done >= *it;
@@ -72,9 +101,18 @@ struct Entry {
                                                          " bytes met a receive of ", r.len));
         return;
       }
-      std::memcpy(base + r.dst, s.src, s.len);
-      ++sends_done;
-      ++recvs_done;
+      if (r.parts.empty()) {
+        std::memcpy(base + r.dst, s.src, s.len);
+      } else {
+        uint64_t off = 0;
+        for (const auto& [dst, len] : r.parts) {
+          std::memcpy(base + dst, s.src + off, len);
+          off += len;
+        }
+      }
+      sends_done += s.ops;
+      recvs_done += r.ops;
+      if (s.ops > 1) packed_messages.fetch_add(1, std::memory_order_relaxed);
     }
   }
 };
@@ -122,10 +160,11 @@ class LoopbackReceiver final : public DataReceiver {
       return absl::OutOfRangeError(absl::StrCat("loopback receive [", dst, ", +", len,
                                                 ") outside the region of ", entry_->bytes, " bytes"));
     }
-    if (entry_->group_ops > 0) {
+    if (entry_->batching()) {
       entry_->queued_recvs.push_back({nullptr, dst, len});
       ++entry_->recvs_posted;
-      if (entry_->queued_recvs.size() >= entry_->group_ops) entry_->IssueRecvsLocked();
+      // A packed group is never split.
+      if (entry_->pack_bytes == 0 && entry_->queued_recvs.size() >= entry_->group_ops) entry_->IssueRecvsLocked();
       return entry_->recvs_posted;
     }
     entry_->recvs.push_back({nullptr, dst, len});
@@ -142,6 +181,7 @@ class LoopbackReceiver final : public DataReceiver {
     entry_->IssueRecvsLocked();
     return absl::OkStatus();
   }
+  uint64_t packed_group_bytes() const override { return entry_->pack_bytes; }
 
  private:
   std::shared_ptr<Entry> entry_;
@@ -159,9 +199,11 @@ class LoopbackSender final : public DataSender {
     if (!entry_->broken.ok()) return entry_->broken;
     if (two_sided_) {
       ++entry_->sends_posted;
-      if (entry_->group_ops > 0) {
+      if (entry_->batching()) {
         entry_->queued_sends.push_back({src, 0, len});
-        if (entry_->queued_sends.size() >= entry_->group_ops) entry_->IssueSendsLocked();
+        if (entry_->pack_bytes == 0 && entry_->queued_sends.size() >= entry_->group_ops) {
+          entry_->IssueSendsLocked();
+        }
         return absl::OkStatus();
       }
       entry_->sends.push_back({src, 0, len});
@@ -181,6 +223,7 @@ class LoopbackSender final : public DataSender {
     entry_->IssueSendsLocked();
     return entry_->sends_posted;
   }
+  uint64_t packed_group_bytes() const override { return two_sided_ ? entry_->pack_bytes : 0; }
   absl::StatusOr<bool> PollFence(uint64_t id) override {
     absl::MutexLock lock(&entry_->mu);
     if (!entry_->broken.ok()) return entry_->broken;
@@ -212,6 +255,7 @@ class LoopbackBackend final : public Backend {
     e->base = region.base;
     e->bytes = region.bytes;
     e->group_ops = options_.two_sided ? options_.group_ops : 0;
+    e->pack_bytes = options_.two_sided ? options_.pack_bytes : 0;
     uint64_t id = Registry::Get().Add(e);
     return std::unique_ptr<DataReceiver>(new LoopbackReceiver(std::move(e), id));
   }
@@ -232,6 +276,8 @@ class LoopbackBackend final : public Backend {
 };
 
 }  // namespace
+
+uint64_t LoopbackPackedMessages() { return packed_messages.load(std::memory_order_relaxed); }
 
 std::unique_ptr<Backend> NewLoopbackBackend(const LoopbackOptions& options) {
   return std::make_unique<LoopbackBackend>(options);
