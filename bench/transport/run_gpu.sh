@@ -14,25 +14,35 @@
 #      transport_nccl_test: two GPUs), unless --no-tests;
 #   2. kv_gpu_bench: one process, one thread per GPU (GPU 0 sends, GPU 1
 #      receives), DeepSeek-V3.2-shaped KV (61 layers x 788 B/token + summaries)
-#      at 32K and 128K tokens: the NCCL backend, a plain ncclSend/ncclRecv loop
-#      of the same total bytes in 4 MiB / 64 MiB / whole-KV messages, their
-#      ratio (goal >= 0.90), and UCX with pinned-host staging GPU to GPU.
+#      at 32K and 128K tokens: the NCCL backend (variants: 8 / 3 / 32 chunks
+#      per NCCL group, XXH3 on every 64th chunk or none), a plain
+#      ncclSend/ncclRecv loop of the same total bytes in 4 MiB / 64 MiB /
+#      whole-KV messages, plain NCCL over the stream's own messages (single,
+#      grouped per layer, packed), their ratios (goal >= 0.90), and UCX with
+#      host staging GPU to GPU (checksums on and off);
+#   3. unless --no-experiments, each its own process (a failure loses only
+#      its own lines): the NCCL stream with packing (NcclOptions::pack_bytes
+#      64 MiB on both ends; tag=packed), NCCL's channel setup (NCCL_DEBUG=INFO,
+#      INIT), and the NCCL measurements again with NCCL_MIN_P2P_NCHANNELS=64
+#      (more channels per send/recv; tag=p2p64).
 # Writes logs and results.jsonl (one JSON object per RESULT/RATIO line) to
 # $OUT (default ./gpu_bench_out) and prints a table. --dry-run checks the
 # bundle and prints the commands without running anything.
 set -euo pipefail
 
-usage() { echo "usage: $0 BUNDLE_DIR [--dry-run] [--no-tests] [-- kv_gpu_bench flags]" >&2; exit 2; }
+usage() { echo "usage: $0 BUNDLE_DIR [--dry-run] [--no-tests] [--no-experiments] [-- kv_gpu_bench flags]" >&2; exit 2; }
 [[ $# -ge 1 ]] || usage
 BUNDLE=$(cd "$1" 2>/dev/null && pwd) || { echo "run_gpu: bundle dir '$1' not found" >&2; exit 2; }
 shift
 DRY=0
 TESTS=1
+EXPERIMENTS=1
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --no-tests) TESTS=0 ;;
+    --no-experiments) EXPERIMENTS=0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) usage ;;
   esac
@@ -93,20 +103,41 @@ if [[ $TESTS -eq 1 ]]; then
   done
 fi
 
-run kv_gpu_bench "$BENCH" --tokens=32768,131072 --iters=5 --chunk_mb=64 --checksum_every=64 \
-    --plain_chunks=4,64,0 "${EXTRA[@]}" || { echo "run_gpu: kv_gpu_bench FAILED" >&2; exit 1; }
+run kv_gpu_bench "$BENCH" --tokens=32768,131072 --iters=5 --chunk_mb=64 --checksum_every=64,0 \
+    --batch_chunks=8,3,32 --plain_chunks=4,64,0 --ucx_checksum_every=1,0 "${EXTRA[@]}" ||
+  { echo "run_gpu: kv_gpu_bench FAILED" >&2; status=1; }
+LOGS=("$OUT/kv_gpu_bench.log")
+if [[ $EXPERIMENTS -eq 1 ]]; then
+  # The stream packing each layer's messages into one (runs of <= 64 MiB).
+  run kv_gpu_bench_packed "$BENCH" --modes=nccl,plain,plain_kv --tokens=32768,131072 --iters=5 --chunk_mb=64 \
+      --pack_mb=64 --checksum_every=64,0 --plain_chunks=64,0 --tag=packed ||
+    { echo "run_gpu: kv_gpu_bench (packed) FAILED" >&2; status=1; }
+  LOGS+=("$OUT/kv_gpu_bench_packed.log")
+  # NCCL's own view of its channels (how many carry one send/recv).
+  run nccl_info env NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT "$BENCH" --modes=plain --tokens=2048 --layers=2 \
+      --iters=1 --plain_chunks=64 --verify=0 >/dev/null || true
+  [[ $DRY -eq 1 ]] || { grep -iE "channels|nRanks|NCCL version|P2P" "$OUT/nccl_info.log" | head -n 40; } || true
+  # The same NCCL measurements with more p2p channels per peer.
+  run kv_gpu_bench_p2p64 env NCCL_MIN_P2P_NCHANNELS=64 "$BENCH" --modes=nccl,plain,plain_kv \
+      --tokens=32768,131072 --iters=5 --chunk_mb=64 --checksum_every=64 --batch_chunks=8 --pack_mb=0,64 \
+      --plain_chunks=64,0 --tag=p2p64 ||
+    { echo "run_gpu: kv_gpu_bench (NCCL_MIN_P2P_NCHANNELS=64) FAILED" >&2; status=1; }
+  LOGS+=("$OUT/kv_gpu_bench_p2p64.log")
+fi
 [[ $DRY -eq 1 ]] && { echo "run_gpu: dry run, nothing executed; logs would go to $OUT"; exit 0; }
 
 # RESULT/RATIO key=value lines -> JSON lines, and a table.
-awk '/^(RESULT|RATIO) /{
+cat "${LOGS[@]}" 2>/dev/null | awk '/^(RESULT|RATIO) /{
        printf "{\"kind\":\"%s\"", tolower($1);
        for (i = 2; i <= NF; ++i) { split($i, kv, "="); v = kv[2];
          if (v ~ /^[0-9.]+$/) printf ",\"%s\":%s", kv[1], v; else printf ",\"%s\":\"%s\"", kv[1], v; }
-       print "}" }' "$OUT/kv_gpu_bench.log" > "$OUT/results.jsonl"
+       print "}" }' > "$OUT/results.jsonl"
 echo
-printf "%-12s %8s %14s %12s %10s\n" "mode" "tokens" "bytes" "chunk" "best GB/s"
-awk '/^RESULT /{ for (i = 2; i <= NF; ++i) { split($i, kv, "="); a[kv[1]] = kv[2] }
-       printf "%-12s %8s %14s %12s %10s\n", a["mode"], a["tokens"], a["bytes"], a["chunk_bytes"], a["best_gbps"] }
-     /^RATIO /{ print }' "$OUT/kv_gpu_bench.log"
+printf "%-14s %8s %12s %10s  %s\n" "mode" "tokens" "chunk" "best GB/s" "variant"
+cat "${LOGS[@]}" 2>/dev/null | awk '/^RESULT /{ split("", a); v = "";
+       for (i = 2; i <= NF; ++i) { split($i, kv, "="); a[kv[1]] = kv[2];
+         if (kv[1] !~ /^(mode|tokens|bytes|chunk_bytes|best_gbps|median_gbps)$/) v = v " " $i }
+       printf "%-14s %8s %12s %10s %s\n", a["mode"], a["tokens"], a["chunk_bytes"], a["best_gbps"], v }
+     /^RATIO /{ print }'
 echo "results: $OUT/results.jsonl, logs: $OUT/*.log"
 exit $status

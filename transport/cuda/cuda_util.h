@@ -94,6 +94,7 @@ class Event {
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
   absl::Status Record(cudaStream_t s) { return CudaStatus(cudaEventRecord(event_, s), "cudaEventRecord"); }
+  cudaEvent_t get() const { return event_; }
   // True once the work before the recorded point finished; an error if it failed.
   absl::StatusOr<bool> Query() const {
     cudaError_t e = cudaEventQuery(event_);

@@ -13,7 +13,8 @@
 // either leases that one or, if it has no idle communicator of that key,
 // creates one (ncclGetUniqueId + non-blocking ncclCommInitRankConfig) and
 // returns the ncclUniqueId in the Accept's blob; the sender then joins it.
-// docs/kv-format.md has the blob layouts.
+// docs/kv-format.md has the blob layouts (version 2 adds the packing size;
+// a receiver answers version-1 senders in version 1, without packing).
 //
 // Each communicator owns one CUDA stream. Writes and receives are queued and
 // issued in ncclGroupStart/End batches on it (a sender's at each fence, a
@@ -53,6 +54,14 @@ struct NcclOptions {
   absl::Duration op_timeout = absl::Seconds(10);
   // Operations fused into one ncclGroupStart/End launch.
   size_t group_ops = 32;
+  // Packing: each group of two or more sends (receives) the stream flushes
+  // together travels as one message of at most about this many bytes,
+  // gathered into (scattered from) two device staging buffers per
+  // communicator and side, on a copy stream that overlaps the transfer of
+  // the other buffer; fewer, larger NCCL messages for the KV's small
+  // objects. Used when both ends set it (the smaller value); the stream then
+  // cuts the same runs on both ends (kv_stream.h). 0: off.
+  uint64_t pack_bytes = 0;
 };
 
 // FailedPrecondition when `device` does not exist (no GPU, no driver).
