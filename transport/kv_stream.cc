@@ -1467,7 +1467,13 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> KvReceiver::Accept(Backend& backend,
     // Memory the backend can expose without copies (UCX shared memory maps
     // it into a sender on this host), else the MemoryOps' staging memory.
     auto b = backend.AllocateStagingRing(ring_bytes);
-    if (absl::IsUnimplemented(b.status())) b = ops.AllocateStaging(ring_bytes);
+    if (!b.ok()) {
+      if (!absl::IsUnimplemented(b.status())) {
+        LOG(WARNING) << "KV stream " << m.request_id << ": no exposable staging ring from " << backend.name()
+                     << " (" << b.status() << "); staging through the sender's own buffers";
+      }
+      b = ops.AllocateStaging(ring_bytes);
+    }
     if (!b.ok()) return fail(b.status());
     staging = std::move(*b);
     if (cache.on_device()) {
