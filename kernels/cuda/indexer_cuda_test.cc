@@ -260,6 +260,10 @@ struct SelectCase {
   bool masked = false;  // MISA through the dense tile with unrouted weights zeroed
   int kernel_version = 2;
   int experiment = 0;   // SelectParams::experiment (8: double-buffered accumulators)
+  // The case is meant to exercise threshold seeding: its key ranges per CTA
+  // must be long enough (checked on the plan; auto-split ranges of a few
+  // queries are too short to be seeded).
+  bool expect_seeded = false;
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
@@ -321,6 +325,14 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   SelectPlan plan;
   const char* why = nullptr;
   ASSERT_CUDA(PlanSelectLaunch(p, &plan, &why));
+  if (sc.expect_seeded) {
+    // The conditions under which LaunchSelect seeds (select.cu), and a range
+    // per CTA of at least SelectSeedMinKeys(k) keys.
+    ASSERT_TRUE(p.rows_per_query < 64 && p.key_list == nullptr && p.topk <= kSelectMaxTopk &&
+                (p.experiment & (4 | 8 | 16)) == 0 && p.kernel_version != 1);
+    ASSERT_GE(std::min<int64_t>(plan.keys_per_split, db.queries.max_context),
+              SelectSeedMinKeys(p.topk));
+  }
   DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
   ASSERT_TRUE(ws.ok());
   ASSERT_CUDA(LaunchSelect(p, plan, ws.get(), 0, &why));
@@ -503,6 +515,8 @@ TEST(CudaSelect, SeededThresholdsLongContext) {
     for (int64_t p : {100, 2047, 8190, 8191, 8192, 12000, 16385}) pos.push_back(p);
     c.positions = {pos};
     c.sorted = !misa;
+    c.splits = 1;  // one range (auto would split 20K keys 32 ways for these few queries)
+    c.expect_seeded = misa;
     RunSelectCase(c, 41 + uint32_t(misa));
     c.splits = 2;  // two ranges of 10,112 keys (>= 8192: both seeded)
     c.sorted = misa;
@@ -529,6 +543,8 @@ TEST(CudaSelect, SeededFallbackRescanAndNoSeeding) {
       c.positions = {pos};
       c.experiment = experiment;
       c.sorted = false;
+      c.splits = 1;
+      c.expect_seeded = misa && experiment == 32;
       RunSelectCase(c, 50 + uint32_t(experiment) + uint32_t(misa));
     }
   }
@@ -538,6 +554,8 @@ TEST(CudaSelect, SeededFallbackRescanAndNoSeeding) {
   c.positions = {Tail(30000, 48)};
   c.topk = 300;
   c.sorted = false;
+  c.splits = 1;
+  c.expect_seeded = true;
   RunSelectCase(c, 47);
 }
 
@@ -555,6 +573,8 @@ TEST(CudaSelect, SeededSmallTopkMisa) {
     c.topk = 256;
     c.sorted = experiment == 0;
     c.experiment = experiment;
+    c.splits = 1;
+    c.expect_seeded = true;
     RunSelectCase(c, 60 + uint32_t(experiment));
   }
 }

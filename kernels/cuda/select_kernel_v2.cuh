@@ -35,9 +35,7 @@
 // - The epilogue compares each score's 64-bit candidate key with the
 //   threshold in integer arithmetic (no float pre-test and exact fallback
 //   branch), checks overflow once per stage, and sums heads in up to four
-//   independent chains; its weights and key scales are loaded before the
-//   wgmma wait; a list with a small top-k compacts after ~3 k keys rather
-//   than at capacity; the contiguous copies use precomputed addresses.
+//   independent chains; the contiguous copies use precomputed addresses.
 //
 // Exactness is version 1's argument: a key enters its list iff its 64-bit
 // candidate key beats the list's threshold, which is always the k-th best key
@@ -361,16 +359,6 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   int32_t pass_stride = 1;
   bool pass_sample = false, pass_skip_sample = false;
   int k_cur = k;  // the top-k that compactions keep: seed_k in the sample pass
-  // A list compacts once a warp partition holds more than fill_limit keys:
-  // at most kCapW - 16 (a stage adds at most 16 per query to a partition),
-  // and at most 3 ceil(k_cur / 8) + 16, so that a list with a small top-k
-  // (the sample pass) starts raising its threshold after about 3 k_cur keys
-  // rather than after the whole capacity.
-  auto limit_for = [&](int kk) {
-    const int l = 3 * ((kk + kWarps - 1) / kWarps) + 16;
-    return l < kCapW - 16 ? l : kCapW - 16;
-  };
-  int fill_limit = limit_for(k);
 
   const uint32_t keys_smem = ptx::SmemAddr(sm.keys[0]);
   const uint32_t kscale_smem = ptx::SmemAddr(sm.kscale[0]);
@@ -493,30 +481,17 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   // second path); a warp inserts with one ballot per score slot, and checks
   // its partitions for overflow once per stage (a stage adds at most 16 keys
   // per query to a warp's partition).
-  // Operands of the epilogue that come from shared memory: the head weights
-  // of this lane's columns and the stage's key scales, loaded before the
-  // wgmma wait so that their latency (long: the shared memory also feeds the
-  // other CTA's wgmma) hides under the MMA.
-  struct EpiIn {
+  auto epilogue = [&](const float (&acc)[ACC], int stage, int it) {
+    if (a.experiment & 1) return;  // benchmark-only: no epilogue at all
     float w[LC];
-    float ks[2];
-  };
-  const int row0 = wg * 64 + 16 * w4 + g8;  // key rows row0 and row0 + 8
-  auto epilogue_inputs = [&](EpiIn& in, int stage) {
 #pragma unroll
     for (int m = 0; m < LC; m += 4) {
       const float4 t4 = *reinterpret_cast<const float4*>(&sm.wl[c4 * LC + m]);
-      in.w[m] = t4.x;
-      in.w[m + 1] = t4.y;
-      in.w[m + 2] = t4.z;
-      in.w[m + 3] = t4.w;
+      w[m] = t4.x;
+      w[m + 1] = t4.y;
+      w[m + 2] = t4.z;
+      w[m + 3] = t4.w;
     }
-    in.ks[0] = sm.kscale[stage][row0];
-    in.ks[1] = sm.kscale[stage][row0 + 8];
-  };
-  auto epilogue = [&](const float (&acc)[ACC], const EpiIn& in, int stage, int it) {
-    if (a.experiment & 1) return;  // benchmark-only: no epilogue at all
-    const float (&w)[LC] = in.w;
     // In-thread head sums: s[h][ql] for key rows g8 + 8h, in NP independent
     // chains (a 32-long chain of dependent FMAs stalls on its latency).
     float s[2][QL];
@@ -568,9 +543,10 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       qloc[0] = 0;
       lane_ok = (c4 & 1) == 0;
     }
+    const int row0 = wg * 64 + 16 * w4 + g8;
     int32_t key[2];  // key indices < num_tokens <= INT32_MAX
     bool kval[2];
-    const float (&ks)[2] = in.ks;
+    float ks[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + 8 * h;
@@ -581,6 +557,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         key[h] = sbeg32 + pass_stride * (it * kKeys + row);
         kval[h] = key[h] < send32 && !(pass_skip_sample && (g8 % kP) == 0);
       }
+      ks[h] = sm.kscale[stage][row];
     }
     bool all_visible = false;
     if constexpr (!kKeyList) {
@@ -611,7 +588,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       unsigned bits = 0;
 #pragma unroll
       for (int ql = 0; ql < QL; ++ql) {
-        if (cnt_r[ql] > fill_limit) bits |= 1u << lane_query(ql);
+        if (cnt_r[ql] > kCapW - 16) bits |= 1u << lane_query(ql);
       }
       if (bits != 0) atomicOr(&sm.need, bits);
     }
@@ -657,11 +634,9 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     for (int s = 0; s < n; ++s) {
       step_top(ld, s + kPrefetch);
       issue_mma(acc0, st);
-      EpiIn in;
-      epilogue_inputs(in, st);
       ptx::WgmmaWait<0>();
       retire(acc0);
-      epilogue(acc0, in, st, s);
+      epilogue(acc0, st, s);
       st = st + 1 == kStages ? 0 : st + 1;
       ld = ld + 1 == kStages ? 0 : ld + 1;
     }
@@ -676,27 +651,29 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         // Sample pass: the running top-seed_k of the sampled keys.
         const int ks_top = (a.experiment & 32) ? max(1, k / (4 * kP)) : a.seed_k;
         k_cur = ks_top;
-        fill_limit = limit_for(ks_top);
         pass_stride = kP;
         pass_sample = true;
         run_pass(n_samp_iter);
         publish_counts();
         __syncthreads();
         // Seed: keep each list's top seed_k (threshold = its seed_k-th key).
-        // Queries with at most seed_k sampled keys keep threshold 0 (their
-        // whole sample is in the list).
+        // A query whose threshold is still 0 has its whole sample in the
+        // list; every other one (seeded here, or by a compaction during the
+        // sample pass: a list that then took no key ends with exactly seed_k)
+        // rejected keys on the sample's evidence alone and is checked after
+        // the full pass.
         for (int q = 0; q < nq; ++q) {
           int n = 0;
 #pragma unroll
           for (int w = 0; w < kWarps; ++w) n += sm.wcnt[w][q];
-          if (n > ks_top) {
-            CompactList(lists + q * list_stride, q, ks_top, sm);
-            seeded |= 1u << q;
-          }
+          if (n > ks_top) CompactList(lists + q * list_stride, q, ks_top, sm);
+        }
+        // CompactList ends with a barrier, as does the sample pass.
+        for (int q = 0; q < nq; ++q) {
+          if (sm.thr[q] != 0ull) seeded |= 1u << q;
         }
         refresh_counts();
         k_cur = k;
-        fill_limit = limit_for(k);
         pass_stride = 1;
         pass_sample = false;
         pass_skip_sample = true;
@@ -753,37 +730,21 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       issue_mma(acc1, (s + 1) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc0);
-      {
-        EpiIn in;
-        epilogue_inputs(in, s % kStages);
-        epilogue(acc0, in, s % kStages, s);
-      }
+      epilogue(acc0, s % kStages, s);
       top(s + 1);
       issue_mma(acc0, (s + 2) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc1);
-      {
-        EpiIn in;
-        epilogue_inputs(in, (s + 1) % kStages);
-        epilogue(acc1, in, (s + 1) % kStages, s + 1);
-      }
+      epilogue(acc1, (s + 1) % kStages, s + 1);
       top(s + 2);
       issue_mma(acc1, (s + 3) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc0);
-      {
-        EpiIn in;
-        epilogue_inputs(in, (s + 2) % kStages);
-        epilogue(acc0, in, (s + 2) % kStages, s + 2);
-      }
+      epilogue(acc0, (s + 2) % kStages, s + 2);
       top(s + 3);
       ptx::WgmmaWait<0>();
       retire(acc1);
-      {
-        EpiIn in;
-        epilogue_inputs(in, (s + 3) % kStages);
-        epilogue(acc1, in, (s + 3) % kStages, s + 3);
-      }
+      epilogue(acc1, (s + 3) % kStages, s + 3);
     }
     ptx::CpAsyncWait<0>();
     publish_counts();
