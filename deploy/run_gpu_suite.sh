@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs misa-pd's GPU suite on a GPU host from a bundle built elsewhere
 # (deploy/make_bundle.sh, tarred as .bundle/bundle.tar.xz): the one-GPU tests
-# of the model's GPU backend, and, on a host with two GPUs, the transport's
+# of the kernels and of the model's GPU backend, and, on a host with two GPUs, the transport's
 # GPU tests and NCCL / UCX-staging benchmarks (bench/transport/run_gpu.sh).
 # Every step runs under a timeout and keeps going after a failure; logs go to
 # $OUT (default ./gpu-suite-out): suite.log, logs.tgz (every step's full log)
@@ -33,6 +33,9 @@ step() {  # step NAME TIMEOUT_S CMD...
   tail -n 25 "$W/$name.log"
 }
 
+for t in kernels_cuda_indexer_test kernels_cuda_mla_test; do
+  [ -x "$B/bin/$t" ] && step "$t" 150 "$B/bin/$t"
+done
 [ -x "$B/bin/kernels_cuda_model_test" ] && step kernels_cuda_model_test 90 "$B/bin/kernels_cuda_model_test"
 [ -x "$B/bin/model_gpu_model_test" ] && step model_gpu_model_test 200 "$B/bin/model_gpu_model_test"
 if [ "$ngpu" -ge 2 ] && [ -x "$B/bin/kv_gpu_bench" ]; then
