@@ -34,12 +34,12 @@ step() {  # step NAME TIMEOUT_S CMD...
 }
 
 for t in kernels_cuda_indexer_test kernels_cuda_mla_test; do
-  [ -x "$B/bin/$t" ] && step "$t" 150 "$B/bin/$t"
+  [ -x "$B/bin/$t" ] && step "$t" 100 "$B/bin/$t"
 done
-[ -x "$B/bin/kernels_cuda_model_test" ] && step kernels_cuda_model_test 90 "$B/bin/kernels_cuda_model_test"
-[ -x "$B/bin/model_gpu_model_test" ] && step model_gpu_model_test 200 "$B/bin/model_gpu_model_test"
+[ -x "$B/bin/kernels_cuda_model_test" ] && step kernels_cuda_model_test 60 "$B/bin/kernels_cuda_model_test"
+[ -x "$B/bin/model_gpu_model_test" ] && step model_gpu_model_test 120 "$B/bin/model_gpu_model_test"
 if [ "$ngpu" -ge 2 ] && [ -x "$B/bin/kv_gpu_bench" ]; then
   mkdir -p "$W/transport"
-  step transport_gpu 270 env OUT="$W/transport" bash bench/transport/run_gpu.sh "$B"
+  step transport_gpu 200 env OUT="$W/transport" bash bench/transport/run_gpu.sh "$B"
 fi
 date
