@@ -142,6 +142,8 @@ struct ReceiverOptions {
   uint32_t credit_chunks = 64;
   uint32_t staging_slots = 8;  // staged mode: ring slots of max_chunk_bytes each
   absl::Duration handshake_timeout = absl::Seconds(10);
+  // Nothing from the sender (headers, Abort) for this long fails the stream;
+  // it also bounds how long a sender may pause between two layers.
   absl::Duration progress_timeout = absl::Seconds(10);
   // Page quarantine after a failed one-sided stream (see the top of this
   // file): how long after the sender is known gone its in-flight writes may
