@@ -42,4 +42,8 @@ if [ "$ngpu" -ge 2 ] && [ -x "$B/bin/kv_gpu_bench" ]; then
   mkdir -p "$W/transport"
   step transport_gpu 200 env OUT="$W/transport" bash bench/transport/run_gpu.sh "$B"
 fi
+if [ -x "$B/bin/pd_indexer_bench" ] && [ -n "${PD_SUITE_BENCH:-}" ]; then
+  step pd_indexer_bench 180 "$B/bin/pd_indexer_bench" --json "$W/indexer_bench.json"
+  cp -f "$W/indexer_bench.json" "$OUT/" 2>/dev/null || true
+fi
 date
