@@ -1,6 +1,7 @@
 // Sparse MLA attention over the paged FP8 MLA cache and the cache write.
 //
-// Attention tile: one CTA per (query token, 64 heads), 8 warps. The token's 64
+// SparseMlaImpl::kWgmma: mla_wgmma.cuh (warp-specialised, wgmma).
+// SparseMlaImpl::kMmaSync, the first version below. Attention tile: one CTA per (query token, 64 heads), 8 warps. The token's 64
 // query rows (q_abs | q_pe, 576 bf16) stay in shared memory; the selected
 // tokens are processed 32 at a time: their 656-byte records are gathered and
 // dequantised to bf16 rows (c_kv | k_pe) in shared memory, S = Q K^T runs with
@@ -17,6 +18,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/mla_cuda.h"
+#include "kernels/cuda/mla_wgmma.cuh"
 #include "kernels/cuda/ptx.cuh"
 #include "kernels/numeric.h"
 
@@ -329,6 +331,21 @@ bool LayoutOk(const KvLayout& l) {
          l.MlaScaleOffset() == size_t(kR) && l.MlaRopeOffset() == size_t(kR + 16);
 }
 
+template <int kVariant>
+cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
+  using mla_internal::Smem;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(mla_internal::SparseMlaWgmmaKernel<kVariant>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
+  if (attr != cudaSuccess) return attr;
+  const int64_t ctas = p.num_queries * (p.heads / mla_internal::kRows);
+  mla_internal::SparseMlaWgmmaKernel<kVariant>
+      <<<unsigned(ctas), mla_internal::kThreads, sizeof(Smem), stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+
 }  // namespace
 
 cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const char** error) {
@@ -339,14 +356,34 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
     return Invalid(error, "sparse MLA: heads must be a positive multiple of 64");
   }
   if (p.topk < 0) return Invalid(error, "sparse MLA: topk must be >= 0");
-  if (p.num_queries < 0 || p.num_queries > 65535) {
-    return Invalid(error, "sparse MLA: num_queries must be in [0, 65535] per launch");
+  const bool mma_sync = p.impl == SparseMlaImpl::kMmaSync;
+  if (!mma_sync && p.impl != SparseMlaImpl::kAuto && p.impl != SparseMlaImpl::kWgmma) {
+    return Invalid(error, "sparse MLA: unknown impl");
+  }
+  if (p.num_queries < 0 || (mma_sync && p.num_queries > 65535) ||
+      p.num_queries * (p.heads / kHB) > int64_t(0x7fffffff)) {
+    return Invalid(error,
+                   "sparse MLA: num_queries must be >= 0, at most 65535 per launch for kMmaSync, "
+                   "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
+  }
+  if (p.experiment < 0 || p.experiment > 2 || (mma_sync && p.experiment != 0)) {
+    return Invalid(error, "sparse MLA: experiment must be 0, or 1 / 2 with kWgmma");
   }
   if (p.num_queries == 0) return cudaSuccess;
   if (p.q_abs == nullptr || p.q_pe == nullptr || p.out == nullptr ||
       (p.topk > 0 && (p.indices == nullptr || p.cache.pool == nullptr ||
                       p.cache.page_table == nullptr || p.cache.num_tokens == nullptr))) {
     return Invalid(error, "sparse MLA: null q_abs, q_pe, out, indices or cache pointer");
+  }
+  if (!Aligned16(p.q_abs) || !Aligned16(p.q_pe) || !Aligned16(p.out)) {
+    return Invalid(error, "sparse MLA: q_abs, q_pe and out must be 16-byte aligned");
+  }
+  if (!mma_sync) {
+    switch (p.experiment) {
+      case 1: return LaunchWgmma<mla_internal::kVariantNoProducer>(p, stream);
+      case 2: return LaunchWgmma<mla_internal::kVariantNoConsumer>(p, stream);
+      default: return LaunchWgmma<mla_internal::kVariantFull>(p, stream);
+    }
   }
   static const cudaError_t attr = cudaFuncSetAttribute(
       SparseMlaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(MlaSmem)));

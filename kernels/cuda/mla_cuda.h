@@ -24,26 +24,39 @@ struct MlaCacheBatch {
   KvLayout layout;                       // kv_lora_rank 512, rope_dim 64
 };
 
+// Kernel choice for LaunchSparseMla.
+enum class SparseMlaImpl : int {
+  kAuto = 0,     // kWgmma
+  kWgmma = 1,    // Hopper: warp-specialised gather/dequantise + wgmma, 64 heads per CTA
+  kMmaSync = 2,  // the first version: mma.sync m16n8k16, 64 heads per CTA, no pipelining
+};
+
 // Sparse attention for T query tokens x H heads (decode: a batch of requests
 // with one or more tokens each; prefill: the chunk's tokens), per token t:
 //   logit[h, i] = (q_abs[t,h] . c_kv[s_i] + q_pe[t,h] . k_pe[s_i]) * softmax_scale
 //   p = softmax over the valid i (indices[t, i] >= 0); out[t,h] = sum_i p_i c_kv[s_i]
 // The FP8 records are dequantised to bf16 in shared memory (scales are powers of
 // two: exact); q and p are rounded to bf16; products accumulate in fp32 on the
-// tensor cores (mma.sync m16n8k16). A token with no valid index gets out = 0
-// and lse = -inf.
+// tensor cores. A token with no valid index gets out = 0 and lse = -inf.
+// Every record a CTA gathers is dequantised once and used by its 64 heads.
+// q_abs, q_pe and out must be 16-byte aligned.
 struct SparseMlaParams {
   MlaCacheBatch cache;
   const float* q_abs = nullptr;          // [T, H, kv_lora_rank] fp32
   const float* q_pe = nullptr;           // [T, H, rope_dim] fp32
   const int32_t* query_seq = nullptr;    // [T] sequence of each token; nullptr = all 0
   const int32_t* indices = nullptr;      // [T, topk] token indices, -1 = none
-  int64_t num_queries = 0;               // T
+  int64_t num_queries = 0;               // T (kMmaSync: at most 65535 per launch)
   int heads = 128;                       // H, a multiple of 64
   int topk = 2048;
   float softmax_scale = 1.0f;
   float* out = nullptr;                  // [T, H, kv_lora_rank] fp32
   float* lse = nullptr;                  // optional [T, H] natural-log sum-exp of the scaled logits
+  SparseMlaImpl impl = SparseMlaImpl::kAuto;
+  // Benchmark-only (kWgmma), results meaningless when non-zero: 1 = the
+  // producer only signals (no gather/dequantisation: the consumers' time),
+  // 2 = the consumers only release buffers (the producer's time).
+  int experiment = 0;
 };
 cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream,
                             const char** error = nullptr);

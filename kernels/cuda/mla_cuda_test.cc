@@ -1,13 +1,18 @@
 // GPU tests of the sparse MLA kernels against the CPU reference
-// (cpu::WriteMlaCache, cpu::SparseMlaAttention) on random inputs: paged caches
-// in shuffled pages, two sequences, -1 holes in the indices, a token with no
-// valid index, top-k larger than the context. Label "gpu".
+// (cpu::WriteMlaCache, cpu::SparseMlaAttention, cpu::ReadMlaToken) on random
+// inputs: paged caches in shuffled pages, two sequences, -1 holes and
+// out-of-range indices, a token with no valid index, top-k larger than the
+// context and not a multiple of the 64-token block, 64 / 128 / 192 heads, both
+// implementations (kWgmma, kMmaSync), and single-token attention that must
+// reproduce the dequantised cache bit for bit (scales from 2^-20 to 2^18).
+// Label "gpu".
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <string>
@@ -23,7 +28,7 @@
 namespace pd::kernels::cuda {
 namespace {
 
-constexpr int kR = 512, kRope = 64;
+constexpr int kR = 512, kRope = 64, kW = kR + kRope;
 
 bool HaveGpu() {
   int n = 0;
@@ -49,7 +54,9 @@ struct HostMla {
 
 // Sequences of the given lengths in one pool (shuffled pages, garbage in unused
 // bytes), every token written by the CPU reference.
-HostMla MakeMla(std::mt19937& rng, const std::vector<int64_t>& lens) {
+// c_kv values come from `ckv_gen(rng, token, dim)` when given, else N(0, 1).
+HostMla MakeMla(std::mt19937& rng, const std::vector<int64_t>& lens,
+                const std::function<float(std::mt19937&, int64_t, int)>& ckv_gen = nullptr) {
   HostMla m;
   m.lens = lens;
   int64_t pages = 2;
@@ -68,7 +75,9 @@ HostMla MakeMla(std::mt19937& rng, const std::vector<int64_t>& lens) {
   for (size_t s = 0; s < lens.size(); ++s) {
     for (int64_t p = 0; p < NumPages(lens[s]); ++p) m.page_table[s * m.stride + p] = ids[next++];
     std::vector<float> ckv(size_t(lens[s]) * kR), kpe(size_t(lens[s]) * kRope);
-    for (auto& x : ckv) x = nd(rng);
+    for (size_t i = 0; i < ckv.size(); ++i) {
+      ckv[i] = ckv_gen ? ckv_gen(rng, int64_t(i / kR), int(i % kR)) : nd(rng);
+    }
     for (auto& x : kpe) x = nd(rng);
     std::vector<int64_t> pos(static_cast<size_t>(lens[s]));
     std::iota(pos.begin(), pos.end(), 0);
@@ -135,12 +144,25 @@ TEST(CudaMla, CacheWriteIsBitExact) {
   EXPECT_EQ(bad, 0u) << "bytes differing from cpu::WriteMlaCache (untouched bytes included)";
 }
 
-void RunAttention(int topk, uint32_t seed) {
+struct AttnCase {
+  int heads = 128;
+  int topk = 2048;
+  std::vector<int64_t> lens = {5000, 200};
+  std::vector<int> qcount = {5, 2};
+  SparseMlaImpl impl = SparseMlaImpl::kAuto;
+  bool out_of_range = false;  // some holes become indices >= the sequence length
+};
+
+const char* ImplName(SparseMlaImpl impl) {
+  return impl == SparseMlaImpl::kMmaSync ? "mma.sync" : "wgmma";
+}
+
+void RunAttention(const AttnCase& ac, uint32_t seed) {
   std::mt19937 rng(seed);
-  const std::vector<int64_t> lens = {5000, 200};
+  const std::vector<int64_t>& lens = ac.lens;
   const HostMla hm = MakeMla(rng, lens);
-  const int H = 128;
-  const std::vector<int> qcount = {5, 2};
+  const int H = ac.heads, topk = ac.topk;
+  const std::vector<int>& qcount = ac.qcount;
   const float scale = 1.0f / std::sqrt(192.0f);
   std::normal_distribution<float> nd(0.0f, 1.5f);
   int64_t T = 0;
@@ -148,6 +170,8 @@ void RunAttention(int topk, uint32_t seed) {
   std::vector<float> q_abs(size_t(T) * H * kR), q_pe(size_t(T) * H * kRope);
   for (auto& x : q_abs) x = nd(rng);
   for (auto& x : q_pe) x = nd(rng);
+  // idx: what the GPU gets; cpu_idx: the same with out-of-range entries as -1
+  // (the CPU reference rejects them; the GPU contract skips them).
   std::vector<int32_t> idx(size_t(T) * topk, -1), qseq(static_cast<size_t>(T));
   int64_t t = 0;
   for (size_t s = 0; s < lens.size(); ++s) {
@@ -159,10 +183,20 @@ void RunAttention(int topk, uint32_t seed) {
       const int n = int(std::min<int64_t>(topk, lens[s]));
       for (int i = 0; i < n; ++i) idx[size_t(t * topk + i)] = perm[size_t(i)];
       for (int i = 0; i < topk; ++i) {
-        if (rng() % 10 == 0) idx[size_t(t * topk + i)] = -1;  // holes
+        if (rng() % 10 == 0) {  // holes
+          idx[size_t(t * topk + i)] = ac.out_of_range && rng() % 2 ? int32_t(lens[s] + rng() % 1000)
+                                                                  : -1;
+        }
       }
       std::shuffle(idx.begin() + t * topk, idx.begin() + (t + 1) * topk, rng);
       if (s == 0 && c == 3) std::fill(idx.begin() + t * topk, idx.begin() + (t + 1) * topk, -1);
+    }
+  }
+  std::vector<int32_t> cpu_idx = idx;
+  for (int64_t r = 0; r < T; ++r) {
+    for (int i = 0; i < topk; ++i) {
+      int32_t& v = cpu_idx[size_t(r * topk + i)];
+      if (v >= lens[size_t(qseq[size_t(r)])]) v = -1;
     }
   }
   // CPU reference per sequence.
@@ -175,7 +209,7 @@ void RunAttention(int topk, uint32_t seed) {
     v.num_tokens = lens[s];
     v.layout = hm.layout;
     cpu::SparseMlaAttention(v, q_abs.data() + t * H * kR, q_pe.data() + t * H * kRope, qcount[s],
-                            H, idx.data() + t * topk, topk, scale, out.data() + t * H * kR,
+                            H, cpu_idx.data() + t * topk, topk, scale, out.data() + t * H * kR,
                             lse.data() + t * H, nullptr);
     t += qcount[s];
   }
@@ -184,6 +218,7 @@ void RunAttention(int topk, uint32_t seed) {
   DeviceBuffer<int64_t> d_lens(lens);
   DeviceBuffer<float> d_qa(q_abs), d_qp(q_pe), d_out(out.size()), d_lse(lse.size());
   cudaMemset(d_out.get(), 0xff, d_out.bytes());  // NaN poison
+  cudaMemset(d_lse.get(), 0xff, d_lse.bytes());
   SparseMlaParams p;
   p.cache.pool = d_pool.get();
   p.cache.page_table = d_pt.get();
@@ -200,7 +235,10 @@ void RunAttention(int topk, uint32_t seed) {
   p.softmax_scale = scale;
   p.out = d_out.get();
   p.lse = d_lse.get();
-  ASSERT_CUDA(LaunchSparseMla(p, 0));
+  p.impl = ac.impl;
+  const char* why = "";
+  const cudaError_t launched = LaunchSparseMla(p, 0, &why);
+  ASSERT_EQ(launched, cudaSuccess) << cudaGetErrorString(launched) << ": " << why;
   ASSERT_CUDA(cudaDeviceSynchronize());
   const auto g_out = d_out.Download();
   const auto g_lse = d_lse.Download();
@@ -220,12 +258,14 @@ void RunAttention(int topk, uint32_t seed) {
       EXPECT_TRUE(std::isinf(g_lse[size_t(r)]) && g_lse[size_t(r)] < 0) << "row " << r;
       EXPECT_EQ(rn, 0.0) << "row " << r << " with no valid index must be zero";
     } else {
+      ASSERT_FALSE(std::isnan(g_lse[size_t(r)])) << "lse of row " << r << " not written";
       worst_lse = std::max(worst_lse, std::fabs(double(g_lse[size_t(r)]) - lse[size_t(r)]));
     }
   }
   const double rel = std::sqrt(num / den);
-  std::printf("  topk %d: relative L2 error %.3g overall, %.3g worst row, lse %.3g\n", topk, rel,
-              worst, worst_lse);
+  std::printf("  %s H=%d topk %d T=%lld%s: relative L2 error %.3g overall, %.3g worst row, lse %.3g\n",
+              ImplName(ac.impl), H, topk, static_cast<long long>(T),
+              ac.out_of_range ? " (out-of-range holes)" : "", rel, worst, worst_lse);
   // bf16 q and p (8-bit mantissas), fp32 accumulation.
   EXPECT_LT(rel, 1e-2);
   EXPECT_LT(worst, 3e-2);
@@ -234,9 +274,146 @@ void RunAttention(int topk, uint32_t seed) {
 
 TEST(CudaMla, SparseAttentionMatchesCpu) {
   SKIP_WITHOUT_GPU();
-  RunAttention(2048, 2);
-  RunAttention(300, 3);
-  RunAttention(37, 4);
+  for (SparseMlaImpl impl : {SparseMlaImpl::kWgmma, SparseMlaImpl::kMmaSync}) {
+    AttnCase ac;
+    ac.impl = impl;
+    for (int topk : {2048, 300, 37}) {
+      ac.topk = topk;
+      RunAttention(ac, uint32_t(topk));
+    }
+  }
+}
+
+// The Hopper kernel's own edges: 64 and 192 heads (one and three CTAs per
+// token), top-k 1 / 65 / 129 (a lone token, partial last blocks), out-of-range
+// indices, many tokens over several sequences.
+TEST(CudaMla, WgmmaHeadsAndEdges) {
+  SKIP_WITHOUT_GPU();
+  AttnCase ac;
+  ac.impl = SparseMlaImpl::kWgmma;
+  ac.out_of_range = true;
+  ac.heads = 64;
+  for (int topk : {1, 65, 2048}) {
+    ac.topk = topk;
+    RunAttention(ac, 100u + uint32_t(topk));
+  }
+  ac.heads = 192;
+  ac.topk = 129;
+  ac.lens = {3000, 90, 700};
+  ac.qcount = {9, 4, 6};
+  RunAttention(ac, 7u);
+  ac.heads = 128;
+  ac.topk = 512;
+  ac.lens = {1000, 2000, 64, 1};
+  ac.qcount = {40, 30, 20, 3};
+  RunAttention(ac, 8u);
+}
+
+// One valid index per token (the others -1 or out of range): softmax weight 1,
+// so out must equal the dequantised c_kv of that token exactly (bf16 holds an
+// e4m3 value times a power of two exactly), for every head; lse must equal the
+// scaled logit. The cache spans scales 2^-20..2^18 (both dequantisation paths),
+// all-zero groups and e4m3 subnormals.
+TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(11);
+  const int64_t n = 700;
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> group_mag(size_t(n) * 4);
+  for (auto& m : group_mag) {
+    const int r = int(rng() % 8);
+    m = r == 0 ? 0.0f : std::pow(10.0f, -3.5f + float(rng() % 1150) / 100.0f);  // 3e-4 .. 1e8
+  }
+  const HostMla hm = MakeMla(rng, {n}, [&](std::mt19937& g, int64_t tok, int d) {
+    const float m = group_mag[size_t(tok * 4 + d / 128)];
+    // A wide spread inside the group puts small values on e4m3 subnormals.
+    return m * nd(g) * (d % 5 == 0 ? 1e-3f : 1.0f);
+  });
+  const int H = 64, topk = 130;
+  const int64_t T = n;
+  std::vector<int32_t> perm(static_cast<size_t>(n));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> idx(size_t(T) * topk, -1);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int i = 0; i < topk; ++i) {
+      if (rng() % 4 == 0) idx[size_t(t * topk + i)] = int32_t(n + rng() % 100);  // skipped
+    }
+    idx[size_t(t * topk + (t * 37) % topk)] = perm[size_t(t)];
+  }
+  std::vector<float> q_abs(size_t(T) * H * kR), q_pe(size_t(T) * H * kRope);
+  for (auto& x : q_abs) x = nd(rng) * 1e-3f;
+  for (auto& x : q_pe) x = nd(rng);
+  const float scale = 0.1f;
+  DeviceBuffer<uint8_t> d_pool(hm.pool);
+  DeviceBuffer<int32_t> d_pt(hm.page_table), d_idx(idx);
+  DeviceBuffer<int64_t> d_lens(hm.lens);
+  DeviceBuffer<float> d_qa(q_abs), d_qp(q_pe), d_out(size_t(T) * H * kR), d_lse(size_t(T) * H);
+  cudaMemset(d_out.get(), 0xff, d_out.bytes());
+  SparseMlaParams p;
+  p.cache.pool = d_pool.get();
+  p.cache.page_table = d_pt.get();
+  p.cache.page_table_stride = hm.stride;
+  p.cache.num_tokens = d_lens.get();
+  p.cache.layout = hm.layout;
+  p.q_abs = d_qa.get();
+  p.q_pe = d_qp.get();
+  p.indices = d_idx.get();
+  p.num_queries = T;
+  p.heads = H;
+  p.topk = topk;
+  p.softmax_scale = scale;
+  p.out = d_out.get();
+  p.lse = d_lse.get();
+  p.impl = SparseMlaImpl::kWgmma;
+  const char* why = "";
+  const cudaError_t launched = LaunchSparseMla(p, 0, &why);
+  ASSERT_EQ(launched, cudaSuccess) << cudaGetErrorString(launched) << ": " << why;
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto g_out = d_out.Download();
+  const auto g_lse = d_lse.Download();
+  MlaCacheView v;
+  v.pool = hm.pool.data();
+  v.page_table = hm.page_table.data();
+  v.num_tokens = n;
+  v.layout = hm.layout;
+  std::vector<float> ckv(kR), kpe(kRope);
+  size_t mismatches = 0, big_scale_tokens = 0;
+  double worst_lse = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    cpu::ReadMlaToken(v, perm[size_t(t)], ckv.data(), kpe.data());
+    for (int g = 0; g < 4; ++g) big_scale_tokens += group_mag[size_t(perm[size_t(t)]) * 4 + g] > 2e7f;
+    for (int h = 0; h < H; ++h) {
+      const float* o = g_out.data() + (t * H + h) * kR;
+      for (int d = 0; d < kR; ++d) {
+        if (std::memcmp(&o[d], &ckv[size_t(d)], 4) != 0 && !(o[d] == 0.0f && ckv[size_t(d)] == 0.0f)) {
+          if (mismatches++ < 5) {
+            std::printf("  token %lld head %d dim %d: gpu %.9g cpu %.9g\n", static_cast<long long>(t),
+                        h, d, o[d], ckv[size_t(d)]);
+          }
+        }
+      }
+      // Logit from the bf16-rounded query, in double; the error is measured
+      // against the sum of |terms| (fp32 accumulation of up to 576 products).
+      double logit = 0.0, mag = 0.0;
+      const int64_t qh = t * H + h;
+      for (int d = 0; d < kW; ++d) {
+        const double a = d < kR ? double(RoundToBf16(q_abs[size_t(qh * kR + d)])) * ckv[size_t(d)]
+                                : double(RoundToBf16(q_pe[size_t(qh * kRope + d - kR)])) *
+                                      kpe[size_t(d - kR)];
+        logit += a;
+        mag += std::fabs(a);
+      }
+      logit *= scale;
+      mag *= scale;
+      worst_lse = std::max(worst_lse, std::fabs(g_lse[size_t(qh)] - logit) / (1.0 + mag));
+    }
+  }
+  std::printf("  single-token: %zu mismatching values, %zu groups with scale > 2^15 read, "
+              "lse relative error %.3g\n", mismatches, big_scale_tokens, worst_lse);
+  EXPECT_EQ(mismatches, 0u);
+  EXPECT_GT(big_scale_tokens, 0u);
+  EXPECT_LT(worst_lse, 1e-4);
 }
 
 TEST(CudaMla, RejectsBadParameters) {
@@ -252,6 +429,32 @@ TEST(CudaMla, RejectsBadParameters) {
   p.cache.layout.kv_lora_rank = 256;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("512") != std::string::npos) << why;
+  p.cache.layout = KvLayout();
+  p.experiment = 3;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
+  p.experiment = 0;
+  p.impl = static_cast<SparseMlaImpl>(9);
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("impl") != std::string::npos) << why;
+  p.impl = SparseMlaImpl::kMmaSync;
+  p.num_queries = 70000;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("65535") != std::string::npos) << why;
+  // Misaligned q_abs (the pointer is never dereferenced: the check comes first).
+  DeviceBuffer<float> buf(1024);
+  DeviceBuffer<int32_t> ibuf(64);
+  DeviceBuffer<int64_t> lbuf(1);
+  p.impl = SparseMlaImpl::kWgmma;
+  p.num_queries = 1;
+  p.topk = 1;
+  p.q_abs = buf.get() + 1;
+  p.q_pe = p.out = buf.get();
+  p.indices = p.cache.page_table = ibuf.get();
+  p.cache.pool = reinterpret_cast<const uint8_t*>(buf.get());
+  p.cache.num_tokens = lbuf.get();
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("16-byte") != std::string::npos) << why;
 }
 
 }  // namespace

@@ -1,0 +1,506 @@
+// Sparse MLA attention for Hopper (sm_90a): warp-specialised, wgmma (bf16 in,
+// fp32 accumulate). Internal to kernels/cuda; instantiated and launched by
+// mla.cu (LaunchSparseMla with SparseMlaImpl::kWgmma).
+//
+// One CTA per (query token, 64 heads), 384 threads in three warpgroups; the
+// selected tokens are processed 64 at a time (a "block") through two shared
+// buffers:
+//   producer (WG2): gathers the block's 656-byte FP8 records (index-driven,
+//     16-byte loads), dequantises them to bf16 (c_kv | k_pe, 576 values per
+//     token) into a free buffer, marks invalid slots, signals k_ready.
+//   WG0: S = Q K^T (wgmma m64n64k16, Q and K from shared memory, K = 576),
+//     masked online softmax in registers (base-2, running max and sum per
+//     head), hands P (bf16) and the per-head rescale factor to WG1 through
+//     shared memory, then O[:, 0:256] += P V (wgmma m64n256k16, P from
+//     registers, V = the block's c_kv read N-major from the same buffer).
+//   WG1: O[:, 256:512] += P V with P from shared memory.
+// Each gathered record is dequantised once per CTA and used by all 64 heads.
+//
+// Shared-memory tiles use the wgmma no-swizzle ("interleaved") layout: the
+// 16-byte chunk c (values 8c..8c+7) of row r of a 64-row tile sits at byte
+// (c * 64 + r) * 16, so 8 rows x 8 values form one contiguous 128-byte core
+// matrix. The same key buffer is read K-major as B of Q K^T (N = tokens) and
+// N-major as B of P V (K = tokens, N = latent dims).
+#ifndef PD_KERNELS_CUDA_MLA_WGMMA_CUH_
+#define PD_KERNELS_CUDA_MLA_WGMMA_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/mla_cuda.h"
+#include "kernels/cuda/ptx.cuh"
+
+namespace pd::kernels::cuda::mla_internal {
+
+inline constexpr int kR = 512, kRope = 64, kW = kR + kRope;  // latent, rope, row width
+inline constexpr int kRows = 64;                  // heads per CTA (the wgmma M)
+inline constexpr int kBlk = 64;                   // selected tokens per block
+inline constexpr int kChunks = kW / 8;            // 16-byte bf16 chunks per row (72)
+inline constexpr int kTileBytes = kChunks * 64 * 16;  // 64 rows x 576 bf16
+inline constexpr int kRecordBytes = 656;          // KvLayout::MlaTokenBytes() for 512/64
+inline constexpr int kThreads = 384;
+// setmaxnreg budgets (sum 512 = 65536 registers / 128 threads per warpgroup).
+inline constexpr int kRegsWg0 = 216, kRegsWg1 = 160, kRegsProducer = 136;
+// Named barriers (0 is __syncthreads), each over WG0 + WG1.
+inline constexpr int kBarPReady = 1, kBarPFree = 2, kBarFinal = 3;
+
+// Benchmark-only variants (SparseMlaParams::experiment); results are garbage.
+inline constexpr int kVariantFull = 0;
+inline constexpr int kVariantNoProducer = 1;  // producer only signals: consumers' time
+inline constexpr int kVariantNoConsumer = 2;  // consumers only release: producer's time
+
+struct Smem {
+  uint8_t q[kTileBytes];           // Q (bf16): chunk c of head row h at (c * 64 + h) * 16
+  uint8_t kv[2][kTileBytes];       // block tokens (bf16): chunk c of slot j at (c * 64 + j) * 16
+  uint8_t p[kBlk / 8 * kRows * 16];  // P (bf16): tokens 8c..8c+7 of head h at (c * 64 + h) * 16
+  float o_scale[kRows];            // WG0 -> WG1: exp2(m_old - m_new) of the current block
+  float row_l[kRows];              // final softmax sums (WG0 -> WG1)
+  float row_m[kRows];
+  uint8_t valid[2][kBlk];          // slot j of buffer b holds a valid token
+  uint64_t k_ready[2];             // producer -> consumers (128 arrivals)
+  uint64_t k_free[2];              // consumers -> producer (256 arrivals)
+};
+
+// ---------------------------------------------------------------- PTX helpers
+
+__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(ptx::SmemAddr(bar)), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile(
+      "{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(
+          ptx::SmemAddr(bar))
+      : "memory");
+}
+// Waits until the phase of parity `parity` has completed (a fresh barrier
+// counts its phase before phase 0, parity 1, as completed).
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "MLA_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra MLA_WAIT;\n}\n" ::"r"(ptx::SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void NamedSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void RegAlloc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void RegDealloc() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// wgmma descriptor of a no-swizzle tile: lbo = byte distance between core
+// matrices along K, sbo = along M/N.
+__device__ __forceinline__ uint64_t NoSwizzleDesc(uint32_t smem_addr, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((smem_addr & 0x3FFFFu) >> 4) | (uint64_t(lbo >> 4) << 16) |
+         (uint64_t(sbo >> 4) << 32);
+}
+
+__device__ __forceinline__ uint32_t PackBf16x2(float a, float b) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T, bf16, both operands K-major in shared
+// memory; accumulate = 0 overwrites D. Accumulator layout as WgmmaM64N128K32E4M3.
+__device__ __forceinline__ void WgmmaM64N64K16SS(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
+                                                 int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// D[64 x 256] += A[64 x 16] * B[16 x 256], bf16; A from registers (the
+// mma.sync m16n8k16 A fragment of warp w's rows 16w..16w+15), B N-major in shared memory.
+__device__ __forceinline__ void WgmmaM64N256K16RS(float (&d)[128], const uint32_t (&a)[4],
+                                                  uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+// D[64 x 256] += A[64 x 16] * B[16 x 256], bf16; A K-major, B N-major, both in
+// shared memory.
+__device__ __forceinline__ void WgmmaM64N256K16SS(float (&d)[128], uint64_t desc_a,
+                                                  uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+// ------------------------------------------------------------ dequantisation
+
+// Two e4m3 bytes (the low byte is the first value) times a power-of-two scale,
+// as a bf16x2 word (first value in the low half). e4m3 -> f16 is exact; moving
+// the f16 exponent and top mantissa bits into bf16 position gives value *
+// 2^-112 (e4m3 has 3 mantissa bits and nothing below 2^-9, so this is exact and
+// never subnormal); s2 = 2^112 * scale (exact in bf16 for scale <= 2^15)
+// restores the magnitude exactly, as the fp32 product rounded to bf16 would.
+__device__ __forceinline__ uint32_t Fp8x2ToBf16x2(uint32_t two, __nv_bfloat162 s2) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(two & 0xffffu), __NV_E4M3);
+  const uint32_t hb = uint32_t(h.x) | (uint32_t(h.y) << 16);
+  const uint32_t b = ((hb & 0x7fff7fffu) >> 3) | (hb & 0x80008000u);
+  __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&b);
+  v = __hmul2(v, s2);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The same through fp32, for any scale (the rare groups with scale > 2^15).
+__device__ __forceinline__ uint32_t Fp8x2ToBf16x2Slow(uint32_t two, float scale) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(two & 0xffffu), __NV_E4M3);
+  const float2 f = __half22float2(__half2(h));
+  return PackBf16x2(f.x * scale, f.y * scale);
+}
+
+// 16 e4m3 values (16 bytes, value i in byte i) times `scale` -> bf16 values
+// 0..7 in lo and 8..15 in hi.
+__device__ __forceinline__ void Dequant16(const uint4 v, float scale, uint4& lo, uint4& hi) {
+  if (scale <= 32768.0f) {
+    const __nv_bfloat162 s2 = __float2bfloat162_rn(scale * 5.192296858534828e33f);  // * 2^112
+    lo = make_uint4(Fp8x2ToBf16x2(v.x, s2), Fp8x2ToBf16x2(v.x >> 16, s2),
+                    Fp8x2ToBf16x2(v.y, s2), Fp8x2ToBf16x2(v.y >> 16, s2));
+    hi = make_uint4(Fp8x2ToBf16x2(v.z, s2), Fp8x2ToBf16x2(v.z >> 16, s2),
+                    Fp8x2ToBf16x2(v.w, s2), Fp8x2ToBf16x2(v.w >> 16, s2));
+  } else {
+    lo = make_uint4(Fp8x2ToBf16x2Slow(v.x, scale), Fp8x2ToBf16x2Slow(v.x >> 16, scale),
+                    Fp8x2ToBf16x2Slow(v.y, scale), Fp8x2ToBf16x2Slow(v.y >> 16, scale));
+    hi = make_uint4(Fp8x2ToBf16x2Slow(v.z, scale), Fp8x2ToBf16x2Slow(v.z >> 16, scale),
+                    Fp8x2ToBf16x2Slow(v.w, scale), Fp8x2ToBf16x2Slow(v.w >> 16, scale));
+  }
+}
+
+__device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, const uint4 v) {
+  *reinterpret_cast<uint4*>(tile + (chunk * 64 + row) * 16) = v;
+}
+
+// --------------------------------------------------------------------- kernel
+
+// Grid: num_queries * (heads / 64) CTAs, CTA x = query token x / (heads / 64),
+// head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
+// memory. Launch contract checked by LaunchSparseMla.
+template <int kVariant>
+__global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int tid = threadIdx.x;
+  const int head_blocks = p.heads / kRows;
+  const int64_t t = blockIdx.x / head_blocks;
+  const int h0 = int(blockIdx.x % head_blocks) * kRows;
+  const int H = p.heads;
+  const int nb = (p.topk + kBlk - 1) / kBlk;
+
+  // Q (fp32) -> bf16 tile; chunk-major so that a warp's stores are contiguous.
+  for (int i = tid; i < kChunks * kRows; i += kThreads) {
+    const int c = i / kRows, h = i % kRows;
+    const int64_t qh = t * H + h0 + h;
+    const float* src = c < kR / 8 ? p.q_abs + qh * kR + 8 * c : p.q_pe + qh * kRope + 8 * (c - kR / 8);
+    const float4 a = __ldg(reinterpret_cast<const float4*>(src));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(src) + 1);
+    *reinterpret_cast<uint4*>(sm.q + i * 16) =
+        make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y),
+                   PackBf16x2(b.z, b.w));
+  }
+  if (tid == 0) {
+    MbarInit(&sm.k_ready[0], 128);
+    MbarInit(&sm.k_ready[1], 128);
+    MbarInit(&sm.k_free[0], 256);
+    MbarInit(&sm.k_free[1], 256);
+  }
+  ptx::FenceProxyAsync();  // Q is read by wgmma
+  __syncthreads();
+
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
+  const int lane = tid & 31, g = lane >> 2, c4 = lane & 3;
+  const int r0 = 16 * ((tid >> 5) & 3) + g;  // consumer rows r0 and r0 + 8
+  const float kNegInf = -__int_as_float(0x7f800000);
+
+  if (wg == 0) {
+    // ------------------------------------------------ WG0: Q K^T, softmax, P V left
+    RegAlloc<kRegsWg0>();
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+    float m0 = -1e30f, m1 = -1e30f, l0 = 0.0f, l1 = 0.0f;  // base-2 running max / sum
+    const float sl2 = p.softmax_scale * 1.4426950408889634f;
+    const uint64_t dq = NoSwizzleDesc(ptx::SmemAddr(sm.q), 1024, 128);
+    for (int b = 0; b < nb; ++b) {
+      const int buf = b & 1;
+      MbarWait(&sm.k_ready[buf], uint32_t(b >> 1) & 1u);
+      if constexpr (kVariant == kVariantNoConsumer) {
+        MbarArrive(&sm.k_free[buf]);
+        continue;
+      }
+      const uint32_t kv_addr = ptx::SmemAddr(sm.kv[buf]);
+      const uint64_t dk = NoSwizzleDesc(kv_addr, 1024, 128);
+      float s[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kChunks / 2; ++kk) {
+        WgmmaM64N64K16SS(s, dq + uint64_t(kk * 128), dk + uint64_t(kk * 128), kk > 0);
+      }
+      ptx::WgmmaCommit();
+      ptx::WgmmaWait<0>();
+
+      // Mask, scale to base 2, row max over the block (quad of lanes).
+      const uint8_t* valid = sm.valid[buf];
+      float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * i + 2 * c4);
+        const bool va = (v2 & 0xffu) != 0, vb = (v2 >> 8) != 0;
+        s[4 * i] = va ? s[4 * i] * sl2 : kNegInf;
+        s[4 * i + 1] = vb ? s[4 * i + 1] * sl2 : kNegInf;
+        s[4 * i + 2] = va ? s[4 * i + 2] * sl2 : kNegInf;
+        s[4 * i + 3] = vb ? s[4 * i + 3] * sl2 : kNegInf;
+        mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+      }
+#pragma unroll
+      for (int sh = 1; sh <= 2; sh <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sh));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sh));
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float f0 = Exp2(m0 - mn0), f1 = Exp2(m1 - mn1);
+      m0 = mn0;
+      m1 = mn1;
+      float sum0 = 0.0f, sum1 = 0.0f;
+      uint32_t pr[16];  // P as the A fragments of P V: pr[2i] row r0, pr[2i+1] row r0+8
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float pa = Exp2(s[4 * i] - mn0), pb = Exp2(s[4 * i + 1] - mn0);
+        const float pc = Exp2(s[4 * i + 2] - mn1), pd = Exp2(s[4 * i + 3] - mn1);
+        sum0 += pa + pb;
+        sum1 += pc + pd;
+        pr[2 * i] = PackBf16x2(pa, pb);
+        pr[2 * i + 1] = PackBf16x2(pc, pd);
+      }
+      l0 = l0 * f0 + sum0;
+      l1 = l1 * f1 + sum1;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        o[4 * i] *= f0;
+        o[4 * i + 1] *= f0;
+        o[4 * i + 2] *= f1;
+        o[4 * i + 3] *= f1;
+      }
+
+      // Hand P and the rescale factors to WG1 (once it has finished the last block's).
+      if (b > 0) NamedSync(kBarPFree, 256);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0) * 16 + 4 * c4) = pr[2 * i];
+        *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0 + 8) * 16 + 4 * c4) = pr[2 * i + 1];
+      }
+      if (c4 == 0) {
+        sm.o_scale[r0] = f0;
+        sm.o_scale[r0 + 8] = f1;
+      }
+      ptx::FenceProxyAsync();
+      NamedArrive(kBarPReady, 256);
+
+      // O[:, 0:256] += P V[:, 0:256]
+      const uint64_t dv = NoSwizzleDesc(kv_addr, 128, 1024);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kBlk / 16; ++kk) {
+        const uint32_t a[4] = {pr[4 * kk], pr[4 * kk + 1], pr[4 * kk + 2], pr[4 * kk + 3]};
+        WgmmaM64N256K16RS(o, a, dv + uint64_t(kk * 16));  // + 16 tokens = 256 bytes
+      }
+      ptx::WgmmaCommit();
+      ptx::WgmmaWait<0>();
+      MbarArrive(&sm.k_free[buf]);
+    }
+    // Final sums: reduce each row's quad, publish for WG1.
+#pragma unroll
+    for (int sh = 1; sh <= 2; sh <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
+    }
+    if (c4 == 0) {
+      sm.row_l[r0] = l0;
+      sm.row_l[r0 + 8] = l1;
+      sm.row_m[r0] = m0;
+      sm.row_m[r0 + 8] = m1;
+    }
+    NamedSync(kBarFinal, 256);
+    const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    float* oa = p.out + (t * H + h0 + r0) * kR + 2 * c4;
+    float* ob = oa + 8 * kR;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      *reinterpret_cast<float2*>(oa + 8 * i) = make_float2(o[4 * i] * i0, o[4 * i + 1] * i0);
+      *reinterpret_cast<float2*>(ob + 8 * i) = make_float2(o[4 * i + 2] * i1, o[4 * i + 3] * i1);
+    }
+    if (p.lse != nullptr && c4 == 0) {
+      constexpr float kLn2 = 0.6931471805599453f;
+      p.lse[t * H + h0 + r0] = l0 > 0.0f ? m0 * kLn2 + logf(l0) : kNegInf;
+      p.lse[t * H + h0 + r0 + 8] = l1 > 0.0f ? m1 * kLn2 + logf(l1) : kNegInf;
+    }
+  } else if (wg == 1) {
+    // ------------------------------------------------------- WG1: P V right
+    RegDealloc<kRegsWg1>();
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+    const uint64_t dp = NoSwizzleDesc(ptx::SmemAddr(sm.p), 1024, 128);
+    for (int b = 0; b < nb; ++b) {
+      const int buf = b & 1;
+      if constexpr (kVariant == kVariantNoConsumer) {
+        MbarWait(&sm.k_ready[buf], uint32_t(b >> 1) & 1u);
+        MbarArrive(&sm.k_free[buf]);
+        continue;
+      }
+      NamedSync(kBarPReady, 256);
+      const float f0 = sm.o_scale[r0], f1 = sm.o_scale[r0 + 8];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        o[4 * i] *= f0;
+        o[4 * i + 1] *= f0;
+        o[4 * i + 2] *= f1;
+        o[4 * i + 3] *= f1;
+      }
+      // V[:, 256:512] starts 32 chunks (32 * 64 * 16 bytes) into the buffer.
+      const uint64_t dv = NoSwizzleDesc(ptx::SmemAddr(sm.kv[buf]) + 32 * 64 * 16, 128, 1024);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kBlk / 16; ++kk) {
+        WgmmaM64N256K16SS(o, dp + uint64_t(kk * 128), dv + uint64_t(kk * 16));
+      }
+      ptx::WgmmaCommit();
+      ptx::WgmmaWait<0>();
+      MbarArrive(&sm.k_free[buf]);
+      if (b + 1 < nb) NamedArrive(kBarPFree, 256);
+    }
+    NamedSync(kBarFinal, 256);
+    const float l0 = sm.row_l[r0], l1 = sm.row_l[r0 + 8];
+    const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    float* oa = p.out + (t * H + h0 + r0) * kR + 256 + 2 * c4;
+    float* ob = oa + 8 * kR;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      *reinterpret_cast<float2*>(oa + 8 * i) = make_float2(o[4 * i] * i0, o[4 * i + 1] * i0);
+      *reinterpret_cast<float2*>(ob + 8 * i) = make_float2(o[4 * i + 2] * i1, o[4 * i + 3] * i1);
+    }
+  } else {
+    // ---------------------------------------- producer: gather + dequantise
+    RegDealloc<kRegsProducer>();
+    const int pt = tid - 256;
+    const int sub = lane >> 3;                           // 16-byte column within 64 bytes
+    const int slot0 = (pt >> 5) * 8 + (lane & 7);        // token slots slot0, slot0 + 32
+    const int seq = p.query_seq != nullptr ? p.query_seq[t] : 0;
+    const int64_t ntok = p.cache.num_tokens[seq];
+    const int32_t* ptab = p.cache.page_table + seq * p.cache.page_table_stride;
+    const int32_t* idx_row = p.indices + t * p.topk;
+    const size_t page_bytes = size_t(kPageTokens) * kRecordBytes;
+    if constexpr (kVariant == kVariantNoProducer) {
+      // Zeroed buffers, every slot valid: the consumers run on defined data.
+      for (int i = pt; i < 2 * kTileBytes / 16; i += 128) {
+        reinterpret_cast<uint4*>(sm.kv[0])[i] = make_uint4(0u, 0u, 0u, 0u);
+      }
+      sm.valid[0][pt >> 1] = sm.valid[1][pt >> 1] = 1;
+      ptx::FenceProxyAsync();
+    }
+    auto load_index = [&](int b, int r) -> int32_t {
+      const int i = b * kBlk + slot0 + 32 * r;
+      int32_t idx = i < p.topk ? __ldg(idx_row + i) : -1;
+      return idx >= 0 && idx < ntok ? idx : -1;
+    };
+    int32_t next0 = nb > 0 ? load_index(0, 0) : -1, next1 = nb > 0 ? load_index(0, 1) : -1;
+    for (int b = 0; b < nb; ++b) {
+      const int buf = b & 1;
+      const int32_t cur[2] = {next0, next1};
+      if (b + 1 < nb) {
+        next0 = load_index(b + 1, 0);
+        next1 = load_index(b + 1, 1);
+      }
+      if constexpr (kVariant == kVariantNoProducer) {
+        MbarWait(&sm.k_free[buf], (uint32_t(b >> 1) & 1u) ^ 1u);
+        MbarArrive(&sm.k_ready[buf]);
+        continue;
+      }
+      // Issue every load of both tokens before waiting for the buffer.
+      uint4 raw[2][8], pe[2][2];
+      float4 sc[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (cur[r] >= 0) {
+          const uint8_t* rec = p.cache.pool + size_t(__ldg(ptab + (cur[r] >> 6))) * page_bytes +
+                               size_t(cur[r] & 63) * kRecordBytes;
+#pragma unroll
+          for (int gi = 0; gi < 8; ++gi) {
+            raw[r][gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
+          }
+          sc[r] = __ldg(reinterpret_cast<const float4*>(rec + kR));
+          pe[r][0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
+          pe[r][1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
+        }
+      }
+      MbarWait(&sm.k_free[buf], (uint32_t(b >> 1) & 1u) ^ 1u);
+      uint8_t* tile = sm.kv[buf];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int slot = slot0 + 32 * r;
+        if (cur[r] >= 0) {
+#pragma unroll
+          for (int gi = 0; gi < 8; ++gi) {
+            const float s = gi < 2 ? sc[r].x : gi < 4 ? sc[r].y : gi < 6 ? sc[r].z : sc[r].w;
+            uint4 lo, hi;
+            Dequant16(raw[r][gi], s, lo, hi);
+            StoreChunk(tile, 8 * gi + 2 * sub, slot, lo);
+            StoreChunk(tile, 8 * gi + 2 * sub + 1, slot, hi);
+          }
+          StoreChunk(tile, kR / 8 + sub, slot, pe[r][0]);
+          StoreChunk(tile, kR / 8 + sub + 4, slot, pe[r][1]);
+        } else {
+          // Zeros: the slot's P is 0 and must not meet NaN bit patterns in V.
+          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+          for (int gi = 0; gi < 8; ++gi) {
+            StoreChunk(tile, 8 * gi + 2 * sub, slot, z);
+            StoreChunk(tile, 8 * gi + 2 * sub + 1, slot, z);
+          }
+          StoreChunk(tile, kR / 8 + sub, slot, z);
+          StoreChunk(tile, kR / 8 + sub + 4, slot, z);
+        }
+        if (sub == 0) sm.valid[buf][slot] = cur[r] >= 0 ? 1 : 0;
+      }
+      ptx::FenceProxyAsync();
+      MbarArrive(&sm.k_ready[buf]);
+    }
+  }
+}
+
+}  // namespace pd::kernels::cuda::mla_internal
+
+#endif  // PD_KERNELS_CUDA_MLA_WGMMA_CUH_
