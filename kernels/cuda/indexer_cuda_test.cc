@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <set>
@@ -264,6 +265,9 @@ struct SelectCase {
   // must be long enough (checked on the plan; auto-split ranges of a few
   // queries are too short to be seeded).
   bool expect_seeded = false;
+  // Every head weight made negative: routed scores <= 0, the keys whose routed
+  // dot products are all <= 0 tie at exactly 0 (ties broken by index).
+  bool negative_weights = false;
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
@@ -271,7 +275,10 @@ struct SelectCase {
 void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   std::mt19937 rng(seed);
   const HostBatch hb = MakeBatch(rng, sc.lens, sc.summary_block);
-  const HostQueries hq = MakeQueries(rng, sc.positions);
+  HostQueries hq = MakeQueries(rng, sc.positions);
+  if (sc.negative_weights) {
+    for (float& w : hq.w) w = -std::fabs(w);
+  }
   DeviceBatch db(hb, hq);
   ASSERT_TRUE(db.pool.ok() && db.q8.ok());
   const int64_t T = int64_t(hq.pos.size());
@@ -524,13 +531,12 @@ TEST(CudaSelect, SeededThresholdsLongContext) {
   }
 }
 
-// Experiment bit 5 seeds from a rank that too few keys beat (k / 32 of the
+// Experiment bit 5 seeds from a rank that too few keys beat (k / 64 of the
 // sample, about k / 4 keys of the range), so every seeded query must take the
 // exact rescan; bit 4 turns seeding off. Both must give the exact selection,
-// as must a small top-k (k = 300: seeded from rank 69 of the sample, whose
-// margin still leaves some queries to the rescan; its sample lists compact
-// after ~3 x 69 keys). The dense cases (64 rows per query: never seeded)
-// check that the bits change nothing there.
+// as must a small top-k (k = 300: seeded from rank 41 of the sample, whose
+// margin still leaves some queries to the rescan). The dense cases (64 rows
+// per query: never seeded) check that the bits change nothing there.
 TEST(CudaSelect, SeededFallbackRescanAndNoSeeding) {
   SKIP_WITHOUT_GPU();
   for (int experiment : {32, 16}) {
@@ -576,6 +582,48 @@ TEST(CudaSelect, SeededSmallTopkMisa) {
     c.splits = 1;
     c.expect_seeded = true;
     RunSelectCase(c, 60 + uint32_t(experiment));
+  }
+}
+
+// Seeding with 16 and 32 routed heads: 2 and 1 queries per lane, so the
+// sample tops and the union of a query's lanes are laid out differently than
+// with 8 (select_kernel_v2.cuh); 8 and 4 queries per CTA.
+TEST(CudaSelect, SeededRoutedHeads16And32) {
+  SKIP_WITHOUT_GPU();
+  for (int h : {16, 32}) {
+    SelectCase c;
+    c.misa = true;
+    c.h = h;
+    c.lens = {19001};
+    auto pos = Tail(19001, h == 16 ? 13 : 7);
+    for (int64_t p : {4000, 9000, 18000}) pos.push_back(p);
+    c.positions = {pos};
+    c.sorted = h == 16;
+    c.splits = 1;
+    c.expect_seeded = true;
+    RunSelectCase(c, 70 + uint32_t(h));
+  }
+}
+
+// Negative routed scores (every weight < 0): the seeds are negative scores
+// (ordered score bits below the sign bit's), and the keys whose routed dot
+// products are all <= 0 tie at 0 at the top. Seeded, then every seeded query
+// rescanned (bit 5).
+TEST(CudaSelect, SeededNegativeScores) {
+  SKIP_WITHOUT_GPU();
+  for (int experiment : {0, 32}) {
+    SelectCase c;
+    c.misa = true;
+    c.lens = {16007};
+    auto pos = Tail(16007, 19);
+    pos.push_back(9500);
+    c.positions = {pos};
+    c.negative_weights = true;
+    c.experiment = experiment;
+    c.sorted = experiment == 0;
+    c.splits = 1;
+    c.expect_seeded = true;
+    RunSelectCase(c, 80 + uint32_t(experiment));
   }
 }
 
@@ -1117,6 +1165,74 @@ TEST(CudaRouter, MatchesCpuRouterAndHeads) {
             EXPECT_GT(j, g_active[size_t(t * h + e - 1)]) << "ascending order";
           }
           EXPECT_GE(r[size_t(j)], hth - 2e-4f * rmax) << "query " << t << " head " << j;
+        }
+      }
+    }
+  }
+}
+
+// Router CTAs take 8 groups of queries (16 per CTA with 64 heads, 32 with
+// 32, 64 with 16) and stage the block means in chunks of 64: many queries per
+// sequence (full and partial CTAs, every group), contexts of several chunks,
+// every supported head count (the first H heads of each query), against
+// cpu::MisaRouterScores and cpu::MisaActiveHeads' criterion.
+TEST(CudaRouter, ManyQueriesPerCtaEveryHeadCount) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(31);
+  const std::vector<int64_t> lens = {50000, 3000};
+  const HostBatch hb = MakeBatch(rng, lens, 256);  // 196 blocks: 4 chunks
+  std::vector<int64_t> p0 = {0, 255, 256, 16383, 16384, 49999};
+  std::uniform_int_distribution<int64_t> any0(0, lens[0] - 1);
+  while (p0.size() < 75) p0.push_back(any0(rng));
+  const HostQueries hq = MakeQueries(rng, {p0, {2999, 100, 1500}});
+  const int64_t T = int64_t(hq.pos.size());
+  for (int H : {64, 32, 16}) {
+    std::vector<uint8_t> q8(size_t(T) * H * kD);
+    std::vector<float> w(size_t(T) * H);
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(q8.data() + t * H * kD, hq.q8.data() + t * kH * kD, size_t(H) * kD);
+      std::memcpy(w.data() + t * H, hq.w.data() + t * kH, size_t(H) * sizeof(float));
+    }
+    HostQueries hqh = hq;
+    hqh.q8 = q8;
+    hqh.w = w;
+    DeviceBatch db(hb, hqh);
+    const int h = 8;
+    DeviceBuffer<int32_t> active(size_t(T) * h);
+    DeviceBuffer<float> scores(size_t(T) * H);
+    RouterParams p;
+    p.keys = db.keys;
+    p.queries = db.queries;
+    p.heads = H;
+    p.active_heads = h;
+    p.active = active.get();
+    p.scores = scores.get();
+    ASSERT_CUDA(LaunchMisaRouter(p, 0));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    const auto g_active = active.Download();
+    const auto g_scores = scores.Download();
+    for (size_t s = 0; s < lens.size(); ++s) {
+      for (int64_t t = hq.start[s]; t < hq.start[s + 1]; ++t) {
+        std::vector<float> r(static_cast<size_t>(H));
+        cpu::MisaRouterScores(hb.View(int(s)), q8.data() + t * H * kD, w.data() + t * H, H,
+                              hq.pos[size_t(t)], r.data());
+        float rmax = 0.0f;
+        for (float x : r) rmax = std::max(rmax, x);
+        for (int j = 0; j < H; ++j) {
+          EXPECT_NEAR(g_scores[size_t(t * H + j)], r[size_t(j)], 1e-4 * rmax + 1e-30)
+              << "H " << H << " query " << t << " head " << j;
+        }
+        std::vector<float> sorted_r = r;
+        std::sort(sorted_r.begin(), sorted_r.end(), std::greater<float>());
+        const float hth = sorted_r[size_t(h - 1)];
+        for (int e = 0; e < h; ++e) {
+          const int32_t j = g_active[size_t(t * h + e)];
+          ASSERT_GE(j, 0);
+          ASSERT_LT(j, H);
+          if (e > 0) {
+            EXPECT_GT(j, g_active[size_t(t * h + e - 1)]) << "ascending order";
+          }
+          EXPECT_GE(r[size_t(j)], hth - 2e-4f * rmax) << "H " << H << " query " << t << " head " << j;
         }
       }
     }

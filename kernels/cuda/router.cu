@@ -1,6 +1,12 @@
 // MISA router (head scores over the pooled summaries + top-h heads) and the
 // pooled-summary block filter, on bf16 tensor cores (mma.sync m16n8k16) with
 // each block mean split into bf16 hi + lo parts.
+//
+// The MMA's k order within each 16-dim block is permuted (the dot products
+// are sums, so any order used by both operands gives the same products): lane
+// c4's k columns 2 c4 + {0, 1} and 2 c4 + 8 + {0, 1} hold dims 4 c4 + {0, 1}
+// and 4 c4 + {2, 3}, so that a lane reads its four dims of a query row as one
+// 32-bit word and of a staged block mean as one 64-bit word.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -15,15 +21,13 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kChunk = 64;             // summary blocks staged in shared memory at a time
-constexpr int kRowPad = 136;           // bf16 per staged row (128 + 8: conflict-free B reads)
+constexpr int kRowPad = 144;           // bf16 per staged row (128 + 16: conflict-free 64-bit
+                                       // B reads, 8 rows of a half-warp in 8 bank groups)
+constexpr int kRouterGroups = 8;       // query groups per router CTA (a group: 8 warps x 16 heads)
 
 cudaError_t Invalid(const char** error, const char* what) {
   if (error != nullptr) *error = what;
   return cudaErrorInvalidValue;
-}
-
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  return uint32_t(FloatToBf16(lo)) | (uint32_t(FloatToBf16(hi)) << 16);
 }
 
 // Stages kbar (hi and lo bf16 parts) of blocks [b0, b0 + kChunk) of one sequence.
@@ -40,17 +44,40 @@ __device__ void StageMeans(const float* sums, int64_t ntok, int block, int64_t b
   }
 }
 
-// A fragments (16 rows x 128) of e4m3 query vectors rows[0..15] (row pointers).
+// Two e4m3 values (low byte first) -> bf16x2 (low half first), exactly: every
+// e4m3 value (NaN aside) is an f16 and a bf16 value. Hardware conversions
+// (sm_89+) instead of decoding the bits one byte at a time.
+__device__ __forceinline__ uint32_t E4m3x2ToBf16x2(uint32_t two) {
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(static_cast<unsigned short>(two & 0xffffu)));
+  float f0, f1;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f0) : "h"(static_cast<unsigned short>(h2 & 0xffffu)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f1) : "h"(static_cast<unsigned short>(h2 >> 16)));
+  uint32_t out;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(f1), "f"(f0));  // f1 -> upper half
+  return out;
+}
+
+// A fragments (16 rows x 128) of e4m3 query vectors rows[0..15] (row pointers,
+// 4-byte aligned), in the permuted k order (file comment): lane c4 of row r
+// reads the word of dims kk * 16 + 4 c4 .. + 3.
 __device__ __forceinline__ void LoadQueryFragments(const uint8_t* row_g, const uint8_t* row_g8,
                                                    uint32_t (&a)[8][4]) {
   const int c4 = threadIdx.x & 3;
+  const uint32_t* r0 = reinterpret_cast<const uint32_t*>(row_g) + c4;
+  const uint32_t* r1 = reinterpret_cast<const uint32_t*>(row_g8) + c4;
+  uint32_t w0[8], w1[8];
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    const int k = kk * 16 + 2 * c4;
-    a[kk][0] = PackBf16(Fp8E4M3ToFloat(row_g[k]), Fp8E4M3ToFloat(row_g[k + 1]));
-    a[kk][1] = PackBf16(Fp8E4M3ToFloat(row_g8[k]), Fp8E4M3ToFloat(row_g8[k + 1]));
-    a[kk][2] = PackBf16(Fp8E4M3ToFloat(row_g[k + 8]), Fp8E4M3ToFloat(row_g[k + 9]));
-    a[kk][3] = PackBf16(Fp8E4M3ToFloat(row_g8[k + 8]), Fp8E4M3ToFloat(row_g8[k + 9]));
+    w0[kk] = __ldg(r0 + 4 * kk);
+    w1[kk] = __ldg(r1 + 4 * kk);
+  }
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    a[kk][0] = E4m3x2ToBf16x2(w0[kk]);
+    a[kk][1] = E4m3x2ToBf16x2(w1[kk]);
+    a[kk][2] = E4m3x2ToBf16x2(w0[kk] >> 16);
+    a[kk][3] = E4m3x2ToBf16x2(w1[kk] >> 16);
   }
 }
 
@@ -59,95 +86,107 @@ __device__ __forceinline__ void DotTile(const uint32_t (&a)[8][4], const uint16_
                                         const uint16_t* lo, int n0, float (&acc)[4]) {
   const int lane = threadIdx.x & 31, g8 = lane >> 2, c4 = lane & 3;
   acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
-  const uint16_t* h = hi + (n0 + g8) * kRowPad + 2 * c4;
-  const uint16_t* l = lo + (n0 + g8) * kRowPad + 2 * c4;
+  // Permuted k order: lane c4 reads dims kk * 16 + 4 c4 .. + 3 as one word.
+  const uint16_t* h = hi + (n0 + g8) * kRowPad + 4 * c4;
+  const uint16_t* l = lo + (n0 + g8) * kRowPad + 4 * c4;
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
-    const uint32_t bh[2] = {*reinterpret_cast<const uint32_t*>(h + kk * 16),
-                            *reinterpret_cast<const uint32_t*>(h + kk * 16 + 8)};
-    const uint32_t bl[2] = {*reinterpret_cast<const uint32_t*>(l + kk * 16),
-                            *reinterpret_cast<const uint32_t*>(l + kk * 16 + 8)};
+    const uint2 vh = *reinterpret_cast<const uint2*>(h + kk * 16);
+    const uint2 vl = *reinterpret_cast<const uint2*>(l + kk * 16);
+    const uint32_t bh[2] = {vh.x, vh.y};
+    const uint32_t bl[2] = {vl.x, vl.y};
     ptx::MmaM16N8K16Bf16(acc, a[kk], bh);
     ptx::MmaM16N8K16Bf16(acc, a[kk], bl);
   }
 }
 
-// Per CTA: `qpc` queries of one sequence; warp w serves query w / (H/16), heads
-// 16 * (w % (H/16)) + [0, 16).
-__global__ void __launch_bounds__(kThreads) RouterKernel(const RouterParams p, int qpc) {
+// Per CTA: kRouterGroups groups of `qpc` queries of one sequence (so that the
+// staged block means serve 8 x as many queries as one group's); in group g,
+// warp w serves query g * qpc + w / (H/16), heads 16 * (w % (H/16)) + [0, 16).
+// The ReLU sums accumulate in shared memory across the staged chunks (one
+// writer per entry).
+__global__ void __launch_bounds__(kThreads, 4) RouterKernel(const RouterParams p, int qpc) {
   __shared__ __align__(16) uint16_t hi[kChunk * kRowPad];
   __shared__ __align__(16) uint16_t lo[kChunk * kRowPad];
-  __shared__ float r_sh[8][64];
+  __shared__ float r_sh[kRouterGroups][128];       // group g: row qi * H + j: sum of ReLUs
+  __shared__ int64_t nb_sh[kRouterGroups * 8];     // visible blocks of each query of the CTA
   const int H = p.heads, wpq = H / 16;
+  const int cpq = qpc * kRouterGroups;             // queries per CTA (<= 64)
   const int seq = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g8 = lane >> 2;
   const int64_t qs0 = p.queries.query_start[seq], qs1 = p.queries.query_start[seq + 1];
-  const int64_t q0 = qs0 + int64_t(blockIdx.x) * qpc;
+  const int64_t q0 = qs0 + int64_t(blockIdx.x) * cpq;
   if (q0 >= qs1) return;
-  const int nq = int(qs1 - q0 < qpc ? qs1 - q0 : qpc);
+  const int nq = int(qs1 - q0 < cpq ? qs1 - q0 : cpq);
   const int block = p.keys.layout.summary_block;
   const int64_t ntok = p.keys.num_tokens[seq];
   const int64_t m_total = (ntok + block - 1) / block;
   const float* sums = p.keys.summary_sums + seq * p.keys.summary_stride * 128;
-
-  const int qi = warp / wpq, ht = warp % wpq;
-  const bool active_warp = warp < qpc * wpq && qi < nq;
-  const int64_t t = q0 + qi;
-  int64_t nb = 0;
-  uint32_t a[8][4];
-  if (active_warp) {
-    const int64_t pos = p.queries.positions[t];
-    nb = pos / block + 1 < m_total ? pos / block + 1 : m_total;
-    const uint8_t* q = p.queries.q8 + (t * H + 16 * ht) * 128;
-    LoadQueryFragments(q + g8 * 128, q + (g8 + 8) * 128, a);
+  for (int i = threadIdx.x; i < kRouterGroups * 128; i += kThreads) (&r_sh[0][0])[i] = 0.0f;
+  for (int i = threadIdx.x; i < cpq; i += kThreads) {
+    int64_t n = 0;
+    if (i < nq) {
+      const int64_t pos = p.queries.positions[q0 + i];
+      n = pos / block + 1 < m_total ? pos / block + 1 : m_total;
+    }
+    nb_sh[i] = n;
   }
+  __syncthreads();
   int64_t nb_max = 0;
-  for (int i = 0; i < nq; ++i) {
-    const int64_t pos = p.queries.positions[q0 + i];
-    const int64_t n = pos / block + 1 < m_total ? pos / block + 1 : m_total;
-    nb_max = n > nb_max ? n : nb_max;
-  }
-  float s0 = 0.0f, s1 = 0.0f;  // rows g8 and g8 + 8
+  for (int i = 0; i < nq; ++i) nb_max = nb_sh[i] > nb_max ? nb_sh[i] : nb_max;
+  const int qi = warp / wpq, ht = warp % wpq;
   for (int64_t b0 = 0; b0 < nb_max; b0 += kChunk) {
     __syncthreads();
     StageMeans(sums, ntok, block, b0, nb_max, hi, lo);
     __syncthreads();
-    if (!active_warp) continue;
-    for (int n0 = 0; n0 < kChunk && b0 + n0 < nb; n0 += 8) {
-      float acc[4];
-      DotTile(a, hi, lo, n0, acc);
-      const int64_t b = b0 + n0 + 2 * (lane & 3);
-      if (b < nb) {
-        s0 += fmaxf(acc[0], 0.0f);
-        s1 += fmaxf(acc[2], 0.0f);
+#pragma unroll 1
+    for (int g = 0; g < kRouterGroups; ++g) {
+      const int qc = g * qpc + qi;
+      if (qc >= nq) continue;  // warp-uniform
+      const int64_t nb = nb_sh[qc];
+      if (b0 >= nb) continue;
+      const int64_t t = q0 + qc;
+      uint32_t a[8][4];
+      const uint8_t* q = p.queries.q8 + (t * H + 16 * ht) * 128;
+      LoadQueryFragments(q + g8 * 128, q + (g8 + 8) * 128, a);
+      float x0 = 0.0f, x1 = 0.0f;  // rows g8 and g8 + 8
+      for (int n0 = 0; n0 < kChunk && b0 + n0 < nb; n0 += 8) {
+        float acc[4];
+        DotTile(a, hi, lo, n0, acc);
+        const int64_t b = b0 + n0 + 2 * (lane & 3);
+        if (b < nb) {
+          x0 += fmaxf(acc[0], 0.0f);
+          x1 += fmaxf(acc[2], 0.0f);
+        }
+        if (b + 1 < nb) {
+          x0 += fmaxf(acc[1], 0.0f);
+          x1 += fmaxf(acc[3], 0.0f);
+        }
       }
-      if (b + 1 < nb) {
-        s0 += fmaxf(acc[1], 0.0f);
-        s1 += fmaxf(acc[3], 0.0f);
+      x0 += __shfl_xor_sync(0xffffffffu, x0, 1);
+      x0 += __shfl_xor_sync(0xffffffffu, x0, 2);
+      x1 += __shfl_xor_sync(0xffffffffu, x1, 1);
+      x1 += __shfl_xor_sync(0xffffffffu, x1, 2);
+      if ((lane & 3) == 0) {
+        r_sh[g][qi * H + 16 * ht + g8] += x0;
+        r_sh[g][qi * H + 16 * ht + g8 + 8] += x1;
       }
-    }
-  }
-  if (active_warp) {
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
-    if ((lane & 3) == 0) {
-      const int j0 = 16 * ht + g8, j1 = j0 + 8;
-      r_sh[qi][j0] = fabsf(p.queries.weights[t * H + j0]) * s0;
-      r_sh[qi][j1] = fabsf(p.queries.weights[t * H + j1]) * s1;
     }
   }
   __syncthreads();
-  // Top-h per query: one warp per query, `h` rounds of a warp arg-max.
-  if (warp < nq) {
-    const int64_t tq = q0 + warp;
+  // Top-h per query: warp w takes queries w, w + 8, ...; `h` rounds of a warp arg-max.
+  for (int qc = warp; qc < nq; qc += kThreads / 32) {
+    const float* rs = &r_sh[qc / qpc][(qc % qpc) * H];
+    const int64_t tq = q0 + qc;
+    float r0 = 0.0f, r1 = 0.0f;  // r[t, lane], r[t, lane + 32] = |w| * sum of ReLUs
+    if (lane < H) r0 = fabsf(p.queries.weights[tq * H + lane]) * rs[lane];
+    if (lane + 32 < H) r1 = fabsf(p.queries.weights[tq * H + lane + 32]) * rs[lane + 32];
     uint64_t k0 = 0, k1 = 0;
-    if (lane < H) k0 = topk::CandidateKey(r_sh[warp][lane], lane);
-    if (lane + 32 < H) k1 = topk::CandidateKey(r_sh[warp][lane + 32], lane + 32);
+    if (lane < H) k0 = topk::CandidateKey(r0, lane);
+    if (lane + 32 < H) k1 = topk::CandidateKey(r1, lane + 32);
     if (p.scores != nullptr) {
-      if (lane < H) p.scores[tq * H + lane] = r_sh[warp][lane];
-      if (lane + 32 < H) p.scores[tq * H + lane + 32] = r_sh[warp][lane + 32];
+      if (lane < H) p.scores[tq * H + lane] = r0;
+      if (lane + 32 < H) p.scores[tq * H + lane + 32] = r1;
     }
     uint64_t chosen = 0;  // bit j: head j is active
     for (int e = 0; e < p.active_heads; ++e) {
@@ -475,7 +514,8 @@ cudaError_t LaunchMisaRouter(const RouterParams& p, cudaStream_t stream, const c
   }
   if (p.queries.num_queries == 0 || p.queries.max_queries_per_seq == 0) return cudaSuccess;
   const int qpc = 8 / (p.heads / 16);
-  const dim3 grid(unsigned((p.queries.max_queries_per_seq + qpc - 1) / qpc),
+  const int64_t cpq = int64_t(qpc) * kRouterGroups;
+  const dim3 grid(unsigned((p.queries.max_queries_per_seq + cpq - 1) / cpq),
                   unsigned(p.queries.num_seqs));
   RouterKernel<<<grid, kThreads, 0, stream>>>(p, qpc);
   return cudaGetLastError();

@@ -26,23 +26,42 @@
 // Round 3 (the epilogue's candidate traffic; docs/perf.md):
 // - Threshold seeding (contiguous keys, single accumulator, top-k <= 2048,
 //   fewer than 64 heads per query: dense's epilogue is its head sums): a
-//   sample pass over every kSelectSampleStride-th key of the CTA's range keeps
-//   the top SelectSeedTopk(k) per query, whose last key becomes the query's
-//   threshold; the full pass then skips the sampled rows. About 1.3 k keys
-//   pass the seed instead of k (1 + ln(N / k)) a running threshold admits, and
-//   the lists rarely fill. A seeded query left with fewer than k keys at or
-//   above its seed is rescanned from threshold 0 (exact either way).
+//   sample pass over every kSelectSampleStride-th key of the CTA's range finds
+//   about the SelectSeedTopk(k)-th best sampled score per query (round 4: see
+//   below), which becomes the query's threshold. About 1.46 k keys pass the
+//   seed instead of k (1 + ln(N / k)) a running threshold admits, and the
+//   lists rarely fill. A seeded query left with fewer than k keys at or above
+//   its seed is rescanned from threshold 0 (exact either way).
 // - The epilogue compares each score's 64-bit candidate key with the
 //   threshold in integer arithmetic (no float pre-test and exact fallback
 //   branch), checks overflow once per stage, and sums heads in up to four
 //   independent chains; the contiguous copies use precomputed addresses.
 //
+// Round 4 (docs/perf.md, bench/kernels/round4_notes.md):
+// - The sample pass keeps no candidate lists: every lane keeps the top
+//   kSelectSeedLaneTop scores of each of its queries among the sampled keys it
+//   scores (a sorting network of fmaxf/fminf in shared memory), and after the
+//   pass one warp per query takes the SelectSeedTopk(k)-th best of the union
+//   of its 64 lanes' tops (a bit-serial select over the ordered score bits).
+//   A lane that saw more than kSelectSeedLaneTop of the sample's top keys only
+//   lowers that rank's value, so the seed never exceeds the exact sample rank:
+//   no compaction, no CTA barrier, no list traffic in the sample pass. The
+//   seed is a score (all keys of that score or better enter), and the full
+//   pass scans every key (the sampled ones again).
+// - The head weights are stored with 16 bytes of padding per lane group
+//   (column f at f + 4 (f / LC)): the four lane groups' LDS.128 of one weight
+//   vector hit four different bank groups (round 3's layout put them in one:
+//   16 shared-memory wavefronts per load instead of 4, 42% of all the
+//   kernel's wavefronts at MISA 64K).
+// - Contiguous copies read the page table one stage ahead.
+//
 // Exactness is version 1's argument: a key enters its list iff its 64-bit
 // candidate key beats the list's threshold, which is always the k-th best key
 // of some k keys already kept; every key better than the final k-th best is
-// therefore in the list at the end. With seeding the threshold starts at the
-// seed_k-th best sampled key T0 instead; the list then holds every key >= T0,
-// and when that is at least k keys the k-th best is >= T0 (else: rescan).
+// therefore in the list at the end. With seeding the threshold starts below
+// the candidate keys of score S0 (a score no higher than the seed_k-th best
+// sampled one); the list then holds every key scoring >= S0, and when that is
+// at least k keys the k-th best scores >= S0 (else: rescan).
 #ifndef PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
 #define PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
 
@@ -72,7 +91,8 @@ struct alignas(1024) Smem {
   uint64_t cbuf[kCap];                 // compaction buffer
   float kscale[kSt][kKeys];
   int32_t kidx[kSt][kKeys];            // key list path: key of each stage row, -1 = none
-  float wl[128];                       // head weights in lane-local column order
+  float wl[128 + 16];                  // head weights in lane-local column order, padded:
+                                       //   column f at f + 4 (f / LC) (WeightSlot)
   int64_t pos[kMaxQ];                  // -1 for padding queries
   unsigned long long thr[kMaxQ];       // enter iff candidate key > thr
   int wcnt[kWarps][kMaxQ];             // partition fill (published at compactions)
@@ -260,9 +280,13 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   static_assert(R == 64 || R == 128, "R must be 64 or 128");
   static_assert(NQ >= 1 && NQ <= kMaxQ && LPQ <= 4, "G must be 8, 16, 32 or 64");
   static_assert(kCapW >= 2 * 16 + 256 || kCap == 4096, "partition too small");
-  static_assert(kP >= 2 && kP <= 8 && (kP & (kP - 1)) == 0,
-                "sample rows of a stage must be the rows of the lanes with g8 % kP == 0");
+  constexpr int kTop = kSelectSeedLaneTop;   // sampled scores kept per (lane, query)
+  static_assert(kP >= 2, "the sample must be sparser than the range");
+  static_assert(kTop == 8, "the sample tops are two float4 per (lane, query)");
+  static_assert(kSelectSeedLanes == kWarps * 8, "a query's sampled keys are scored by 8 lanes per warp");
   using S = Smem<kCap, kSt>;
+  static_assert(!kSeedable || sizeof(float) * kTop * QL * kThreads <= sizeof(S::cbuf),
+                "the sample tops live in the compaction buffer");
   constexpr int kStages = kSt;
   // 1024-byte aligned (SW128 tiles), computed so that the compiler keeps
   // the shared address space (plain LDS/STS rather than generic accesses).
@@ -312,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     for (int c = 0; c < 4; ++c) {
       *reinterpret_cast<int4*>(sm.q + ptx::Sw128Offset(r, (half * 4 + c) * 16)) = v[c];
     }
-    if (half == 0) sm.wl[f] = wv;
+    if (half == 0) sm.wl[f + 4 * (f / LC)] = wv;
   }
   for (int i = tid; i < kWarps * kMaxQ; i += kThreads) (&sm.wcnt[0][0])[i] = 0;
   __syncthreads();
@@ -344,7 +368,8 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   const int32_t list_stride32 = int32_t(list_stride);  // <= 1024 splits x 16384
 
   // Seeding (kSeedable; see SelectSeedTopk): a sample pass over the keys
-  // sbeg + kP j of the range with top-k seed_k, then the full pass.
+  // sbeg + kP j of the range (per-lane tops, no lists), the seeds, then the
+  // full pass over every key.
   bool seed = false;
   int n_samp_iter = 0;
   if constexpr (kSeedable) {
@@ -353,12 +378,13 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     n_samp_iter = int((ns + kKeys - 1) / kKeys);
   }
   // Keys of the current pass: row r of pass iteration it holds key
-  // sbeg + pass_stride * (it * kKeys + r); with pass_skip_sample the rows of the
-  // sample keys (r % kP == 0, the lanes with g8 % kP == 0) were offered in the
-  // sample pass and are skipped.
+  // sbeg + pass_stride * (it * kKeys + r).
   int32_t pass_stride = 1;
-  bool pass_sample = false, pass_skip_sample = false;
-  int k_cur = k;  // the top-k that compactions keep: seed_k in the sample pass
+  bool pass_sample = false;
+  // Sample tops: float4 (2 ql + e) * kThreads + tid holds scores 4e..4e+3 of
+  // thread tid's local query ql, descending (-inf: none). Each thread touches
+  // only its own entries during the sample pass.
+  float4* const top4 = reinterpret_cast<float4*>(sm.cbuf);
 
   const uint32_t keys_smem = ptx::SmemAddr(sm.keys[0]);
   const uint32_t kscale_smem = ptx::SmemAddr(sm.kscale[0]);
@@ -368,10 +394,16 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   const int ld_pg = tid >> 7, ld_u = tid & 127;
   const uint32_t ld_dst0 = uint32_t(ld_pg * 64 * 128) + ptx::Sw128Offset(ld_u >> 3, (ld_u & 7) * 16);
   const int32_t ld_page0 = int32_t(sbeg >> 6) + ld_pg;
+  // The page-table entry of the next iteration is read one call ahead (its
+  // load latency then hides behind a stage instead of stalling the copies):
+  // a pass calls load_contig with it = 0, 1, 2, ... in order.
+  int32_t pt_next = 0;
   auto load_contig = [&](int stage, int it) {
     const int32_t page = ld_page0 + 2 * it;
+    const int32_t page_id = it != 0 ? pt_next : (int64_t(page) * 64 < send ? ptab[page] : 0);
+    pt_next = int64_t(page + 2) * 64 < send ? ptab[page + 2] : 0;
     if (int64_t(page) * 64 < send) {
-      const uint8_t* pg = a.pool + int64_t(ptab[page]) * int64_t(a.page_bytes);
+      const uint8_t* pg = a.pool + int64_t(page_id) * int64_t(a.page_bytes);
       const uint32_t dst = keys_smem + uint32_t(stage * kKeys * 128) + ld_dst0;
       const uint8_t* src = pg + ld_u * 16;
 #pragma unroll
@@ -486,7 +518,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     float w[LC];
 #pragma unroll
     for (int m = 0; m < LC; m += 4) {
-      const float4 t4 = *reinterpret_cast<const float4*>(&sm.wl[c4 * LC + m]);
+      const float4 t4 = *reinterpret_cast<const float4*>(&sm.wl[c4 * (LC + 4) + m]);
       w[m] = t4.x;
       w[m + 1] = t4.y;
       w[m + 2] = t4.z;
@@ -555,13 +587,42 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         kval[h] = key[h] >= 0;
       } else {
         key[h] = sbeg32 + pass_stride * (it * kKeys + row);
-        kval[h] = key[h] < send32 && !(pass_skip_sample && (g8 % kP) == 0);
+        kval[h] = key[h] < send32;
       }
       ks[h] = sm.kscale[stage][row];
     }
     bool all_visible = false;
     if constexpr (!kKeyList) {
       all_visible = sbeg + int64_t(pass_stride) * ((int64_t(it) + 1) * kKeys - 1) <= minpos;
+    }
+    if constexpr (kSeedable) {
+      if (pass_sample) {
+        // Sample pass: merge this lane's scores into its per-query tops (a
+        // descending insertion network; invisible keys and NaN scores enter
+        // as -inf, which displaces nothing). LPQ == 1 here (G < 64): slot
+        // j = 2 ql + h is row h of local query ql.
+#pragma unroll
+        for (int ql = 0; ql < QL; ++ql) {
+          float4* const tq = top4 + (2 * ql) * kThreads + tid;
+          const float4 t0 = tq[0], t1 = tq[kThreads];
+          float v[kTop] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float score = sc[2 * ql + h] * ks[h];
+            const bool ok = kval[h] && (all_visible || key[h] <= pos_r[ql]) && score > -INFINITY;
+            float x = ok ? score : -INFINITY;
+#pragma unroll
+            for (int i = 0; i < kTop; ++i) {
+              const float hi = fmaxf(v[i], x);
+              x = fminf(v[i], x);
+              v[i] = hi;
+            }
+          }
+          tq[0] = make_float4(v[0], v[1], v[2], v[3]);
+          tq[kThreads] = make_float4(v[4], v[5], v[6], v[7]);
+        }
+        return;
+      }
     }
     unsigned long long thr[QL];
 #pragma unroll
@@ -610,7 +671,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       __syncthreads();
       if (tid == 0) sm.need = 0;
       for (int q = 0; q < NQ; ++q) {
-        if ((need >> q) & 1u) CompactList(lists + q * list_stride, q, k_cur, sm);
+        if ((need >> q) & 1u) CompactList(lists + q * list_stride, q, k, sm);
       }
       refresh_counts();
     }
@@ -648,35 +709,74 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   if constexpr (!kDB) {
     if constexpr (kSeedable) {
       if (seed) {
-        // Sample pass: the running top-seed_k of the sampled keys.
-        const int ks_top = (a.experiment & 32) ? max(1, k / (4 * kP)) : a.seed_k;
-        k_cur = ks_top;
+        // Sample pass: each lane's tops of its queries' sampled scores.
+        const float4 ninf4 = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+#pragma unroll
+        for (int i = 0; i < 2 * QL; ++i) top4[i * kThreads + tid] = ninf4;
         pass_stride = kP;
         pass_sample = true;
-        run_pass(n_samp_iter);
-        publish_counts();
-        __syncthreads();
-        // Seed: keep each list's top seed_k (threshold = its seed_k-th key).
-        // A query whose threshold is still 0 has its whole sample in the
-        // list; every other one (seeded here, or by a compaction during the
-        // sample pass: a list that then took no key ends with exactly seed_k)
-        // rejected keys on the sample's evidence alone and is checked after
-        // the full pass.
-        for (int q = 0; q < nq; ++q) {
-          int n = 0;
+        run_pass(n_samp_iter);  // ends with a barrier: every lane's tops are written
+        // Seeds: warp w takes queries w, w + kWarps, ...; the r-th best of the
+        // union U of the query's 64 lane tops (8 warps x 8 lanes with c4 ==
+        // q / QL) is found bit by bit on the ordered score bits, from the
+        // highest bit in which U's values differ down to 24 bits below it
+        // (lower bits 0: a value no higher than the exact one). The union
+        // misses only scores that a lane ranked below its kTop-th, so U's r-th
+        // is no higher than the sample's r-th. Threshold: below the candidate
+        // keys of that score (every key scoring at least as much enters).
+        const int r_seed = (a.experiment & 32) ? max(1, k / (4 * kP)) : a.seed_k;
+        for (int q = warp; q < nq; q += kWarps) {
+          const int cq = q / QL, qlq = q % QL;
+          uint32_t v[2 * kTop];
+          unsigned vmax = 0, vmin = ~0u;
+          int nz = 0;
 #pragma unroll
-          for (int w = 0; w < kWarps; ++w) n += sm.wcnt[w][q];
-          if (n > ks_top) CompactList(lists + q * list_stride, q, ks_top, sm);
+          for (int e = 0; e < 2; ++e) {
+            const int u = lane + 32 * e;                       // union slot: warp u / 8, g8 u % 8
+            const int t = (u >> 3) * 32 + (u & 7) * 4 + cq;    // its thread
+            const float4 x0 = top4[(2 * qlq) * kThreads + t];
+            const float4 x1 = top4[(2 * qlq + 1) * kThreads + t];
+            const float xs[kTop] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+            for (int i = 0; i < kTop; ++i) {
+              const uint32_t o = xs[i] > -INFINITY ? topk::OrderedScoreBits(xs[i]) : 0u;
+              v[kTop * e + i] = o;
+              vmax = max(vmax, o);
+              vmin = min(vmin, o);
+              nz += o != 0u ? 1 : 0;
+            }
+          }
+          vmax = __reduce_max_sync(0xffffffffu, vmax);
+          vmin = __reduce_min_sync(0xffffffffu, vmin);
+          nz = __reduce_add_sync(0xffffffffu, unsigned(nz));
+          uint32_t T = 0;
+          if (nz >= r_seed && r_seed >= 1) {
+            if (vmax == vmin) {
+              T = vmax;
+            } else {
+              const int hb = 31 - __clz(int(vmax ^ vmin));
+              T = hb == 31 ? 0u : (vmax & (~0u << (hb + 1)));  // common prefix: <= every value
+              const int lo = hb - 23 > 0 ? hb - 23 : 0;
+              for (int b = hb; b >= lo; --b) {
+                const uint32_t c = T | (1u << b);
+                int n = 0;
+#pragma unroll
+                for (int i = 0; i < 2 * kTop; ++i) n += v[i] >= c ? 1 : 0;
+                n = int(__reduce_add_sync(0xffffffffu, unsigned(n)));
+                if (n >= r_seed) T = c;  // invariant: at least r_seed values >= T
+              }
+            }
+          }
+          if (lane == 0) sm.thr[q] = T == 0u ? 0ull : (static_cast<unsigned long long>(T) << 32) - 1ull;
         }
-        // CompactList ends with a barrier, as does the sample pass.
+        __syncthreads();
+        // A seeded query rejects keys on the sample's evidence alone and is
+        // checked after the full pass.
         for (int q = 0; q < nq; ++q) {
           if (sm.thr[q] != 0ull) seeded |= 1u << q;
         }
-        refresh_counts();
-        k_cur = k;
         pass_stride = 1;
         pass_sample = false;
-        pass_skip_sample = true;
       }
     }
     run_pass(n_iter);
@@ -704,7 +804,6 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         }
         __syncthreads();
         refresh_counts();
-        pass_skip_sample = false;
         run_pass(n_iter);
         publish_counts();
         __syncthreads();

@@ -22,18 +22,25 @@ inline constexpr int kSelectMinSplitKeys = 512;   // smallest key range one spli
 
 // Threshold seeding (version-2 kernel, contiguous keys): before its full scan a
 // CTA scores every kSelectSampleStride-th key of its range and starts each
-// query's threshold at the SelectSeedTopk(k)-th best of that sample, which
-// about 1.3 k keys of the range beat; insertions then fall from about
-// k (1 + ln(N / k)) to about 1.3 k + the sample's own, and list compactions
-// mostly vanish. A query that ends with fewer than k keys above its seeded
+// query's threshold at about the SelectSeedTopk(k)-th best score of that
+// sample, which about 1.46 k keys of the range beat; insertions then fall from
+// about k (1 + ln(N / k)) to about 1.46 k, and list compactions mostly vanish.
+// The sample pass keeps no lists: each of the 64 lanes that score a query's
+// sampled keys keeps its kSelectSeedLaneTop best scores, and the seed is the
+// rank's score within the union of those tops (no higher than the exact
+// sample rank's: a lane that saw more than kSelectSeedLaneTop of the top keys
+// only lowers it). A query that ends with fewer than k keys above its seeded
 // threshold is rescanned without it (exactness never depends on the sample).
-inline constexpr int kSelectSampleStride = 8;
+inline constexpr int kSelectSampleStride = 16;
+inline constexpr int kSelectSeedLaneTop = 8;
+inline constexpr int kSelectSeedLanes = 64;       // lanes scoring one query's sampled keys
 
 // The sample rank: ceil((k + 4.5 sqrt(1.3 k P)) / P), P = kSelectSampleStride,
 // so that the expected count of keys above the seed, about P times the rank,
-// exceeds k by 4.5 sqrt(1.3 k P): more than 4 of its standard deviations for
-// keys in random order from k = 1024 on (at k = 2048: rank 339, about 1.32 k
-// keys pass; at k = 300 about 3.8 deviations). 0 for k < 1.
+// exceeds k by 4.5 sqrt(1.3 k P): about 4 of its standard deviations for keys
+// in random order from k = 1024 on (at k = 2048: rank 187, about 1.46 k keys
+// pass; a lane holds 2.9 of the rank's keys on average, 8 are kept). At most
+// kSelectSeedLanes * kSelectSeedLaneTop for k <= kSelectMaxTopk. 0 for k < 1.
 int SelectSeedTopk(int topk);
 // Smallest key range (keys of one CTA) worth seeding: 4 k (below it a running
 // threshold inserts at most ~2.4 k keys and the sample would cost more).
