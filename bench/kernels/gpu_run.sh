@@ -5,7 +5,11 @@
 # plots, compute-sanitizer on small cases. Every step keeps going after a
 # failure; logs, JSON and PNGs go to $OUT (default ./gpu-out; at most 8 files
 # come back from the device tool). Usage:
-#   [BIN=dir] [NCU=1] [SAN=1] bench/kernels/gpu_run.sh [quick]
+#   [BIN=dir] [OLD_BIN=dir] [NCU=1] [NCU_CASES="misa 65536 8192 2;..."] [SAN=1]
+#   bench/kernels/gpu_run.sh [quick]
+# OLD_BIN: a previous build's pd_indexer_bench, run after the new one in the
+# same session (--prefill-only) for a same-machine before/after; its output is
+# appended to bench.log.
 set -x
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -71,6 +75,12 @@ if [ -z "${SKIP_MLA:-}" ]; then
   timeout -k 5 ${BENCH_S:-300} "$B_MLA" --json "$OUT/mla_bench.json" >> "$OUT/bench.log" 2>&1
   echo "mla bench rc=$?"
 fi
+if [ -n "${OLD_BIN:-}" ] && [ -x "$OLD_BIN/pd_indexer_bench" ]; then
+  echo "== previous build ($OLD_BIN), same session ==" >> "$OUT/bench.log"
+  timeout -k 5 ${BENCH_S:-300} "$OLD_BIN/pd_indexer_bench" --prefill-only ${OLD_ARGS:-} \
+    --json /tmp/old_bench.json >> "$OUT/bench.log" 2>&1
+  echo "old bench rc=$?"
+fi
 cat "$OUT/bench.log"
 python3 bench/kernels/plot_bench.py "$OUT/indexer_bench.json" "$OUT" 2>&1 | tail -5
 
@@ -78,7 +88,8 @@ python3 bench/kernels/plot_bench.py "$OUT/indexer_bench.json" "$OUT" 2>&1 | tail
 # counters exported as CSV), and the SASS of the main kernels, into ncu.tgz.
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
   mkdir -p /tmp/ncu
-  for c in "misa 65536 8192 2" "dense 32768 8192 2"; do
+  IFS=';' read -ra CASES <<< "${NCU_CASES:-misa 65536 8192 2;dense 32768 8192 2}"
+  for c in "${CASES[@]}"; do
     tag=$(echo $c | tr ' ' '_')
     timeout -k 5 ${NCU_S:-120} ncu --clock-control none --launch-skip 1 --launch-count 1 \
       -k regex:SelectKernel --section SpeedOfLight --section WarpStateStats \
@@ -109,8 +120,12 @@ if [ -n "${SAN:-}" ] && command -v compute-sanitizer >/dev/null; then
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" PerQueryKeyLists > /tmp/san4.log 2>&1
   echo "memcheck per-query lists rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san4.log | head -5
   # Seeded thresholds: the sample pass, the seed, the exact rescan.
-  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" SeededFallback > /tmp/san5.log 2>&1
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" SeededSmallTopk > /tmp/san5.log 2>&1
   echo "memcheck seeded rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san5.log | head -5
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" ManyQueriesPerCta > /tmp/san7.log 2>&1
+  echo "memcheck router rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san7.log | head -5
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool racecheck "$T_IDX" ManyQueriesPerCta > /tmp/san8.log 2>&1
+  echo "racecheck router rc=$?"; grep -E "RACECHECK SUMMARY|Hazard|ERROR SUMMARY" /tmp/san8.log | head -5
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool racecheck "$T_IDX" SeededSmallTopk > /tmp/san6.log 2>&1
   echo "racecheck seeded rc=$?"; grep -E "RACECHECK SUMMARY|Hazard|ERROR SUMMARY" /tmp/san6.log | head -5
 fi
