@@ -3,8 +3,16 @@
 // of one 64K-token sequence), against FlashMLA's published H800 figures (410 /
 // 640 TFLOPS), plus the cache write. Prints a table, writes JSON (--json PATH).
 // FLOPs count 2 * H * topk * (576 + 512) per query token (FlashMLA's convention).
+// Variants per case: the wgmma kernel (default schedule, then each schedule
+// explicitly: plain, late P hand-over, L2 prefetch, both), the first (mma.sync)
+// kernel, and two timing-only wgmma variants that leave one side out (no
+// producer: the consumers' time on zeroed buffers; no consumer: the gather +
+// dequantisation alone); the wgmma and mma.sync outputs of the same inputs are
+// compared (relative L2) so a fast but wrong kernel shows up here too.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -50,6 +58,42 @@ __global__ void FillIndices(int32_t* idx, int64_t T, int topk, int64_t base, int
 }
 
 std::vector<Row> g_rows;
+
+// sums[0] += (a - b)^2, sums[1] += b^2 over n values.
+__global__ void DiffSums(const float* a, const float* b, int64_t n, double* sums) {
+  double d = 0.0, r = 0.0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const double x = a[i], y = b[i];
+    d += (x - y) * (x - y);
+    r += y * y;
+  }
+  for (int sh = 16; sh > 0; sh >>= 1) {
+    d += __shfl_xor_sync(0xffffffffu, d, sh);
+    r += __shfl_xor_sync(0xffffffffu, r, sh);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(&sums[0], d);
+    atomicAdd(&sums[1], r);
+  }
+}
+
+struct Variant {
+  const char* name;
+  kc::SparseMlaImpl impl;
+  int experiment;
+  bool timing_only;
+};
+const Variant kVariants[] = {
+    {"wgmma", kc::SparseMlaImpl::kWgmma, 0, false},
+    {"wgmma-plain", kc::SparseMlaImpl::kWgmma, 3, false},
+    {"wgmma-late", kc::SparseMlaImpl::kWgmma, 4, false},
+    {"wgmma-prefetch", kc::SparseMlaImpl::kWgmma, 5, false},
+    {"wgmma-late-prefetch", kc::SparseMlaImpl::kWgmma, 6, false},
+    {"mma.sync", kc::SparseMlaImpl::kMmaSync, 0, false},
+    {"wgmma-no-producer", kc::SparseMlaImpl::kWgmma, 1, true},
+    {"wgmma-no-consumer", kc::SparseMlaImpl::kWgmma, 2, true},
+};
 
 struct Cache {
   KvLayout layout;
@@ -132,29 +176,60 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
   p.softmax_scale = 0.0722f;
   p.out = out.get();
   p.lse = lse.get();
-  const double ms = Median(TimeMs(
-      [&](int i) {
-        p.indices = idx[size_t(i % 2)].get();
-        PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
-      },
-      2, reps));
   const double flops = double(T) * H * topk * (576.0 + 512.0) * 2.0;
-  const double tf = flops / (ms * 1e-3) / 1e12;
   const double bytes = double(T) * topk * 656.0;
-  std::printf("%-8s T=%-6lld H=%d topk=%d ctx=%lldK  %8.3f ms  %6.1f TFLOPS (anchor %3.0f, 75%% = %3.0f)  "
-              "%6.0f GB/s of records gathered\n",
-              name, (long long)T, H, topk, (long long)(ctx / 1024), ms, tf, anchor_tflops,
-              0.75 * anchor_tflops, bytes / (ms * 1e-3) / 1e9);
+  for (const Variant& v : kVariants) {
+    p.impl = v.impl;
+    p.experiment = v.experiment;
+    const int n = v.impl == kc::SparseMlaImpl::kMmaSync ? std::max(3, reps / 4) : reps;
+    const std::vector<double> all = TimeMs(
+        [&](int i) {
+          p.indices = idx[size_t(i % 2)].get();
+          PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+        },
+        2, n);
+    const double ms = Median(all);
+    const double tf = flops / (ms * 1e-3) / 1e12;
+    std::printf("%-8s %-20s T=%-6lld H=%d topk=%d ctx=%lldK  %8.3f ms (min %.3f, max %.3f)  %6.1f "
+                "TFLOPS%s (anchor %3.0f, 75%% = %3.0f)  %6.0f GB/s of records\n",
+                name, v.name, (long long)T, H, topk, (long long)(ctx / 1024), ms, all.front(),
+                all.back(), tf, v.timing_only ? " [timing only]" : "", anchor_tflops,
+                0.75 * anchor_tflops, bytes / (ms * 1e-3) / 1e9);
+    g_rows.push_back(Row()
+                         .S("bench", std::string("sparse_mla_") + name)
+                         .S("kernel", v.name)
+                         .N("timing_only", v.timing_only ? 1 : 0)
+                         .N("query_tokens", double(T))
+                         .N("heads", H)
+                         .N("topk", topk)
+                         .N("context", double(ctx))
+                         .N("ms", ms)
+                         .N("ms_min", all.front())
+                         .N("ms_max", all.back())
+                         .N("runs", double(n))
+                         .N("tflops", tf)
+                         .N("anchor_flashmla_h800_tflops", anchor_tflops)
+                         .N("record_bytes", bytes));
+  }
+  // Agreement of the two real kernels on the same inputs.
+  DeviceBuffer<float> out2(size_t(T) * H * 512);
+  DeviceBuffer<double> sums(2);
+  p.indices = idx[0].get();
+  p.experiment = 0;
+  p.impl = kc::SparseMlaImpl::kWgmma;
+  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+  p.impl = kc::SparseMlaImpl::kMmaSync;
+  p.out = out2.get();
+  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+  PD_BENCH_CUDA(cudaMemset(sums.get(), 0, sums.bytes()));
+  DiffSums<<<528, 256>>>(out.get(), out2.get(), T * H * 512, sums.get());
+  PD_BENCH_CUDA(cudaDeviceSynchronize());
+  const std::vector<double> hs = sums.Download();
+  const double rel = std::sqrt(hs[0] / std::max(hs[1], 1e-300));
+  std::printf("%-8s wgmma vs mma.sync: relative L2 difference %.3g (both bf16 q/p)\n", name, rel);
   g_rows.push_back(Row()
-                       .S("bench", std::string("sparse_mla_") + name)
-                       .N("query_tokens", double(T))
-                       .N("heads", H)
-                       .N("topk", topk)
-                       .N("context", double(ctx))
-                       .N("ms", ms)
-                       .N("tflops", tf)
-                       .N("anchor_flashmla_h800_tflops", anchor_tflops)
-                       .N("record_bytes", bytes));
+                       .S("bench", std::string("sparse_mla_") + name + "_agreement")
+                       .N("rel_l2_wgmma_vs_mma_sync", rel));
 }
 
 void CacheWrite(int64_t T, int reps) {
@@ -205,7 +280,7 @@ int main(int argc, char** argv) {
   PD_BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::printf("device %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   Attention("decode", 128, 32768, 2, false, 410.0, 20);
-  Attention("prefill", 1, 65536, 4096, true, 640.0, 5);
+  Attention("prefill", 1, 65536, 4096, true, 640.0, 10);
   CacheWrite(65536, 20);
   std::map<std::string, std::string> meta = {{"device", prop.name}, {"command", argv[0]}};
   if (!WriteJson(json, meta, g_rows)) return 1;

@@ -331,16 +331,18 @@ bool LayoutOk(const KvLayout& l) {
          l.MlaScaleOffset() == size_t(kR) && l.MlaRopeOffset() == size_t(kR + 16);
 }
 
-template <int kVariant>
+// The default schedule of the wgmma kernel (SparseMlaParams::experiment 0-2).
+constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false};
+
+template <int kVariant, bool kLate, bool kPrefetch>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(mla_internal::SparseMlaWgmmaKernel<kVariant>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
+  auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch>;
+  static const cudaError_t attr = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
   const int64_t ctas = p.num_queries * (p.heads / mla_internal::kRows);
-  mla_internal::SparseMlaWgmmaKernel<kVariant>
-      <<<unsigned(ctas), mla_internal::kThreads, sizeof(Smem), stream>>>(p);
+  kernel<<<unsigned(ctas), mla_internal::kThreads, sizeof(Smem), stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -366,8 +368,8 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "sparse MLA: num_queries must be >= 0, at most 65535 per launch for kMmaSync, "
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
-  if (p.experiment < 0 || p.experiment > 2 || (mma_sync && p.experiment != 0)) {
-    return Invalid(error, "sparse MLA: experiment must be 0, or 1 / 2 with kWgmma");
+  if (p.experiment < 0 || p.experiment > 6 || (mma_sync && p.experiment != 0)) {
+    return Invalid(error, "sparse MLA: experiment must be 0, or 1..6 with kWgmma");
   }
   if (p.num_queries == 0) return cudaSuccess;
   if (p.q_abs == nullptr || p.q_pe == nullptr || p.out == nullptr ||
@@ -379,10 +381,16 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
     return Invalid(error, "sparse MLA: q_abs, q_pe and out must be 16-byte aligned");
   }
   if (!mma_sync) {
+    using namespace mla_internal;
+    constexpr bool kL = kDefaultSchedule.late, kP = kDefaultSchedule.prefetch;
     switch (p.experiment) {
-      case 1: return LaunchWgmma<mla_internal::kVariantNoProducer>(p, stream);
-      case 2: return LaunchWgmma<mla_internal::kVariantNoConsumer>(p, stream);
-      default: return LaunchWgmma<mla_internal::kVariantFull>(p, stream);
+      case 1: return LaunchWgmma<kVariantNoProducer, kL, kP>(p, stream);
+      case 2: return LaunchWgmma<kVariantNoConsumer, kL, kP>(p, stream);
+      case 3: return LaunchWgmma<kVariantFull, false, false>(p, stream);
+      case 4: return LaunchWgmma<kVariantFull, true, false>(p, stream);
+      case 5: return LaunchWgmma<kVariantFull, false, true>(p, stream);
+      case 6: return LaunchWgmma<kVariantFull, true, true>(p, stream);
+      default: return LaunchWgmma<kVariantFull, kL, kP>(p, stream);
     }
   }
   static const cudaError_t attr = cudaFuncSetAttribute(

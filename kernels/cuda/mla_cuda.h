@@ -53,9 +53,11 @@ struct SparseMlaParams {
   float* out = nullptr;                  // [T, H, kv_lora_rank] fp32
   float* lse = nullptr;                  // optional [T, H] natural-log sum-exp of the scaled logits
   SparseMlaImpl impl = SparseMlaImpl::kAuto;
-  // Benchmark-only (kWgmma), results meaningless when non-zero: 1 = the
-  // producer only signals (no gather/dequantisation: the consumers' time),
-  // 2 = the consumers only release buffers (the producer's time).
+  // Benchmark-only (kWgmma). 1 = the producer only signals (no gather or
+  // dequantisation: the consumers' time), 2 = the consumers only release
+  // buffers (the producer's time); results meaningless. 3..6 = explicit
+  // schedules (valid results): 3 plain, 4 late P hand-over, 5 L2 prefetch of
+  // the next block's records, 6 both (mla_wgmma.cuh, Schedule).
   int experiment = 0;
 };
 cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream,

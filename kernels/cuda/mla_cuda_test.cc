@@ -3,9 +3,9 @@
 // inputs: paged caches in shuffled pages, two sequences, -1 holes and
 // out-of-range indices, a token with no valid index, top-k larger than the
 // context and not a multiple of the 64-token block, 64 / 128 / 192 heads, both
-// implementations (kWgmma, kMmaSync), and single-token attention that must
-// reproduce the dequantised cache bit for bit (scales from 2^-20 to 2^18).
-// Label "gpu".
+// implementations (kWgmma with its four schedules, kMmaSync), and single-token
+// attention that must reproduce the dequantised cache bit for bit (scales from
+// 2^-20 to 2^18). Label "gpu".
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -43,6 +43,11 @@ bool HaveGpu() {
     const cudaError_t e_ = (expr);                                         \
     ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_); \
   } while (0)
+
+cpu::ThreadPool& CpuPool() {
+  static cpu::ThreadPool pool;  // the CPU reference on every core
+  return pool;
+}
 
 struct HostMla {
   KvLayout layout;
@@ -151,6 +156,7 @@ struct AttnCase {
   std::vector<int> qcount = {5, 2};
   SparseMlaImpl impl = SparseMlaImpl::kAuto;
   bool out_of_range = false;  // some holes become indices >= the sequence length
+  int experiment = 0;         // SparseMlaParams::experiment (3..6: kWgmma schedules)
 };
 
 const char* ImplName(SparseMlaImpl impl) {
@@ -210,7 +216,7 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
     v.layout = hm.layout;
     cpu::SparseMlaAttention(v, q_abs.data() + t * H * kR, q_pe.data() + t * H * kRope, qcount[s],
                             H, cpu_idx.data() + t * topk, topk, scale, out.data() + t * H * kR,
-                            lse.data() + t * H, nullptr);
+                            lse.data() + t * H, &CpuPool());
     t += qcount[s];
   }
   DeviceBuffer<uint8_t> d_pool(hm.pool);
@@ -236,6 +242,7 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
   p.out = d_out.get();
   p.lse = d_lse.get();
   p.impl = ac.impl;
+  p.experiment = ac.experiment;
   const char* why = "";
   const cudaError_t launched = LaunchSparseMla(p, 0, &why);
   ASSERT_EQ(launched, cudaSuccess) << cudaGetErrorString(launched) << ": " << why;
@@ -263,8 +270,9 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
     }
   }
   const double rel = std::sqrt(num / den);
-  std::printf("  %s H=%d topk %d T=%lld%s: relative L2 error %.3g overall, %.3g worst row, lse %.3g\n",
-              ImplName(ac.impl), H, topk, static_cast<long long>(T),
+  std::printf("  %s (experiment %d) H=%d topk %d T=%lld%s: relative L2 error %.3g overall, %.3g "
+              "worst row, lse %.3g\n",
+              ImplName(ac.impl), ac.experiment, H, topk, static_cast<long long>(T),
               ac.out_of_range ? " (out-of-range holes)" : "", rel, worst, worst_lse);
   // bf16 q and p (8-bit mantissas), fp32 accumulation.
   EXPECT_LT(rel, 1e-2);
@@ -307,6 +315,21 @@ TEST(CudaMla, WgmmaHeadsAndEdges) {
   ac.lens = {1000, 2000, 64, 1};
   ac.qcount = {40, 30, 20, 3};
   RunAttention(ac, 8u);
+}
+
+// The alternative schedules of the wgmma kernel compute the same function.
+TEST(CudaMla, WgmmaSchedules) {
+  SKIP_WITHOUT_GPU();
+  AttnCase ac;
+  ac.impl = SparseMlaImpl::kWgmma;
+  ac.out_of_range = true;
+  ac.topk = 700;
+  ac.lens = {3000, 500};
+  ac.qcount = {6, 5};
+  for (int e = 3; e <= 6; ++e) {
+    ac.experiment = e;
+    RunAttention(ac, 20u + uint32_t(e));
+  }
 }
 
 // One valid index per token (the others -1 or out of range): softmax weight 1,
@@ -430,7 +453,7 @@ TEST(CudaMla, RejectsBadParameters) {
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("512") != std::string::npos) << why;
   p.cache.layout = KvLayout();
-  p.experiment = 3;
+  p.experiment = 7;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
   p.experiment = 0;

@@ -43,8 +43,12 @@ inline constexpr int kChunks = kW / 8;            // 16-byte bf16 chunks per row
 inline constexpr int kTileBytes = kChunks * 64 * 16;  // 64 rows x 576 bf16
 inline constexpr int kRecordBytes = 656;          // KvLayout::MlaTokenBytes() for 512/64
 inline constexpr int kThreads = 384;
-// setmaxnreg budgets (sum 512 = 65536 registers / 128 threads per warpgroup).
-inline constexpr int kRegsWg0 = 216, kRegsWg1 = 160, kRegsProducer = 136;
+// setmaxnreg budgets. The launch gives every thread 168 registers (65536 / 384,
+// rounded down to 8); what WG1 and the producer release (8 + 32 per thread)
+// is exactly what WG0 takes (40), so the increase never waits on registers
+// outside the CTA's allocation. ptxas fits each role's code into its budget
+// (WG0 spills below ~200, WG1 below ~160, the producer below ~112).
+inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
 // Named barriers (0 is __syncthreads), each over WG0 + WG1.
 inline constexpr int kBarPReady = 1, kBarPFree = 2, kBarFinal = 3;
 
@@ -102,6 +106,20 @@ template <int N>
 __device__ __forceinline__ void RegDealloc() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
 }
+// Pins a register operand of wgmma in program order (CUTLASS's
+// warpgroup_fence_operand): keeps the compiler from moving writes of it past a
+// wgmma.fence or reads and reuse of it ahead of the wgmma.wait_group.
+__device__ __forceinline__ void FenceReg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+template <int N>
+__device__ __forceinline__ void FenceRegs(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) ptx::FenceOperand(d[i]);
+}
+
+__device__ __forceinline__ void PrefetchL2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
 __device__ __forceinline__ float Exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -203,10 +221,22 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 
 // --------------------------------------------------------------------- kernel
 
+// Compile-time schedule of the kernel.
+//   late: WG0 hands block b's P to WG1 only after issuing block b+1's Q K^T, so
+//     the tensor pipe runs WG1's P V of block b while WG0 does block b+1's
+//     softmax (otherwise it idles there); costs the producer slack, since the
+//     buffer of block b is released later.
+//   prefetch: the producer prefetches block b+1's records into L2 while it
+//     works on block b.
+struct Schedule {
+  bool late;
+  bool prefetch;
+};
+
 // Grid: num_queries * (heads / 64) CTAs, CTA x = query token x / (heads / 64),
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
-template <int kVariant>
+template <int kVariant, bool kLate, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
@@ -256,91 +286,105 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       MbarWait(&sm.k_ready[buf], uint32_t(b >> 1) & 1u);
       if constexpr (kVariant == kVariantNoConsumer) {
         MbarArrive(&sm.k_free[buf]);
-        continue;
-      }
-      const uint32_t kv_addr = ptx::SmemAddr(sm.kv[buf]);
-      const uint64_t dk = NoSwizzleDesc(kv_addr, 1024, 128);
-      float s[32];
+      } else {
+        const uint32_t kv_addr = ptx::SmemAddr(sm.kv[buf]);
+        const uint64_t dk = NoSwizzleDesc(kv_addr, 1024, 128);
+        float s[32];
 #pragma unroll
-      for (int i = 0; i < 32; ++i) s[i] = 0.0f;
-      ptx::WgmmaFence();
+        for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+        FenceRegs(s);
+        ptx::WgmmaFence();
 #pragma unroll
-      for (int kk = 0; kk < kChunks / 2; ++kk) {
-        WgmmaM64N64K16SS(s, dq + uint64_t(kk * 128), dk + uint64_t(kk * 128), kk > 0);
-      }
-      ptx::WgmmaCommit();
-      ptx::WgmmaWait<0>();
+        for (int kk = 0; kk < kChunks / 2; ++kk) {
+          WgmmaM64N64K16SS(s, dq + uint64_t(kk * 128), dk + uint64_t(kk * 128), kk > 0);
+        }
+        ptx::WgmmaCommit();
+        // Late hand-over: block b-1's P (written last iteration) goes to WG1 now,
+        // behind this Q K^T in the tensor pipe.
+        if (kLate && b > 0) NamedArrive(kBarPReady, 256);
+        ptx::WgmmaWait<0>();
+        FenceRegs(s);
 
-      // Mask, scale to base 2, row max over the block (quad of lanes).
-      const uint8_t* valid = sm.valid[buf];
-      float mx0 = kNegInf, mx1 = kNegInf;
+        // Mask, scale to base 2, row max over the block (quad of lanes).
+        const uint8_t* valid = sm.valid[buf];
+        float mx0 = kNegInf, mx1 = kNegInf;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * i + 2 * c4);
-        const bool va = (v2 & 0xffu) != 0, vb = (v2 >> 8) != 0;
-        s[4 * i] = va ? s[4 * i] * sl2 : kNegInf;
-        s[4 * i + 1] = vb ? s[4 * i + 1] * sl2 : kNegInf;
-        s[4 * i + 2] = va ? s[4 * i + 2] * sl2 : kNegInf;
-        s[4 * i + 3] = vb ? s[4 * i + 3] * sl2 : kNegInf;
-        mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
-        mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
-      }
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * i + 2 * c4);
+          const bool va = (v2 & 0xffu) != 0, vb = (v2 >> 8) != 0;
+          s[4 * i] = va ? s[4 * i] * sl2 : kNegInf;
+          s[4 * i + 1] = vb ? s[4 * i + 1] * sl2 : kNegInf;
+          s[4 * i + 2] = va ? s[4 * i + 2] * sl2 : kNegInf;
+          s[4 * i + 3] = vb ? s[4 * i + 3] * sl2 : kNegInf;
+          mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+          mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
 #pragma unroll
-      for (int sh = 1; sh <= 2; sh <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sh));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sh));
-      }
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float f0 = Exp2(m0 - mn0), f1 = Exp2(m1 - mn1);
-      m0 = mn0;
-      m1 = mn1;
-      float sum0 = 0.0f, sum1 = 0.0f;
-      uint32_t pr[16];  // P as the A fragments of P V: pr[2i] row r0, pr[2i+1] row r0+8
+        for (int sh = 1; sh <= 2; sh <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sh));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sh));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float f0 = Exp2(m0 - mn0), f1 = Exp2(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float sum0 = 0.0f, sum1 = 0.0f;
+        uint32_t pr[16];  // P as the A fragments of P V: pr[2i] row r0, pr[2i+1] row r0+8
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float pa = Exp2(s[4 * i] - mn0), pb = Exp2(s[4 * i + 1] - mn0);
-        const float pc = Exp2(s[4 * i + 2] - mn1), pd = Exp2(s[4 * i + 3] - mn1);
-        sum0 += pa + pb;
-        sum1 += pc + pd;
-        pr[2 * i] = PackBf16x2(pa, pb);
-        pr[2 * i + 1] = PackBf16x2(pc, pd);
-      }
-      l0 = l0 * f0 + sum0;
-      l1 = l1 * f1 + sum1;
+        for (int i = 0; i < 8; ++i) {
+          const float pa = Exp2(s[4 * i] - mn0), pb = Exp2(s[4 * i + 1] - mn0);
+          const float pc = Exp2(s[4 * i + 2] - mn1), pd = Exp2(s[4 * i + 3] - mn1);
+          sum0 += pa + pb;
+          sum1 += pc + pd;
+          pr[2 * i] = PackBf16x2(pa, pb);
+          pr[2 * i + 1] = PackBf16x2(pc, pd);
+        }
+        l0 = l0 * f0 + sum0;
+        l1 = l1 * f1 + sum1;
+        if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {  // the max moved
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        o[4 * i] *= f0;
-        o[4 * i + 1] *= f0;
-        o[4 * i + 2] *= f1;
-        o[4 * i + 3] *= f1;
-      }
+          for (int i = 0; i < 32; ++i) {
+            o[4 * i] *= f0;
+            o[4 * i + 1] *= f0;
+            o[4 * i + 2] *= f1;
+            o[4 * i + 3] *= f1;
+          }
+        }
 
-      // Hand P and the rescale factors to WG1 (once it has finished the last block's).
-      if (b > 0) NamedSync(kBarPFree, 256);
+        // Hand P and the rescale factors to WG1 (once it has finished the last block's).
+        if (b > 0) NamedSync(kBarPFree, 256);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0) * 16 + 4 * c4) = pr[2 * i];
-        *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0 + 8) * 16 + 4 * c4) = pr[2 * i + 1];
-      }
-      if (c4 == 0) {
-        sm.o_scale[r0] = f0;
-        sm.o_scale[r0 + 8] = f1;
-      }
-      ptx::FenceProxyAsync();
-      NamedArrive(kBarPReady, 256);
+        for (int i = 0; i < 8; ++i) {
+          *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0) * 16 + 4 * c4) = pr[2 * i];
+          *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0 + 8) * 16 + 4 * c4) = pr[2 * i + 1];
+        }
+        if (c4 == 0) {
+          sm.o_scale[r0] = f0;
+          sm.o_scale[r0 + 8] = f1;
+        }
+        ptx::FenceProxyAsync();
+        if (!kLate) NamedArrive(kBarPReady, 256);
 
-      // O[:, 0:256] += P V[:, 0:256]
-      const uint64_t dv = NoSwizzleDesc(kv_addr, 128, 1024);
-      ptx::WgmmaFence();
+        // O[:, 0:256] += P V[:, 0:256]
+        const uint64_t dv = NoSwizzleDesc(kv_addr, 128, 1024);
+        FenceRegs(o);
 #pragma unroll
-      for (int kk = 0; kk < kBlk / 16; ++kk) {
-        const uint32_t a[4] = {pr[4 * kk], pr[4 * kk + 1], pr[4 * kk + 2], pr[4 * kk + 3]};
-        WgmmaM64N256K16RS(o, a, dv + uint64_t(kk * 16));  // + 16 tokens = 256 bytes
+        for (int i = 0; i < 16; ++i) FenceReg(pr[i]);
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kBlk / 16; ++kk) {
+          const uint32_t a[4] = {pr[4 * kk], pr[4 * kk + 1], pr[4 * kk + 2], pr[4 * kk + 3]};
+          WgmmaM64N256K16RS(o, a, dv + uint64_t(kk * 16));  // + 16 tokens = 256 bytes
+        }
+        ptx::WgmmaCommit();
+        ptx::WgmmaWait<0>();
+        FenceRegs(o);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) FenceReg(pr[i]);  // read by the wgmma until the wait
+        MbarArrive(&sm.k_free[buf]);
       }
-      ptx::WgmmaCommit();
-      ptx::WgmmaWait<0>();
-      MbarArrive(&sm.k_free[buf]);
     }
+    if (kLate && kVariant != kVariantNoConsumer && nb > 0) NamedArrive(kBarPReady, 256);
     // Final sums: reduce each row's quad, publish for WG1.
 #pragma unroll
     for (int sh = 1; sh <= 2; sh <<= 1) {
@@ -379,28 +423,32 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       if constexpr (kVariant == kVariantNoConsumer) {
         MbarWait(&sm.k_ready[buf], uint32_t(b >> 1) & 1u);
         MbarArrive(&sm.k_free[buf]);
-        continue;
-      }
-      NamedSync(kBarPReady, 256);
-      const float f0 = sm.o_scale[r0], f1 = sm.o_scale[r0 + 8];
+      } else {
+        NamedSync(kBarPReady, 256);
+        const float f0 = sm.o_scale[r0], f1 = sm.o_scale[r0 + 8];
+        if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        o[4 * i] *= f0;
-        o[4 * i + 1] *= f0;
-        o[4 * i + 2] *= f1;
-        o[4 * i + 3] *= f1;
-      }
-      // V[:, 256:512] starts 32 chunks (32 * 64 * 16 bytes) into the buffer.
-      const uint64_t dv = NoSwizzleDesc(ptx::SmemAddr(sm.kv[buf]) + 32 * 64 * 16, 128, 1024);
-      ptx::WgmmaFence();
+          for (int i = 0; i < 32; ++i) {
+            o[4 * i] *= f0;
+            o[4 * i + 1] *= f0;
+            o[4 * i + 2] *= f1;
+            o[4 * i + 3] *= f1;
+          }
+        }
+        // V[:, 256:512] starts 32 chunks (32 * 64 * 16 bytes) into the buffer.
+        const uint64_t dv = NoSwizzleDesc(ptx::SmemAddr(sm.kv[buf]) + 32 * 64 * 16, 128, 1024);
+        FenceRegs(o);
+        ptx::WgmmaFence();
 #pragma unroll
-      for (int kk = 0; kk < kBlk / 16; ++kk) {
-        WgmmaM64N256K16SS(o, dp + uint64_t(kk * 128), dv + uint64_t(kk * 16));
+        for (int kk = 0; kk < kBlk / 16; ++kk) {
+          WgmmaM64N256K16SS(o, dp + uint64_t(kk * 128), dv + uint64_t(kk * 16));
+        }
+        ptx::WgmmaCommit();
+        ptx::WgmmaWait<0>();
+        FenceRegs(o);
+        MbarArrive(&sm.k_free[buf]);
+        if (b + 1 < nb) NamedArrive(kBarPFree, 256);
       }
-      ptx::WgmmaCommit();
-      ptx::WgmmaWait<0>();
-      MbarArrive(&sm.k_free[buf]);
-      if (b + 1 < nb) NamedArrive(kBarPFree, 256);
     }
     NamedSync(kBarFinal, 256);
     const float l0 = sm.row_l[r0], l1 = sm.row_l[r0 + 8];
@@ -414,10 +462,14 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     }
   } else {
     // ---------------------------------------- producer: gather + dequantise
+    // Thread pt owns token slots slot0 and slot0 + 32 of every block, 16 bytes
+    // of each 64 (column `sub`). The index -> page -> record chain is spread
+    // over iterations: block b+2's indices and block b+1's page numbers load
+    // while block b's records do.
     RegDealloc<kRegsProducer>();
     const int pt = tid - 256;
-    const int sub = lane >> 3;                           // 16-byte column within 64 bytes
-    const int slot0 = (pt >> 5) * 8 + (lane & 7);        // token slots slot0, slot0 + 32
+    const int sub = lane >> 3;
+    const int slot0 = (pt >> 5) * 8 + (lane & 7);
     const int seq = p.query_seq != nullptr ? p.query_seq[t] : 0;
     const int64_t ntok = p.cache.num_tokens[seq];
     const int32_t* ptab = p.cache.page_table + seq * p.cache.page_table_stride;
@@ -431,72 +483,94 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       sm.valid[0][pt >> 1] = sm.valid[1][pt >> 1] = 1;
       ptx::FenceProxyAsync();
     }
+    // Index of slot (slot0 + 32 r) of block b; -1 when outside top-k, -1 or >= the
+    // sequence's length.
     auto load_index = [&](int b, int r) -> int32_t {
       const int i = b * kBlk + slot0 + 32 * r;
-      int32_t idx = i < p.topk ? __ldg(idx_row + i) : -1;
+      const int32_t idx = b < nb && i < p.topk ? __ldg(idx_row + i) : -1;
       return idx >= 0 && idx < ntok ? idx : -1;
     };
-    int32_t next0 = nb > 0 ? load_index(0, 0) : -1, next1 = nb > 0 ? load_index(0, 1) : -1;
+    auto load_page = [&](int32_t idx) -> int32_t { return idx >= 0 ? __ldg(ptab + (idx >> 6)) : 0; };
+    auto record = [&](int32_t idx, int32_t page) -> const uint8_t* {
+      return p.cache.pool + size_t(page) * page_bytes + size_t(idx & 63) * kRecordBytes;
+    };
+    int32_t idx_cur[2] = {load_index(0, 0), load_index(0, 1)};
+    int32_t idx_nxt[2] = {load_index(1, 0), load_index(1, 1)};
+    int32_t pg_cur[2] = {load_page(idx_cur[0]), load_page(idx_cur[1])};
     for (int b = 0; b < nb; ++b) {
       const int buf = b & 1;
-      const int32_t cur[2] = {next0, next1};
-      if (b + 1 < nb) {
-        next0 = load_index(b + 1, 0);
-        next1 = load_index(b + 1, 1);
-      }
       if constexpr (kVariant == kVariantNoProducer) {
         MbarWait(&sm.k_free[buf], (uint32_t(b >> 1) & 1u) ^ 1u);
         MbarArrive(&sm.k_ready[buf]);
-        continue;
-      }
-      // Issue every load of both tokens before waiting for the buffer.
-      uint4 raw[2][8], pe[2][2];
-      float4 sc[2];
+      } else {
+        // Issue every load of both tokens before waiting for the buffer.
+        uint4 raw[2][8], pe[2][2];
+        float4 sc[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (cur[r] >= 0) {
-          const uint8_t* rec = p.cache.pool + size_t(__ldg(ptab + (cur[r] >> 6))) * page_bytes +
-                               size_t(cur[r] & 63) * kRecordBytes;
+        for (int r = 0; r < 2; ++r) {
+          if (idx_cur[r] >= 0) {
+            const uint8_t* rec = record(idx_cur[r], pg_cur[r]);
 #pragma unroll
-          for (int gi = 0; gi < 8; ++gi) {
-            raw[r][gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
+            for (int gi = 0; gi < 8; ++gi) {
+              raw[r][gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
+            }
+            sc[r] = __ldg(reinterpret_cast<const float4*>(rec + kR));
+            pe[r][0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
+            pe[r][1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
           }
-          sc[r] = __ldg(reinterpret_cast<const float4*>(rec + kR));
-          pe[r][0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
-          pe[r][1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
         }
-      }
-      MbarWait(&sm.k_free[buf], (uint32_t(b >> 1) & 1u) ^ 1u);
-      uint8_t* tile = sm.kv[buf];
+        const int32_t pg_nxt[2] = {load_page(idx_nxt[0]), load_page(idx_nxt[1])};
+        const int32_t idx_nn[2] = {load_index(b + 2, 0), load_index(b + 2, 1)};
+        MbarWait(&sm.k_free[buf], (uint32_t(b >> 1) & 1u) ^ 1u);
+        uint8_t* tile = sm.kv[buf];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int slot = slot0 + 32 * r;
-        if (cur[r] >= 0) {
+        for (int r = 0; r < 2; ++r) {
+          const int slot = slot0 + 32 * r;
+          if (idx_cur[r] >= 0) {
 #pragma unroll
-          for (int gi = 0; gi < 8; ++gi) {
-            const float s = gi < 2 ? sc[r].x : gi < 4 ? sc[r].y : gi < 6 ? sc[r].z : sc[r].w;
-            uint4 lo, hi;
-            Dequant16(raw[r][gi], s, lo, hi);
-            StoreChunk(tile, 8 * gi + 2 * sub, slot, lo);
-            StoreChunk(tile, 8 * gi + 2 * sub + 1, slot, hi);
+            for (int gi = 0; gi < 8; ++gi) {
+              const float s = gi < 2 ? sc[r].x : gi < 4 ? sc[r].y : gi < 6 ? sc[r].z : sc[r].w;
+              uint4 lo, hi;
+              Dequant16(raw[r][gi], s, lo, hi);
+              StoreChunk(tile, 8 * gi + 2 * sub, slot, lo);
+              StoreChunk(tile, 8 * gi + 2 * sub + 1, slot, hi);
+            }
+            StoreChunk(tile, kR / 8 + sub, slot, pe[r][0]);
+            StoreChunk(tile, kR / 8 + sub + 4, slot, pe[r][1]);
+          } else {
+            // Zeros: the slot's P is 0 and must not meet NaN bit patterns in V.
+            const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int gi = 0; gi < 8; ++gi) {
+              StoreChunk(tile, 8 * gi + 2 * sub, slot, z);
+              StoreChunk(tile, 8 * gi + 2 * sub + 1, slot, z);
+            }
+            StoreChunk(tile, kR / 8 + sub, slot, z);
+            StoreChunk(tile, kR / 8 + sub + 4, slot, z);
           }
-          StoreChunk(tile, kR / 8 + sub, slot, pe[r][0]);
-          StoreChunk(tile, kR / 8 + sub + 4, slot, pe[r][1]);
-        } else {
-          // Zeros: the slot's P is 0 and must not meet NaN bit patterns in V.
-          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-          for (int gi = 0; gi < 8; ++gi) {
-            StoreChunk(tile, 8 * gi + 2 * sub, slot, z);
-            StoreChunk(tile, 8 * gi + 2 * sub + 1, slot, z);
-          }
-          StoreChunk(tile, kR / 8 + sub, slot, z);
-          StoreChunk(tile, kR / 8 + sub + 4, slot, z);
+          if (sub == 0) sm.valid[buf][slot] = idx_cur[r] >= 0 ? 1 : 0;
         }
-        if (sub == 0) sm.valid[buf][slot] = cur[r] >= 0 ? 1 : 0;
+        ptx::FenceProxyAsync();
+        MbarArrive(&sm.k_ready[buf]);
+        if constexpr (kPrefetch) {
+          // Block b+1's records into L2: every 128-byte line of the 656 bytes
+          // (offsets 0..640 and the last byte), spread over the 4 threads.
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if (idx_nxt[r] >= 0) {
+              const uint8_t* rec = record(idx_nxt[r], pg_nxt[r]);
+              PrefetchL2(rec + 128 * sub);
+              if (sub < 3) PrefetchL2(rec + (sub == 0 ? 512 : sub == 1 ? 640 : kRecordBytes - 1));
+            }
+          }
+        }
+        idx_cur[0] = idx_nxt[0];
+        idx_cur[1] = idx_nxt[1];
+        pg_cur[0] = pg_nxt[0];
+        pg_cur[1] = pg_nxt[1];
+        idx_nxt[0] = idx_nn[0];
+        idx_nxt[1] = idx_nn[1];
       }
-      ptx::FenceProxyAsync();
-      MbarArrive(&sm.k_ready[buf]);
     }
   }
 }
