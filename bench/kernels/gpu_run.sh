@@ -122,6 +122,8 @@ if [ -n "${SAN:-}" ] && command -v compute-sanitizer >/dev/null; then
   # Seeded thresholds: the sample pass, the seed, the exact rescan.
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" SeededSmallTopk > /tmp/san5.log 2>&1
   echo "memcheck seeded rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san5.log | head -5
+  timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" SlotLoopVariant > /tmp/san9.log 2>&1
+  echo "memcheck slot loops rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san9.log | head -5
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_IDX" ManyQueriesPerCta > /tmp/san7.log 2>&1
   echo "memcheck router rc=$?"; grep -E "ERROR SUMMARY|Invalid" /tmp/san7.log | head -5
   timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool racecheck "$T_IDX" ManyQueriesPerCta > /tmp/san8.log 2>&1

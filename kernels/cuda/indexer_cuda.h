@@ -83,7 +83,7 @@ struct SelectParams {
   // 2: permuted columns (in-thread head sums), warp-partitioned lists, lean
   // 32-bit epilogue (select_kernel_v2.cuh); 1: the first kernel
   // (select_kernel.cuh; also the mma.sync path); 0: choose by measurement
-  // (1 for the dense prefill tile, 2 elsewhere; docs/perf.md).
+  // (2 with wgmma, 1 with mma.sync; docs/perf.md).
   int kernel_version = 0;
   // Benchmark-only knobs of kernel version 2 (0 in production; results are
   // wrong with bits 0-1): bit 0 skips the epilogue (MMA + pipeline alone),
@@ -91,9 +91,10 @@ struct SelectParams {
   // accumulators (MMA of stage n+1 in flight during the epilogue of n; 1 CTA
   // per SM, 4 stages), bit 2 the same with 6 stages, bit 4 turns the
   // threshold seeding off (SelectSeedTopk; it is used with fewer than 64 rows
-  // per query), bit 5 seeds from a rank k / 32 that too few keys beat, so
-  // that every seeded query takes the exact fallback (a test of that path).
-  // Bits 2-5 give the same results as 0.
+  // per query), bit 5 seeds from a rank k / (4 kSelectSampleStride) that too
+  // few keys beat, so that every seeded query takes the exact fallback (a test
+  // of that path), bit 6 inserts candidates with round 3's slot loop (one
+  // ballot and branch per score slot). Bits 2-6 give the same results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

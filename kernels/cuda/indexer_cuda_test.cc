@@ -627,6 +627,32 @@ TEST(CudaSelect, SeededNegativeScores) {
   }
 }
 
+// Experiment bit 6: round 3's slot loop (one ballot and branch per score
+// slot) instead of the batched ballots and predicated stores, seeded MISA and
+// unseeded dense; and kernel_version 0 (the default: version 2 with wgmma)
+// on the dense prefill tile.
+TEST(CudaSelect, SlotLoopVariantAndDefaultVersion) {
+  SKIP_WITHOUT_GPU();
+  for (bool misa : {true, false}) {
+    SelectCase c;
+    c.misa = misa;
+    c.lens = {12007};
+    auto pos = Tail(12007, misa ? 29 : 5);
+    for (int64_t p : {3000, 9000}) pos.push_back(p);
+    c.positions = {pos};
+    c.experiment = 64;
+    c.sorted = false;
+    c.splits = 1;
+    c.expect_seeded = misa;
+    RunSelectCase(c, 90 + uint32_t(misa));
+  }
+  SelectCase c;
+  c.lens = {6007};
+  c.positions = {Tail(6007, 11)};
+  c.kernel_version = 0;
+  RunSelectCase(c, 92);
+}
+
 TEST(CudaSelect, MisaLargeTopkBigLists) {
   SKIP_WITHOUT_GPU();
   // topk > 2048: the version-2 kernel with 16384-entry lists (MISA-dagger's
@@ -1232,7 +1258,8 @@ TEST(CudaRouter, ManyQueriesPerCtaEveryHeadCount) {
           if (e > 0) {
             EXPECT_GT(j, g_active[size_t(t * h + e - 1)]) << "ascending order";
           }
-          EXPECT_GE(r[size_t(j)], hth - 2e-4f * rmax) << "H " << H << " query " << t << " head " << j;
+          EXPECT_GE(r[size_t(j)], hth - 2e-4f * rmax)
+              << "H " << H << " query " << t << " head " << j;
         }
       }
     }

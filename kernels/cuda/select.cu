@@ -130,17 +130,14 @@ int DeviceSmCount() {
   return sms;
 }
 
-// kernel_version 0 picks by the measurements in docs/perf.md (H200, run 3 of
-// round 2): version 1 for the dense prefill tile (two 64-head queries per CTA,
-// contiguous keys; 1.3x faster than version 2 there), version 2 elsewhere
-// (MISA, decode, key lists; required for per-query lists and topk > 2048).
+// kernel_version 0 picks by the measurements in docs/perf.md: version 2
+// whenever wgmma is used. Round 2 measured version 1 faster for the dense
+// prefill tile; since round 4 (padded head weights) version 2 is faster there
+// too (H200, Q = 8192: 6.96 vs 7.37 ms at 32K, 26.2 vs 29.6 ms at 128K; the
+// preprint's shape 1.86 vs 2.03 ms). Version 1 remains the mma.sync path.
 int ChooseVersion(const SelectParams& p) {
   if (p.kernel_version != 0) return p.kernel_version;
   if (!p.use_wgmma) return 1;
-  if (p.rows_per_query == 64 && p.queries.max_queries_per_seq > 1 && p.key_list == nullptr &&
-      !p.key_list_per_query && p.topk <= kSelectMaxTopk) {
-    return 1;
-  }
   return 2;
 }
 

@@ -283,7 +283,8 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   constexpr int kTop = kSelectSeedLaneTop;   // sampled scores kept per (lane, query)
   static_assert(kP >= 2, "the sample must be sparser than the range");
   static_assert(kTop == 8, "the sample tops are two float4 per (lane, query)");
-  static_assert(kSelectSeedLanes == kWarps * 8, "a query's sampled keys are scored by 8 lanes per warp");
+  static_assert(kSelectSeedLanes == kWarps * 8,
+                "a query's sampled keys are scored by 8 lanes per warp");
   using S = Smem<kCap, kSt>;
   static_assert(!kSeedable || sizeof(float) * kTop * QL * kThreads <= sizeof(S::cbuf),
                 "the sample tops live in the compaction buffer");
@@ -628,22 +629,52 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
 #pragma unroll
     for (int ql = 0; ql < QL; ++ql) thr[ql] = sm.thr[lane_query(ql)];
     const bool insert = lane_ok && !(a.experiment & 2);
+    if (a.experiment & 64) {
+      // Round 3's slot loop (benchmark comparison; same lists): one ballot and
+      // one branch per slot.
 #pragma unroll
-    for (int j = 0; j < NS; ++j) {
-      const int h = hrow[j], ql = qloc[j];
-      // h may be lane-dependent: selects, no local arrays.
-      const float score = sc[j] * (h ? ks[1] : ks[0]);
-      const int32_t kj = h ? key[1] : key[0];
-      const bool kv = h ? kval[1] : kval[0];
-      const uint64_t cand = topk::CandidateKey(score, kj);
-      const bool pass = insert && kv && (all_visible || kj <= pos_r[ql]) && cand > thr[ql];
-      const unsigned b = __ballot_sync(0xffffffffu, pass);
-      if (b == 0) continue;
-      const unsigned gm = b & gmask;
-      if (pass) {
-        lane_list[uint32_t(ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask))] = cand;
+      for (int j = 0; j < NS; ++j) {
+        const int h = hrow[j], ql = qloc[j];
+        const float score = sc[j] * (h ? ks[1] : ks[0]);
+        const int32_t kj = h ? key[1] : key[0];
+        const bool kv = h ? kval[1] : kval[0];
+        const uint64_t cand = topk::CandidateKey(score, kj);
+        const bool pass = insert && kv && (all_visible || kj <= pos_r[ql]) && cand > thr[ql];
+        const unsigned b = __ballot_sync(0xffffffffu, pass);
+        if (b == 0) continue;
+        const unsigned gm = b & gmask;
+        if (pass) {
+          lane_list[uint32_t(ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask))] = cand;
+        }
+        cnt_r[ql] += __popc(gm);
       }
-      cnt_r[ql] += __popc(gm);
+    } else {
+      // Every slot's candidate key and ballot first, then the stores (predicated,
+      // no branch per slot; round 3 branched per slot, which chained the slots'
+      // ~25-instruction dependency sequences one after another): the only
+      // dependency left between slots is the count of the query they share.
+      uint64_t cand[NS];
+      unsigned bal[NS];
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        const int h = hrow[j], ql = qloc[j];
+        // h may be lane-dependent: selects, no local arrays.
+        const float score = sc[j] * (h ? ks[1] : ks[0]);
+        const int32_t kj = h ? key[1] : key[0];
+        const bool kv = h ? kval[1] : kval[0];
+        cand[j] = topk::CandidateKey(score, kj);
+        const bool pass = insert && kv && (all_visible || kj <= pos_r[ql]) && cand[j] > thr[ql];
+        bal[j] = __ballot_sync(0xffffffffu, pass);
+      }
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        const int ql = qloc[j];
+        const unsigned gm = bal[j] & gmask;
+        if ((bal[j] >> lane) & 1u) {
+          lane_list[uint32_t(ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask))] = cand[j];
+        }
+        cnt_r[ql] += __popc(gm);
+      }
     }
     if (leader) {
       unsigned bits = 0;
@@ -767,7 +798,9 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
               }
             }
           }
-          if (lane == 0) sm.thr[q] = T == 0u ? 0ull : (static_cast<unsigned long long>(T) << 32) - 1ull;
+          if (lane == 0) {
+            sm.thr[q] = T == 0u ? 0ull : (static_cast<unsigned long long>(T) << 32) - 1ull;
+          }
         }
         __syncthreads();
         // A seeded query rejects keys on the sample's evidence alone and is
@@ -858,22 +891,28 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     const int n = GatherList(L, q, sm);
     const uint64_t T = n > k ? SelectKth(sm.cbuf, n, k, sm) : 1ull;
     const int m = n < k ? n : k;
-    WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { scratch[p] = x; });
-    __syncthreads();
     if (a.out == nullptr) {
-      for (int i = tid; i < m; i += kThreads) L[i] = scratch[i];
+      // Split lists: the survivors straight back into the list (GatherList
+      // copied all of it to cbuf and synchronised: nothing reads L any more).
+      WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { L[p] = x; });
       if (tid == 0) a.counts[t * a.splits + split] = m;
+    } else if (!a.sorted) {
+      // Unsorted rows: the survivors straight into the output row (any
+      // order), then the -1 padding; no staging copy, one barrier less.
+      int32_t* o = a.out + t * k;
+      WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { o[p] = topk::CandidateIndex(x); });
+      for (int i = m + tid; i < k; i += kThreads) o[i] = -1;
     } else {
       int32_t* o = a.out + t * k;
-      if (a.sorted) {
-        const int N = topk::NextPow2(max(m, 2));
-        for (int i = m + tid; i < N; i += kThreads) scratch[i] = 0ull;
-        __syncthreads();
-        topk::BitonicSortDesc(scratch, N);
-      }
+      WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { scratch[p] = x; });
+      __syncthreads();
+      const int N = topk::NextPow2(max(m, 2));
+      for (int i = m + tid; i < N; i += kThreads) scratch[i] = 0ull;
+      __syncthreads();
+      topk::BitonicSortDesc(scratch, N);
       for (int i = tid; i < k; i += kThreads) o[i] = i < m ? topk::CandidateIndex(scratch[i]) : -1;
     }
-    __syncthreads();
+    __syncthreads();  // cbuf and sc are reused by the next query
   }
 }
 
