@@ -4,11 +4,14 @@
 // 640 TFLOPS), plus the cache write. Prints a table, writes JSON (--json PATH).
 // FLOPs count 2 * H * topk * (576 + 512) per query token (FlashMLA's convention).
 // Variants per case: the wgmma kernel (default schedule, then each schedule
-// explicitly: plain, late P hand-over, L2 prefetch, both), the first (mma.sync)
-// kernel, and two timing-only wgmma variants that leave one side out (no
-// producer: the consumers' time on zeroed buffers; no consumer: the gather +
-// dequantisation alone); the wgmma and mma.sync outputs of the same inputs are
+// explicitly: plain, late P hand-over, L2 prefetch, named barriers and their
+// combinations), the first (mma.sync) kernel, and timing-only wgmma variants
+// that leave one side out (no producer: the consumers' time on zeroed buffers;
+// no consumer: the gather + dequantisation alone), with the default and the
+// plain schedule; the wgmma and mma.sync outputs of the same inputs are
 // compared (relative L2) so a fast but wrong kernel shows up here too.
+// Prefill also runs over bf16 rows up-converted from the cache (the issue's
+// prefill path), timing the up-conversion of the whole context separately.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -89,10 +92,14 @@ const Variant kVariants[] = {
     {"wgmma-plain", kc::SparseMlaImpl::kWgmma, 3, false},
     {"wgmma-late", kc::SparseMlaImpl::kWgmma, 4, false},
     {"wgmma-prefetch", kc::SparseMlaImpl::kWgmma, 5, false},
-    {"wgmma-late-prefetch", kc::SparseMlaImpl::kWgmma, 6, false},
+    {"wgmma-named", kc::SparseMlaImpl::kWgmma, 6, false},
+    {"wgmma-named-prefetch", kc::SparseMlaImpl::kWgmma, 7, false},
+    {"wgmma-named-pf-late", kc::SparseMlaImpl::kWgmma, 8, false},
     {"mma.sync", kc::SparseMlaImpl::kMmaSync, 0, false},
     {"wgmma-no-producer", kc::SparseMlaImpl::kWgmma, 1, true},
     {"wgmma-no-consumer", kc::SparseMlaImpl::kWgmma, 2, true},
+    {"plain-no-producer", kc::SparseMlaImpl::kWgmma, 9, true},
+    {"plain-no-consumer", kc::SparseMlaImpl::kWgmma, 10, true},
 };
 
 struct Cache {
@@ -230,6 +237,73 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
   g_rows.push_back(Row()
                        .S("bench", std::string("sparse_mla_") + name + "_agreement")
                        .N("rel_l2_wgmma_vs_mma_sync", rel));
+  if (!causal) return;
+  // Prefill over up-converted bf16 rows: the up-conversion of the whole
+  // context, then the attention over the rows; compared with the FP8 path.
+  DeviceBuffer<uint16_t> rows(size_t(seqs) * size_t(ctx) * 576);
+  PD_BENCH_CUDA(rows.error());
+  std::vector<int64_t> hstart(static_cast<size_t>(seqs));
+  for (int s = 0; s < seqs; ++s) hstart[size_t(s)] = int64_t(s) * ctx;
+  DeviceBuffer<int64_t> start(hstart);
+  kc::MlaUpconvertParams u;
+  u.cache = p.cache;
+  u.num_seqs = seqs;
+  u.row_start = start.get();
+  u.max_tokens = ctx;
+  u.rows = rows.get();
+  const std::vector<double> up_all =
+      TimeMs([&](int) { PD_BENCH_CUDA(kc::LaunchUpconvertMlaCache(u, 0)); }, 2, reps);
+  const double up_ms = Median(up_all);
+  p.impl = kc::SparseMlaImpl::kWgmma;
+  p.experiment = 0;
+  p.out = out2.get();
+  p.bf16_rows = rows.get();
+  p.bf16_row_start = start.get();
+  const std::vector<double> all = TimeMs(
+      [&](int i) {
+        p.indices = idx[size_t(i % 2)].get();
+        PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+      },
+      2, reps);
+  const double ms = Median(all);
+  p.indices = idx[0].get();
+  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+  PD_BENCH_CUDA(cudaMemset(sums.get(), 0, sums.bytes()));
+  p.impl = kc::SparseMlaImpl::kWgmma;
+  p.out = out.get();
+  p.bf16_rows = nullptr;
+  p.bf16_row_start = nullptr;
+  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+  DiffSums<<<528, 256>>>(out2.get(), out.get(), T * H * 512, sums.get());
+  PD_BENCH_CUDA(cudaDeviceSynchronize());
+  const std::vector<double> hs2 = sums.Download();
+  const double rel2 = std::sqrt(hs2[0] / std::max(hs2[1], 1e-300));
+  const double up_bytes = double(seqs) * double(ctx) * (656.0 + 1152.0);
+  std::printf("%-8s %-20s T=%-6lld H=%d topk=%d ctx=%lldK  %8.3f ms (min %.3f, max %.3f)  %6.1f "
+              "TFLOPS (anchor %3.0f, 75%% = %3.0f); + up-conversion of %lld tokens %.3f ms (%.0f "
+              "GB/s) = %.3f ms, %.1f TFLOPS; vs the FP8 path: relative L2 difference %.3g\n",
+              name, "wgmma-bf16-rows", (long long)T, H, topk, (long long)(ctx / 1024), ms,
+              all.front(), all.back(), flops / (ms * 1e-3) / 1e12, anchor_tflops,
+              0.75 * anchor_tflops, (long long)(int64_t(seqs) * ctx), up_ms,
+              up_bytes / (up_ms * 1e-3) / 1e9, ms + up_ms, flops / ((ms + up_ms) * 1e-3) / 1e12,
+              rel2);
+  g_rows.push_back(Row()
+                       .S("bench", std::string("sparse_mla_") + name)
+                       .S("kernel", "wgmma-bf16-rows")
+                       .N("timing_only", 0)
+                       .N("query_tokens", double(T))
+                       .N("heads", H)
+                       .N("topk", topk)
+                       .N("context", double(ctx))
+                       .N("ms", ms)
+                       .N("ms_min", all.front())
+                       .N("ms_max", all.back())
+                       .N("runs", double(reps))
+                       .N("tflops", flops / (ms * 1e-3) / 1e12)
+                       .N("upconvert_ms", up_ms)
+                       .N("tflops_with_upconvert", flops / ((ms + up_ms) * 1e-3) / 1e12)
+                       .N("rel_l2_vs_fp8_path", rel2)
+                       .N("anchor_flashmla_h800_tflops", anchor_tflops));
 }
 
 void CacheWrite(int64_t T, int reps) {

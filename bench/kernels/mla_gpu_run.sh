@@ -36,14 +36,14 @@ fi
 # 2. SASS of the attention kernels: tensor-core instructions, local memory, barriers.
 if cuobjdump -sass "$T_MLA" > /tmp/mla.sass 2>/dev/null; then
   awk '/Function : /{name=$3} name!="" {print name "\t" $0}' /tmp/mla.sass > /tmp/mla.tagged
-  for k in SparseMlaWgmmaKernelILi0ELb0ELb0 SparseMlaWgmmaKernelILi0ELb1ELb1 SparseMlaKernel; do
+  for k in SparseMlaWgmmaKernelILi0ELb0ELb1ELb1ELb0 SparseMlaWgmmaKernelILi0ELb0ELb0ELb1ELb1 SparseMlaWgmmaKernelILi0ELb0ELb0ELb0ELb0 SparseMlaKernel; do
     grep "$k" /tmp/mla.tagged > /tmp/k.sass
     echo "$k: $(grep -cE '^\S+\s+/\*[0-9a-f]+\*/' /tmp/k.sass) instructions, HGMMA $(grep -c HGMMA /tmp/k.sass)," \
       "HMMA $(grep -c 'HMMA' /tmp/k.sass), LDL/STL $(grep -cE 'LDL|STL' /tmp/k.sass)," \
       "WARPGROUP.DEPBAR $(grep -c 'WARPGROUP.DEPBAR' /tmp/k.sass), SYNCS $(grep -c 'SYNCS' /tmp/k.sass)," \
       "BAR $(grep -cE ' BAR\.' /tmp/k.sass), USETMAXREG $(grep -c USETMAXREG /tmp/k.sass)"
   done
-  grep SparseMlaWgmmaKernelILi0ELb0ELb0 /tmp/mla.tagged | grep -E "HGMMA" | head -3
+  grep SparseMlaWgmmaKernelILi0ELb0ELb1ELb1ELb0 /tmp/mla.tagged | grep -E "HGMMA" | head -3
 fi
 
 # 3. Tests.
@@ -58,9 +58,9 @@ if [ $trc -eq 124 ] || [ $trc -eq 137 ]; then
 fi
 if [ $trc -ne 0 ] || [ -n "${SAN:-}" ]; then
   if command -v compute-sanitizer > /dev/null; then
-    timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool memcheck "$T_MLA" SingleToken > /tmp/san1.log 2>&1
+    timeout -k 5 ${SAN_S:-45} compute-sanitizer --tool memcheck "$T_MLA" SingleToken > /tmp/san1.log 2>&1
     echo "memcheck rc=$?"; grep -E "ERROR SUMMARY|Invalid|Error" /tmp/san1.log | head -8
-    timeout -k 5 ${SAN_S:-60} compute-sanitizer --tool synccheck "$T_MLA" SingleToken > /tmp/san2.log 2>&1
+    timeout -k 5 ${SAN_S:-45} compute-sanitizer --tool synccheck "$T_MLA" SingleToken > /tmp/san2.log 2>&1
     echo "synccheck rc=$?"; grep -E "ERROR SUMMARY|Barrier|Error" /tmp/san2.log | head -8
   fi
 fi

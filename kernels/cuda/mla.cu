@@ -326,18 +326,45 @@ __global__ void __launch_bounds__(256) WriteMlaKernel(const MlaWriteParams p) {
       uint32_t(FloatToBf16(pe.x)) | (uint32_t(FloatToBf16(pe.y)) << 16);
 }
 
+// Warp per token: lane l dequantises c_kv[16 l, 16 l + 16) (group l / 8);
+// lanes 0..7 copy k_pe[8 l, 8 l + 8).
+__global__ void __launch_bounds__(256) UpconvertMlaKernel(const MlaUpconvertParams p) {
+  const int s = blockIdx.y;
+  const int64_t tok = int64_t(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (tok >= p.cache.num_tokens[s]) return;
+  const uint8_t* rec =
+      p.cache.pool +
+      size_t(p.cache.page_table[s * p.cache.page_table_stride + (tok >> 6)]) *
+          p.cache.layout.MlaPageBytes() +
+      size_t(tok & 63) * p.cache.layout.MlaTokenBytes();
+  const int64_t row = (p.row_start != nullptr ? p.row_start[s] : 0) + tok;
+  uint16_t* out = p.rows + row * kW;
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(rec + 16 * lane));
+  const float scale = __ldg(reinterpret_cast<const float*>(rec + kR + 4 * (lane >> 3)));
+  uint4 lo, hi;
+  mla_internal::Dequant16(v, scale, lo, hi);
+  reinterpret_cast<uint4*>(out + 16 * lane)[0] = lo;
+  reinterpret_cast<uint4*>(out + 16 * lane)[1] = hi;
+  if (lane < 8) {
+    *reinterpret_cast<uint4*>(out + kR + 8 * lane) =
+        __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * lane));
+  }
+}
+
 bool LayoutOk(const KvLayout& l) {
   return l.kv_lora_rank == kR && l.rope_dim == kRope &&
          l.MlaScaleOffset() == size_t(kR) && l.MlaRopeOffset() == size_t(kR + 16);
 }
 
 // The default schedule of the wgmma kernel (SparseMlaParams::experiment 0-2).
-constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false};
+constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/true,
+                                                     /*named=*/true};
 
-template <int kVariant, bool kLate, bool kPrefetch>
+template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
-  auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch>;
+  auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
@@ -368,8 +395,8 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "sparse MLA: num_queries must be >= 0, at most 65535 per launch for kMmaSync, "
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
-  if (p.experiment < 0 || p.experiment > 6 || (mma_sync && p.experiment != 0)) {
-    return Invalid(error, "sparse MLA: experiment must be 0, or 1..6 with kWgmma");
+  if (p.experiment < 0 || p.experiment > 10 || (mma_sync && p.experiment != 0)) {
+    return Invalid(error, "sparse MLA: experiment must be 0, or 1..10 with kWgmma");
   }
   if (p.num_queries == 0) return cudaSuccess;
   if (p.q_abs == nullptr || p.q_pe == nullptr || p.out == nullptr ||
@@ -380,17 +407,29 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   if (!Aligned16(p.q_abs) || !Aligned16(p.q_pe) || !Aligned16(p.out)) {
     return Invalid(error, "sparse MLA: q_abs, q_pe and out must be 16-byte aligned");
   }
+  if (p.bf16_rows != nullptr) {
+    if (mma_sync || p.experiment != 0) {
+      return Invalid(error, "sparse MLA: bf16_rows needs impl kWgmma (or kAuto) and experiment 0");
+    }
+    if (!Aligned16(p.bf16_rows)) return Invalid(error, "sparse MLA: bf16_rows must be 16-byte aligned");
+    return LaunchWgmma<mla_internal::kVariantFull, false, false, true, true>(p, stream);
+  }
   if (!mma_sync) {
     using namespace mla_internal;
     constexpr bool kL = kDefaultSchedule.late, kP = kDefaultSchedule.prefetch;
+    constexpr bool kN = kDefaultSchedule.named;
     switch (p.experiment) {
-      case 1: return LaunchWgmma<kVariantNoProducer, kL, kP>(p, stream);
-      case 2: return LaunchWgmma<kVariantNoConsumer, kL, kP>(p, stream);
-      case 3: return LaunchWgmma<kVariantFull, false, false>(p, stream);
-      case 4: return LaunchWgmma<kVariantFull, true, false>(p, stream);
-      case 5: return LaunchWgmma<kVariantFull, false, true>(p, stream);
-      case 6: return LaunchWgmma<kVariantFull, true, true>(p, stream);
-      default: return LaunchWgmma<kVariantFull, kL, kP>(p, stream);
+      case 1: return LaunchWgmma<kVariantNoProducer, kL, kP, kN>(p, stream);
+      case 2: return LaunchWgmma<kVariantNoConsumer, kL, kP, kN>(p, stream);
+      case 3: return LaunchWgmma<kVariantFull, false, false, false>(p, stream);
+      case 4: return LaunchWgmma<kVariantFull, true, false, false>(p, stream);
+      case 5: return LaunchWgmma<kVariantFull, false, true, false>(p, stream);
+      case 6: return LaunchWgmma<kVariantFull, false, false, true>(p, stream);
+      case 7: return LaunchWgmma<kVariantFull, false, true, true>(p, stream);
+      case 8: return LaunchWgmma<kVariantFull, true, true, true>(p, stream);
+      case 9: return LaunchWgmma<kVariantNoProducer, false, false, false>(p, stream);
+      case 10: return LaunchWgmma<kVariantNoConsumer, false, false, false>(p, stream);
+      default: return LaunchWgmma<kVariantFull, kL, kP, kN>(p, stream);
     }
   }
   static const cudaError_t attr = cudaFuncSetAttribute(
@@ -398,6 +437,26 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   if (attr != cudaSuccess) return attr;
   const dim3 grid(unsigned(p.heads / kHB), unsigned(p.num_queries));
   SparseMlaKernel<<<grid, kThreads, sizeof(MlaSmem), stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchUpconvertMlaCache(const MlaUpconvertParams& p, cudaStream_t stream,
+                                    const char** error) {
+  if (!LayoutOk(p.cache.layout)) {
+    return Invalid(error, "MLA up-convert: layout must have kv_lora_rank 512 and rope_dim 64");
+  }
+  if (p.num_seqs < 0 || p.num_seqs > 65535 || p.max_tokens < 0 ||
+      (p.max_tokens + 7) / 8 > int64_t(0x7fffffff)) {
+    return Invalid(error, "MLA up-convert: num_seqs must be in [0, 65535], max_tokens >= 0");
+  }
+  if (p.num_seqs == 0 || p.max_tokens == 0) return cudaSuccess;
+  if (p.cache.pool == nullptr || p.cache.page_table == nullptr || p.cache.num_tokens == nullptr ||
+      p.rows == nullptr) {
+    return Invalid(error, "MLA up-convert: null pool, page_table, num_tokens or rows");
+  }
+  if (!Aligned16(p.rows)) return Invalid(error, "MLA up-convert: rows must be 16-byte aligned");
+  const dim3 grid(unsigned((p.max_tokens + 7) / 8), unsigned(p.num_seqs));
+  UpconvertMlaKernel<<<grid, 256, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

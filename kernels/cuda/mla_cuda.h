@@ -53,15 +53,38 @@ struct SparseMlaParams {
   float* out = nullptr;                  // [T, H, kv_lora_rank] fp32
   float* lse = nullptr;                  // optional [T, H] natural-log sum-exp of the scaled logits
   SparseMlaImpl impl = SparseMlaImpl::kAuto;
-  // Benchmark-only (kWgmma). 1 = the producer only signals (no gather or
-  // dequantisation: the consumers' time), 2 = the consumers only release
-  // buffers (the producer's time); results meaningless. 3..6 = explicit
-  // schedules (valid results): 3 plain, 4 late P hand-over, 5 L2 prefetch of
-  // the next block's records, 6 both (mla_wgmma.cuh, Schedule).
+  // Optional, for prefill (kWgmma): the sequences' latents up-converted to
+  // bf16 rows by LaunchUpconvertMlaCache; token i of sequence s is row
+  // bf16_row_start[s] + i. The kernel then copies these 1152-byte rows with
+  // cp.async instead of gathering and dequantising the 656-byte records (the
+  // cache's num_tokens still bounds the indices). 16-byte aligned.
+  const uint16_t* bf16_rows = nullptr;      // [rows, kv_lora_rank + rope_dim] bf16
+  const int64_t* bf16_row_start = nullptr;  // [num_seqs]; nullptr = every sequence at row 0
+  // Benchmark-only (kWgmma); 0 = the default schedule. Timing only (results
+  // meaningless): 1 / 9 = the producer only signals (no gather or
+  // dequantisation: the consumers' time), 2 / 10 = the consumers only release
+  // buffers (the producer's time), with the default / the plain schedule.
+  // Explicit schedules (valid results; mla_wgmma.cuh, Schedule): 3 plain
+  // (mbarriers), 4 late P hand-over, 5 L2 prefetch, 6 named barriers,
+  // 7 named + prefetch, 8 named + prefetch + late.
   int experiment = 0;
 };
 cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream,
                             const char** error = nullptr);
+
+// Up-converts every token of the cache's sequences to a bf16 row (c_kv | k_pe,
+// 576 values; exact: e4m3 times a power-of-two scale fits bf16) for the bf16
+// prefill path of LaunchSparseMla: token i of sequence s -> row
+// row_start[s] + i. One warp per token.
+struct MlaUpconvertParams {
+  MlaCacheBatch cache;
+  int num_seqs = 1;
+  const int64_t* row_start = nullptr;  // [num_seqs]; nullptr = 0 for every sequence
+  int64_t max_tokens = 0;              // >= every num_tokens[s] (sizes the grid)
+  uint16_t* rows = nullptr;            // [rows, kv_lora_rank + rope_dim] bf16, 16-byte aligned
+};
+cudaError_t LaunchUpconvertMlaCache(const MlaUpconvertParams& p, cudaStream_t stream,
+                                    const char** error = nullptr);
 
 // cpu::WriteMlaCache for a batch: token t of sequence token_seq[t] at
 // positions[t]: c_kv in groups of 128 -> e4m3 with ue8m0 scales, k_pe -> bf16.

@@ -3,7 +3,7 @@
 // inputs: paged caches in shuffled pages, two sequences, -1 holes and
 // out-of-range indices, a token with no valid index, top-k larger than the
 // context and not a multiple of the 64-token block, 64 / 128 / 192 heads, both
-// implementations (kWgmma with its four schedules, kMmaSync), and single-token
+// implementations (kWgmma with each of its schedules, kMmaSync), and single-token
 // attention that must reproduce the dequantised cache bit for bit (scales from
 // 2^-20 to 2^18). Label "gpu".
 #include <cuda_runtime.h>
@@ -156,11 +156,45 @@ struct AttnCase {
   std::vector<int> qcount = {5, 2};
   SparseMlaImpl impl = SparseMlaImpl::kAuto;
   bool out_of_range = false;  // some holes become indices >= the sequence length
-  int experiment = 0;         // SparseMlaParams::experiment (3..6: kWgmma schedules)
+  int experiment = 0;         // SparseMlaParams::experiment (3..8: kWgmma schedules)
+  bool bf16_rows = false;     // up-convert the cache (LaunchUpconvertMlaCache) and use the rows
 };
 
 const char* ImplName(SparseMlaImpl impl) {
   return impl == SparseMlaImpl::kMmaSync ? "mma.sync" : "wgmma";
+}
+
+// Up-converts every sequence of `hm` (device copies d_pool, d_pt, d_lens) to
+// bf16 rows, sequence s from row row_start[s]; returns the rows and starts.
+struct DeviceRows {
+  DeviceBuffer<uint16_t> rows;
+  DeviceBuffer<int64_t> start;
+};
+DeviceRows Upconvert(const HostMla& hm, const uint8_t* d_pool, const int32_t* d_pt,
+                     const int64_t* d_lens) {
+  std::vector<int64_t> start(hm.lens.size());
+  int64_t total = 0, longest = 0;
+  for (size_t s = 0; s < hm.lens.size(); ++s) {
+    start[s] = total;
+    total += hm.lens[s];
+    longest = std::max(longest, hm.lens[s]);
+  }
+  DeviceRows r{DeviceBuffer<uint16_t>(size_t(total) * kW), DeviceBuffer<int64_t>(start)};
+  cudaMemset(r.rows.get(), 0xff, r.rows.bytes());  // NaN poison
+  MlaUpconvertParams u;
+  u.cache.pool = d_pool;
+  u.cache.page_table = d_pt;
+  u.cache.page_table_stride = hm.stride;
+  u.cache.num_tokens = d_lens;
+  u.cache.layout = hm.layout;
+  u.num_seqs = int(hm.lens.size());
+  u.row_start = r.start.get();
+  u.max_tokens = longest;
+  u.rows = r.rows.get();
+  const char* why = "";
+  const cudaError_t e = LaunchUpconvertMlaCache(u, 0, &why);
+  if (e != cudaSuccess) std::printf("  LaunchUpconvertMlaCache: %s: %s\n", cudaGetErrorString(e), why);
+  return r;
 }
 
 void RunAttention(const AttnCase& ac, uint32_t seed) {
@@ -243,6 +277,12 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
   p.lse = d_lse.get();
   p.impl = ac.impl;
   p.experiment = ac.experiment;
+  DeviceRows rows;
+  if (ac.bf16_rows) {
+    rows = Upconvert(hm, d_pool.get(), d_pt.get(), d_lens.get());
+    p.bf16_rows = rows.rows.get();
+    p.bf16_row_start = rows.start.get();
+  }
   const char* why = "";
   const cudaError_t launched = LaunchSparseMla(p, 0, &why);
   ASSERT_EQ(launched, cudaSuccess) << cudaGetErrorString(launched) << ": " << why;
@@ -270,10 +310,11 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
     }
   }
   const double rel = std::sqrt(num / den);
-  std::printf("  %s (experiment %d) H=%d topk %d T=%lld%s: relative L2 error %.3g overall, %.3g "
-              "worst row, lse %.3g\n",
-              ImplName(ac.impl), ac.experiment, H, topk, static_cast<long long>(T),
-              ac.out_of_range ? " (out-of-range holes)" : "", rel, worst, worst_lse);
+  std::printf("  %s%s (experiment %d) H=%d topk %d T=%lld%s: relative L2 error %.3g overall, "
+              "%.3g worst row, lse %.3g\n",
+              ImplName(ac.impl), ac.bf16_rows ? " bf16 rows" : "", ac.experiment, H, topk,
+              static_cast<long long>(T), ac.out_of_range ? " (out-of-range holes)" : "", rel,
+              worst, worst_lse);
   // bf16 q and p (8-bit mantissas), fp32 accumulation.
   EXPECT_LT(rel, 1e-2);
   EXPECT_LT(worst, 3e-2);
@@ -326,10 +367,73 @@ TEST(CudaMla, WgmmaSchedules) {
   ac.topk = 700;
   ac.lens = {3000, 500};
   ac.qcount = {6, 5};
-  for (int e = 3; e <= 6; ++e) {
+  for (int e = 3; e <= 8; ++e) {
     ac.experiment = e;
     RunAttention(ac, 20u + uint32_t(e));
   }
+}
+
+// The prefill path over up-converted bf16 rows (three sequences, their rows
+// back to back): the same function as the FP8 path.
+TEST(CudaMla, Bf16RowsMatchCpu) {
+  SKIP_WITHOUT_GPU();
+  AttnCase ac;
+  ac.impl = SparseMlaImpl::kWgmma;
+  ac.out_of_range = true;
+  ac.bf16_rows = true;
+  ac.lens = {3000, 500, 70};
+  ac.qcount = {6, 5, 3};
+  for (int topk : {2048, 129, 1}) {
+    ac.topk = topk;
+    RunAttention(ac, 40u + uint32_t(topk));
+  }
+  ac.heads = 64;
+  ac.topk = 300;
+  RunAttention(ac, 45u);
+}
+
+// LaunchUpconvertMlaCache writes cpu::ReadMlaToken's values, rounded to bf16
+// (exact: e4m3 times a power of two), for every token of every sequence, and
+// touches nothing past the last row.
+TEST(CudaMla, UpconvertIsExact) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(31);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const std::vector<int64_t> lens = {700, 1, 130};
+  const HostMla hm = MakeMla(rng, lens, [&](std::mt19937& g, int64_t tok, int d) {
+    return nd(g) * std::pow(10.0f, float((tok * 7 + d / 128) % 12) - 3.0f);  // 1e-3 .. 1e8
+  });
+  DeviceBuffer<uint8_t> d_pool(hm.pool);
+  DeviceBuffer<int32_t> d_pt(hm.page_table);
+  DeviceBuffer<int64_t> d_lens(hm.lens);
+  const DeviceRows r = Upconvert(hm, d_pool.get(), d_pt.get(), d_lens.get());
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const std::vector<uint16_t> rows = r.rows.Download();
+  std::vector<float> ckv(kR), kpe(kRope);
+  size_t bad = 0;
+  int64_t row = 0;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    MlaCacheView v;
+    v.pool = hm.pool.data();
+    v.page_table = hm.page_table.data() + s * hm.stride;
+    v.num_tokens = lens[s];
+    v.layout = hm.layout;
+    for (int64_t tk = 0; tk < lens[s]; ++tk, ++row) {
+      cpu::ReadMlaToken(v, tk, ckv.data(), kpe.data());
+      for (int d = 0; d < kW; ++d) {
+        const float want = d < kR ? ckv[size_t(d)] : kpe[size_t(d - kR)];
+        const uint16_t got = rows[size_t(row * kW + d)];
+        if (got != FloatToBf16(want) && !(want == 0.0f && (got & 0x7fffu) == 0)) {
+          if (bad++ < 5) {
+            std::printf("  seq %zu token %lld dim %d: %a vs %a\n", s, static_cast<long long>(tk), d,
+                        Bf16ToFloat(got), want);
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0u);
+  EXPECT_EQ(size_t(row * kW), rows.size());
 }
 
 // One valid index per token (the others -1 or out of range): softmax weight 1,
@@ -337,8 +441,7 @@ TEST(CudaMla, WgmmaSchedules) {
 // e4m3 value times a power of two exactly), for every head; lse must equal the
 // scaled logit. The cache spans scales 2^-20..2^18 (both dequantisation paths),
 // all-zero groups and e4m3 subnormals.
-TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
-  SKIP_WITHOUT_GPU();
+void SingleToken(bool bf16_rows) {
   std::mt19937 rng(11);
   const int64_t n = 700;
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -389,6 +492,12 @@ TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
   p.out = d_out.get();
   p.lse = d_lse.get();
   p.impl = SparseMlaImpl::kWgmma;
+  DeviceRows rows;
+  if (bf16_rows) {
+    rows = Upconvert(hm, d_pool.get(), d_pt.get(), d_lens.get());
+    p.bf16_rows = rows.rows.get();
+    p.bf16_row_start = rows.start.get();
+  }
   const char* why = "";
   const cudaError_t launched = LaunchSparseMla(p, 0, &why);
   ASSERT_EQ(launched, cudaSuccess) << cudaGetErrorString(launched) << ": " << why;
@@ -432,11 +541,18 @@ TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
       worst_lse = std::max(worst_lse, std::fabs(g_lse[size_t(qh)] - logit) / (1.0 + mag));
     }
   }
-  std::printf("  single-token: %zu mismatching values, %zu groups with scale > 2^15 read, "
-              "lse relative error %.3g\n", mismatches, big_scale_tokens, worst_lse);
+  std::printf("  single-token%s: %zu mismatching values, %zu groups with scale > 2^15 read, "
+              "lse relative error %.3g\n", bf16_rows ? " (bf16 rows)" : "", mismatches, big_scale_tokens,
+              worst_lse);
   EXPECT_EQ(mismatches, 0u);
   EXPECT_GT(big_scale_tokens, 0u);
   EXPECT_LT(worst_lse, 1e-4);
+}
+
+TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
+  SKIP_WITHOUT_GPU();
+  SingleToken(false);
+  SingleToken(true);
 }
 
 TEST(CudaMla, RejectsBadParameters) {
@@ -453,7 +569,7 @@ TEST(CudaMla, RejectsBadParameters) {
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("512") != std::string::npos) << why;
   p.cache.layout = KvLayout();
-  p.experiment = 7;
+  p.experiment = 11;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
   p.experiment = 0;

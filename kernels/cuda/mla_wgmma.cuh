@@ -49,8 +49,12 @@ inline constexpr int kThreads = 384;
 // outside the CTA's allocation. ptxas fits each role's code into its budget
 // (WG0 spills below ~200, WG1 below ~160, the producer below ~112).
 inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
-// Named barriers (0 is __syncthreads), each over WG0 + WG1.
+// Named barriers (0 is __syncthreads). P hand-over and the final exchange are
+// over WG0 + WG1; with Schedule::named, buffer b's "ready" barrier (producer
+// arrives, WG0 and WG1 wait) and "free" barrier (WG0 and WG1 arrive, producer
+// waits) replace the k_ready / k_free mbarriers.
 inline constexpr int kBarPReady = 1, kBarPFree = 2, kBarFinal = 3;
+inline constexpr int kBarReady0 = 4, kBarFree0 = 6;  // + buffer
 
 // Benchmark-only variants (SparseMlaParams::experiment); results are garbage.
 inline constexpr int kVariantFull = 0;
@@ -114,6 +118,13 @@ template <int N>
 __device__ __forceinline__ void FenceRegs(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) ptx::FenceOperand(d[i]);
+}
+
+// 16-byte cp.async global -> shared; src_bytes 0 writes zeros (nothing read).
+__device__ __forceinline__ void CpAsync16Zfill(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
 }
 
 __device__ __forceinline__ void PrefetchL2(const void* p) {
@@ -226,18 +237,27 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 //     the tensor pipe runs WG1's P V of block b while WG0 does block b+1's
 //     softmax (otherwise it idles there); costs the producer slack, since the
 //     buffer of block b is released later.
-//   prefetch: the producer prefetches block b+1's records into L2 while it
-//     works on block b.
+//   prefetch: the producer prefetches block b+2's records into L2 while it
+//     works on block b (a block of lead before its own loads).
+//   named: buffer hand-over through named barriers (bar.sync / bar.arrive,
+//     waiting warps sleep in hardware) instead of mbarrier try_wait loops,
+//     whose spinning takes issue slots from the warps doing the work.
+// A fourth template switch, kBf16 (SparseMlaParams::bf16_rows set, requires
+// named), makes the producer copy up-converted bf16 rows with cp.async
+// (nothing to dequantise; block b+1's copies fly while the consumers work on
+// block b) instead of gathering and dequantising the FP8 records.
 struct Schedule {
   bool late;
   bool prefetch;
+  bool named;
 };
 
 // Grid: num_queries * (heads / 64) CTAs, CTA x = query token x / (heads / 64),
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
-template <int kVariant, bool kLate, bool kPrefetch>
+template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
+  static_assert(!kBf16 || (kNamed && kVariant == kVariantFull), "bf16 rows: named schedule only");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -248,15 +268,30 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   const int nb = (p.topk + kBlk - 1) / kBlk;
 
   // Q (fp32) -> bf16 tile; chunk-major so that a warp's stores are contiguous.
-  for (int i = tid; i < kChunks * kRows; i += kThreads) {
-    const int c = i / kRows, h = i % kRows;
-    const int64_t qh = t * H + h0 + h;
-    const float* src = c < kR / 8 ? p.q_abs + qh * kR + 8 * c : p.q_pe + qh * kRope + 8 * (c - kR / 8);
-    const float4 a = __ldg(reinterpret_cast<const float4*>(src));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(src) + 1);
-    *reinterpret_cast<uint4*>(sm.q + i * 16) =
-        make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y),
-                   PackBf16x2(b.z, b.w));
+  // 12 chunks per thread, in two passes of 6 with every load issued first.
+  static_assert(kChunks * kRows % (2 * kThreads) == 0, "Q staging passes");
+  constexpr int kQPass = kChunks * kRows / (2 * kThreads);
+#pragma unroll
+  for (int pass = 0; pass < 2; ++pass) {
+    float4 qv[kQPass][2];
+#pragma unroll
+    for (int k = 0; k < kQPass; ++k) {
+      const int i = tid + (pass * kQPass + k) * kThreads;
+      const int c = i / kRows, h = i % kRows;
+      const int64_t qh = t * H + h0 + h;
+      const float* src =
+          c < kR / 8 ? p.q_abs + qh * kR + 8 * c : p.q_pe + qh * kRope + 8 * (c - kR / 8);
+      qv[k][0] = __ldg(reinterpret_cast<const float4*>(src));
+      qv[k][1] = __ldg(reinterpret_cast<const float4*>(src) + 1);
+    }
+#pragma unroll
+    for (int k = 0; k < kQPass; ++k) {
+      const int i = tid + (pass * kQPass + k) * kThreads;
+      const float4 a = qv[k][0], b = qv[k][1];
+      *reinterpret_cast<uint4*>(sm.q + i * 16) =
+          make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y),
+                     PackBf16x2(b.z, b.w));
+    }
   }
   if (tid == 0) {
     MbarInit(&sm.k_ready[0], 128);
@@ -271,6 +306,24 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   const int lane = tid & 31, g = lane >> 2, c4 = lane & 3;
   const int r0 = 16 * ((tid >> 5) & 3) + g;  // consumer rows r0 and r0 + 8
   const float kNegInf = -__int_as_float(0x7f800000);
+  // Buffer hand-over. Consumers (WG0, WG1) wait for block b's data and release
+  // its buffer; the producer waits for block b's buffer (free once block b-2 is
+  // released) and publishes it. Named: every released block except the last
+  // two is waited on by the producer, so arrivals and waits pair up.
+  auto consumer_wait = [&](int b) {
+    if constexpr (kNamed) {
+      NamedSync(kBarReady0 + (b & 1), 384);
+    } else {
+      MbarWait(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
+    }
+  };
+  auto consumer_release = [&](int b) {
+    if constexpr (kNamed) {
+      if (b + 2 < nb) NamedArrive(kBarFree0 + (b & 1), 384);
+    } else {
+      MbarArrive(&sm.k_free[b & 1]);
+    }
+  };
 
   if (wg == 0) {
     // ------------------------------------------------ WG0: Q K^T, softmax, P V left
@@ -283,9 +336,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     const uint64_t dq = NoSwizzleDesc(ptx::SmemAddr(sm.q), 1024, 128);
     for (int b = 0; b < nb; ++b) {
       const int buf = b & 1;
-      MbarWait(&sm.k_ready[buf], uint32_t(b >> 1) & 1u);
+      consumer_wait(b);
       if constexpr (kVariant == kVariantNoConsumer) {
-        MbarArrive(&sm.k_free[buf]);
+        consumer_release(b);
       } else {
         const uint32_t kv_addr = ptx::SmemAddr(sm.kv[buf]);
         const uint64_t dk = NoSwizzleDesc(kv_addr, 1024, 128);
@@ -381,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         FenceRegs(o);
 #pragma unroll
         for (int i = 0; i < 16; ++i) FenceReg(pr[i]);  // read by the wgmma until the wait
-        MbarArrive(&sm.k_free[buf]);
+        consumer_release(b);
       }
     }
     if (kLate && kVariant != kVariantNoConsumer && nb > 0) NamedArrive(kBarPReady, 256);
@@ -421,9 +474,10 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     for (int b = 0; b < nb; ++b) {
       const int buf = b & 1;
       if constexpr (kVariant == kVariantNoConsumer) {
-        MbarWait(&sm.k_ready[buf], uint32_t(b >> 1) & 1u);
-        MbarArrive(&sm.k_free[buf]);
+        consumer_wait(b);
+        consumer_release(b);
       } else {
+        if constexpr (kNamed) consumer_wait(b);  // the ready barrier counts WG1 too
         NamedSync(kBarPReady, 256);
         const float f0 = sm.o_scale[r0], f1 = sm.o_scale[r0 + 8];
         if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
@@ -446,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         ptx::WgmmaCommit();
         ptx::WgmmaWait<0>();
         FenceRegs(o);
-        MbarArrive(&sm.k_free[buf]);
+        consumer_release(b);
         if (b + 1 < nb) NamedArrive(kBarPFree, 256);
       }
     }
@@ -464,8 +518,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     // ---------------------------------------- producer: gather + dequantise
     // Thread pt owns token slots slot0 and slot0 + 32 of every block, 16 bytes
     // of each 64 (column `sub`). The index -> page -> record chain is spread
-    // over iterations: block b+2's indices and block b+1's page numbers load
-    // while block b's records do.
+    // over iterations: at block b, block b+3's indices and block b+2's page
+    // numbers load while block b's records do (and block b+2's records are
+    // prefetched into L2 with kPrefetch).
     RegDealloc<kRegsProducer>();
     const int pt = tid - 256;
     const int sub = lane >> 3;
@@ -475,6 +530,20 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     const int32_t* ptab = p.cache.page_table + seq * p.cache.page_table_stride;
     const int32_t* idx_row = p.indices + t * p.topk;
     const size_t page_bytes = size_t(kPageTokens) * kRecordBytes;
+    auto producer_wait = [&](int b) {
+      if constexpr (kNamed) {
+        if (b >= 2) NamedSync(kBarFree0 + (b & 1), 384);
+      } else {
+        MbarWait(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);
+      }
+    };
+    auto producer_publish = [&](int b) {
+      if constexpr (kNamed) {
+        NamedArrive(kBarReady0 + (b & 1), 384);
+      } else {
+        MbarArrive(&sm.k_ready[b & 1]);
+      }
+    };
     if constexpr (kVariant == kVariantNoProducer) {
       // Zeroed buffers, every slot valid: the consumers run on defined data.
       for (int i = pt; i < 2 * kTileBytes / 16; i += 128) {
@@ -494,14 +563,70 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     auto record = [&](int32_t idx, int32_t page) -> const uint8_t* {
       return p.cache.pool + size_t(page) * page_bytes + size_t(idx & 63) * kRecordBytes;
     };
+    // Every 128-byte line of a record (offsets 0..640 and its last byte), over
+    // the token's 4 threads.
+    auto prefetch_record = [&](int32_t idx, int32_t page) {
+      if (idx >= 0) {
+        const uint8_t* rec = record(idx, page);
+        PrefetchL2(rec + 128 * sub);
+        if (sub < 3) PrefetchL2(rec + (sub == 0 ? 512 : sub == 1 ? 640 : kRecordBytes - 1));
+      }
+    };
+    if constexpr (kBf16) {
+      // Up-converted rows: thread pt copies chunks [36 h, 36 h + 36) (h = pt / 64)
+      // of slot j = pt % 64; a warp's copies of one chunk are 32 consecutive
+      // 16-byte slots of the tile. Block b's copies are issued once block b-2
+      // is released and waited for (cp.async.wait_group) before block b is
+      // published, so they fly while the consumers work on block b-1.
+      const int j = pt & 63, half = pt >> 6;
+      const int64_t row0 = p.bf16_row_start != nullptr ? p.bf16_row_start[seq] : 0;
+      const uint8_t* rows = reinterpret_cast<const uint8_t*>(p.bf16_rows + row0 * kW);
+      auto index_at = [&](int b) -> int32_t {
+        const int i = b * kBlk + j;
+        const int32_t idx = b < nb && i < p.topk ? __ldg(idx_row + i) : -1;
+        return idx >= 0 && idx < ntok ? idx : -1;
+      };
+      auto issue = [&](int b, int32_t idx) {
+        const uint32_t tile = ptx::SmemAddr(sm.kv[b & 1]) + uint32_t(j) * 16u;
+        const uint8_t* src = rows + int64_t(idx >= 0 ? idx : 0) * (kW * 2);
+        const uint32_t bytes = idx >= 0 ? 16u : 0u;
+#pragma unroll 12
+        for (int k = 0; k < kChunks / 2; ++k) {
+          const int c = half * (kChunks / 2) + k;
+          CpAsync16Zfill(tile + uint32_t(c) * 64u * 16u, src + c * 16, bytes);
+        }
+        ptx::CpAsyncCommit();
+      };
+      int32_t idx_b = index_at(0), idx_b1 = index_at(1);
+      if (nb > 0) issue(0, idx_b);
+      for (int b = 0; b < nb; ++b) {
+        ptx::CpAsyncWait<0>();  // block b's rows have landed
+        if (half == 0) sm.valid[b & 1][j] = idx_b >= 0 ? 1 : 0;
+        ptx::FenceProxyAsync();
+        producer_publish(b);
+        if (b + 1 < nb) {
+          producer_wait(b + 1);  // block b-1 released
+          issue(b + 1, idx_b1);
+        }
+        idx_b = idx_b1;
+        idx_b1 = index_at(b + 2);
+      }
+      return;
+    }
     int32_t idx_cur[2] = {load_index(0, 0), load_index(0, 1)};
-    int32_t idx_nxt[2] = {load_index(1, 0), load_index(1, 1)};
+    int32_t idx_n1[2] = {load_index(1, 0), load_index(1, 1)};
+    int32_t idx_n2[2] = {load_index(2, 0), load_index(2, 1)};
     int32_t pg_cur[2] = {load_page(idx_cur[0]), load_page(idx_cur[1])};
+    int32_t pg_n1[2] = {load_page(idx_n1[0]), load_page(idx_n1[1])};
+    if constexpr (kPrefetch && kVariant != kVariantNoProducer) {
+      prefetch_record(idx_n1[0], pg_n1[0]);
+      prefetch_record(idx_n1[1], pg_n1[1]);
+    }
     for (int b = 0; b < nb; ++b) {
       const int buf = b & 1;
       if constexpr (kVariant == kVariantNoProducer) {
-        MbarWait(&sm.k_free[buf], (uint32_t(b >> 1) & 1u) ^ 1u);
-        MbarArrive(&sm.k_ready[buf]);
+        producer_wait(b);
+        producer_publish(b);
       } else {
         // Issue every load of both tokens before waiting for the buffer.
         uint4 raw[2][8], pe[2][2];
@@ -519,9 +644,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
             pe[r][1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
           }
         }
-        const int32_t pg_nxt[2] = {load_page(idx_nxt[0]), load_page(idx_nxt[1])};
-        const int32_t idx_nn[2] = {load_index(b + 2, 0), load_index(b + 2, 1)};
-        MbarWait(&sm.k_free[buf], (uint32_t(b >> 1) & 1u) ^ 1u);
+        const int32_t pg_n2[2] = {load_page(idx_n2[0]), load_page(idx_n2[1])};
+        const int32_t idx_n3[2] = {load_index(b + 3, 0), load_index(b + 3, 1)};
+        producer_wait(b);
         uint8_t* tile = sm.kv[buf];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -551,25 +676,19 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           if (sub == 0) sm.valid[buf][slot] = idx_cur[r] >= 0 ? 1 : 0;
         }
         ptx::FenceProxyAsync();
-        MbarArrive(&sm.k_ready[buf]);
+        producer_publish(b);
         if constexpr (kPrefetch) {
-          // Block b+1's records into L2: every 128-byte line of the 656 bytes
-          // (offsets 0..640 and the last byte), spread over the 4 threads.
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            if (idx_nxt[r] >= 0) {
-              const uint8_t* rec = record(idx_nxt[r], pg_nxt[r]);
-              PrefetchL2(rec + 128 * sub);
-              if (sub < 3) PrefetchL2(rec + (sub == 0 ? 512 : sub == 1 ? 640 : kRecordBytes - 1));
-            }
-          }
+          prefetch_record(idx_n2[0], pg_n2[0]);
+          prefetch_record(idx_n2[1], pg_n2[1]);
         }
-        idx_cur[0] = idx_nxt[0];
-        idx_cur[1] = idx_nxt[1];
-        pg_cur[0] = pg_nxt[0];
-        pg_cur[1] = pg_nxt[1];
-        idx_nxt[0] = idx_nn[0];
-        idx_nxt[1] = idx_nn[1];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          idx_cur[r] = idx_n1[r];
+          pg_cur[r] = pg_n1[r];
+          idx_n1[r] = idx_n2[r];
+          pg_n1[r] = pg_n2[r];
+          idx_n2[r] = idx_n3[r];
+        }
       }
     }
   }
