@@ -576,14 +576,14 @@ void Experiments(const Options& opt) {
     // v2 = the default (seeded thresholds for MISA; dense is never seeded);
     // "no seeding": the running threshold alone (bit 4); "all rescanned":
     // every seeded query takes the exact fallback (bit 5: the worst case of
-    // the seeding); "r3 slot loop": round 3's insertion code, one ballot and
-    // branch per score slot (bit 6). "no insertion" leaves every seeded query
-    // short of k keys, so with seeding it also rescans them.
+    // the seeding); "batched slots": a stage's ballots first, then predicated
+    // stores instead of a branch per score slot (bit 6). "no insertion" leaves
+    // every seeded query short of k keys, so with seeding it also rescans them.
     const Variant vs[] = {{"v1", 1, 0},
                           {"v2", 2, 0},
                           {"v2 no seeding", 2, 16},
                           {"v2 all rescanned", 2, 32},
-                          {"v2 r3 slot loop", 2, 64},
+                          {"v2 batched slots", 2, 64},
                           {"v2 no epilogue", 2, 1},
                           {"v2 no insertion", 2, 2},
                           {"v2 double-buf", 2, 8}};

@@ -93,8 +93,9 @@ struct SelectParams {
   // threshold seeding off (SelectSeedTopk; it is used with fewer than 64 rows
   // per query), bit 5 seeds from a rank k / (4 kSelectSampleStride) that too
   // few keys beat, so that every seeded query takes the exact fallback (a test
-  // of that path), bit 6 inserts candidates with round 3's slot loop (one
-  // ballot and branch per score slot). Bits 2-6 give the same results as 0.
+  // of that path), bit 6 inserts candidates with all of a stage's ballots
+  // first and predicated stores (no branch per score slot; measured slower).
+  // Bits 2-6 give the same results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

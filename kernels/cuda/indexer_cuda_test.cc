@@ -627,8 +627,8 @@ TEST(CudaSelect, SeededNegativeScores) {
   }
 }
 
-// Experiment bit 6: round 3's slot loop (one ballot and branch per score
-// slot) instead of the batched ballots and predicated stores, seeded MISA and
+// Experiment bit 6: the batched insertion (a stage's ballots first, then
+// predicated stores) instead of a branch per score slot, seeded MISA and
 // unseeded dense; and kernel_version 0 (the default: version 2 with wgmma)
 // on the dense prefill tile.
 TEST(CudaSelect, SlotLoopVariantAndDefaultVersion) {

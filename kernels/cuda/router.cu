@@ -100,37 +100,6 @@ __device__ __forceinline__ void DotTile(const uint32_t (&a)[8][4], const uint16_
   }
 }
 
-// Two tiles (staged rows n0..n0+7 and n0+8..n0+15) with the hi and lo parts in
-// separate accumulators: four independent chains of 8 MMAs instead of one
-// chain of 16 per tile (the router is bound by that chain's latency).
-// acc0 / acc1: the two tiles' dots, per mma layout.
-__device__ __forceinline__ void DotTile2(const uint32_t (&a)[8][4], const uint16_t* hi,
-                                         const uint16_t* lo, int n0, float (&acc0)[4],
-                                         float (&acc1)[4]) {
-  const int lane = threadIdx.x & 31, g8 = lane >> 2, c4 = lane & 3;
-  float h0[4] = {}, l0[4] = {}, h1[4] = {}, l1[4] = {};
-  const uint16_t* h = hi + (n0 + g8) * kRowPad + 4 * c4;
-  const uint16_t* l = lo + (n0 + g8) * kRowPad + 4 * c4;
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    const uint2 vh0 = *reinterpret_cast<const uint2*>(h + kk * 16);
-    const uint2 vl0 = *reinterpret_cast<const uint2*>(l + kk * 16);
-    const uint2 vh1 = *reinterpret_cast<const uint2*>(h + 8 * kRowPad + kk * 16);
-    const uint2 vl1 = *reinterpret_cast<const uint2*>(l + 8 * kRowPad + kk * 16);
-    const uint32_t bh0[2] = {vh0.x, vh0.y}, bl0[2] = {vl0.x, vl0.y};
-    const uint32_t bh1[2] = {vh1.x, vh1.y}, bl1[2] = {vl1.x, vl1.y};
-    ptx::MmaM16N8K16Bf16(h0, a[kk], bh0);
-    ptx::MmaM16N8K16Bf16(l0, a[kk], bl0);
-    ptx::MmaM16N8K16Bf16(h1, a[kk], bh1);
-    ptx::MmaM16N8K16Bf16(l1, a[kk], bl1);
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    acc0[i] = h0[i] + l0[i];
-    acc1[i] = h1[i] + l1[i];
-  }
-}
-
 // Per CTA: kRouterGroups groups of `qpc` queries of one sequence (so that the
 // staged block means serve 8 x as many queries as one group's); in group g,
 // warp w serves query g * qpc + w / (H/16), heads 16 * (w % (H/16)) + [0, 16).
@@ -181,20 +150,17 @@ __global__ void __launch_bounds__(kThreads, 4) RouterKernel(const RouterParams p
       const uint8_t* q = p.queries.q8 + (t * H + 16 * ht) * 128;
       LoadQueryFragments(q + g8 * 128, q + (g8 + 8) * 128, a);
       float x0 = 0.0f, x1 = 0.0f;  // rows g8 and g8 + 8
-      for (int n0 = 0; n0 < kChunk && b0 + n0 < nb; n0 += 16) {
-        float acc[2][4];
-        DotTile2(a, hi, lo, n0, acc[0], acc[1]);  // rows past nb_max are staged as 0
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t b = b0 + n0 + 8 * e + 2 * (lane & 3);
-          if (b < nb) {
-            x0 += fmaxf(acc[e][0], 0.0f);
-            x1 += fmaxf(acc[e][2], 0.0f);
-          }
-          if (b + 1 < nb) {
-            x0 += fmaxf(acc[e][1], 0.0f);
-            x1 += fmaxf(acc[e][3], 0.0f);
-          }
+      for (int n0 = 0; n0 < kChunk && b0 + n0 < nb; n0 += 8) {
+        float acc[4];
+        DotTile(a, hi, lo, n0, acc);
+        const int64_t b = b0 + n0 + 2 * (lane & 3);
+        if (b < nb) {
+          x0 += fmaxf(acc[0], 0.0f);
+          x1 += fmaxf(acc[2], 0.0f);
+        }
+        if (b + 1 < nb) {
+          x0 += fmaxf(acc[1], 0.0f);
+          x1 += fmaxf(acc[3], 0.0f);
         }
       }
       x0 += __shfl_xor_sync(0xffffffffu, x0, 1);
