@@ -243,10 +243,11 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   a.experiment = p.experiment;
   // Threshold seeding: version 2's single-accumulator variants over contiguous
   // keys with top-k <= 2048 and fewer than 64 rows per query (SelectSeedTopk;
-  // experiment bit 4 turns it off). With 64 rows per query (dense) the
-  // epilogue's head sums dominate and the sample pass cost more than it saved
-  // (H200: 9.64 vs 9.40 ms at 32K, docs/perf.md); the kernel is built without
-  // it there (fewer registers).
+  // experiment bit 4 turns it off). With 64 rows per query (dense) round 3's
+  // sample pass cost more than it saved (H200: 9.64 vs 9.40 ms at 32K,
+  // docs/perf.md); the kernel is built without it there (fewer registers).
+  // Round 4's cheaper sample pass has not been tried for dense (its sample
+  // tops assume one lane per query and key row).
   const bool seedable = v2 && p.key_list == nullptr && p.topk <= kSelectMaxTopk &&
                         (p.experiment & 12) == 0 && p.rows_per_query < 64;
   a.seed_k = seedable ? SelectSeedTopk(p.topk) : 0;
