@@ -8,7 +8,7 @@
 // combinations), the first (mma.sync) kernel, and timing-only wgmma variants
 // that leave one side out (no producer: the consumers' time on zeroed buffers;
 // no consumer: the gather + dequantisation alone), with the default and the
-// plain schedule; the wgmma and mma.sync outputs of the same inputs are
+// named + prefetch schedule; the wgmma and mma.sync outputs of the same inputs are
 // compared (relative L2) so a fast but wrong kernel shows up here too.
 // Prefill also runs over bf16 rows up-converted from the cache (the issue's
 // prefill path), timing the up-conversion of the whole context separately.
@@ -61,6 +61,13 @@ __global__ void FillIndices(int32_t* idx, int64_t T, int topk, int64_t base, int
 }
 
 std::vector<Row> g_rows;
+std::string g_variants;  // --variants: comma-separated kernel names; empty = all
+
+bool Selected(const std::string& name) {
+  if (g_variants.empty()) return true;
+  const std::string list = "," + g_variants + ",";
+  return list.find("," + name + ",") != std::string::npos;
+}
 
 // sums[0] += (a - b)^2, sums[1] += b^2 over n values.
 __global__ void DiffSums(const float* a, const float* b, int64_t n, double* sums) {
@@ -98,8 +105,8 @@ const Variant kVariants[] = {
     {"mma.sync", kc::SparseMlaImpl::kMmaSync, 0, false},
     {"wgmma-no-producer", kc::SparseMlaImpl::kWgmma, 1, true},
     {"wgmma-no-consumer", kc::SparseMlaImpl::kWgmma, 2, true},
-    {"plain-no-producer", kc::SparseMlaImpl::kWgmma, 9, true},
-    {"plain-no-consumer", kc::SparseMlaImpl::kWgmma, 10, true},
+    {"named-pf-no-producer", kc::SparseMlaImpl::kWgmma, 9, true},
+    {"named-pf-no-consumer", kc::SparseMlaImpl::kWgmma, 10, true},
 };
 
 struct Cache {
@@ -186,6 +193,7 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
   const double flops = double(T) * H * topk * (576.0 + 512.0) * 2.0;
   const double bytes = double(T) * topk * 656.0;
   for (const Variant& v : kVariants) {
+    if (!Selected(v.name)) continue;
     p.impl = v.impl;
     p.experiment = v.experiment;
     const int n = v.impl == kc::SparseMlaImpl::kMmaSync ? std::max(3, reps / 4) : reps;
@@ -221,6 +229,7 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
   // Agreement of the two real kernels on the same inputs.
   DeviceBuffer<float> out2(size_t(T) * H * 512);
   DeviceBuffer<double> sums(2);
+  if (!Selected("wgmma") || !Selected("mma.sync")) return;
   p.indices = idx[0].get();
   p.experiment = 0;
   p.impl = kc::SparseMlaImpl::kWgmma;
@@ -237,7 +246,7 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
   g_rows.push_back(Row()
                        .S("bench", std::string("sparse_mla_") + name + "_agreement")
                        .N("rel_l2_wgmma_vs_mma_sync", rel));
-  if (!causal) return;
+  if (!causal || !Selected("wgmma-bf16-rows")) return;
   // Prefill over up-converted bf16 rows: the up-conversion of the whole
   // context, then the attention over the rows; compared with the FP8 path.
   DeviceBuffer<uint16_t> rows(size_t(seqs) * size_t(ctx) * 576);
@@ -341,12 +350,15 @@ void CacheWrite(int64_t T, int reps) {
 
 int main(int argc, char** argv) {
   using namespace pd::bench;
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // lines survive a timeout kill
   std::string json = "mla_bench.json";
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) == "--json" && i + 1 < argc) {
       json = argv[++i];
+    } else if (std::string(argv[i]) == "--variants" && i + 1 < argc) {
+      g_variants = argv[++i];
     } else {
-      std::fprintf(stderr, "usage: %s [--json PATH]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--json PATH] [--variants NAME,NAME,...]\n", argv[0]);
       return 2;
     }
   }
@@ -355,7 +367,7 @@ int main(int argc, char** argv) {
   std::printf("device %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   Attention("decode", 128, 32768, 2, false, 410.0, 20);
   Attention("prefill", 1, 65536, 4096, true, 640.0, 10);
-  CacheWrite(65536, 20);
+  if (Selected("cache-write")) CacheWrite(65536, 20);
   std::map<std::string, std::string> meta = {{"device", prop.name}, {"command", argv[0]}};
   if (!WriteJson(json, meta, g_rows)) return 1;
   std::printf("wrote %s\n", json.c_str());

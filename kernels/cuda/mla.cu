@@ -357,9 +357,11 @@ bool LayoutOk(const KvLayout& l) {
          l.MlaScaleOffset() == size_t(kR) && l.MlaRopeOffset() == size_t(kR + 16);
 }
 
-// The default schedule of the wgmma kernel (SparseMlaParams::experiment 0-2).
-constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/true,
-                                                     /*named=*/true};
+// The default schedule of the wgmma kernel (SparseMlaParams::experiment 0-2 and
+// the bf16-rows path): the one measured on the H200 (docs/perf.md); the other
+// schedules are benchmark variants until measured faster.
+constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false,
+                                                     /*named=*/false};
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
@@ -412,7 +414,8 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
       return Invalid(error, "sparse MLA: bf16_rows needs impl kWgmma (or kAuto) and experiment 0");
     }
     if (!Aligned16(p.bf16_rows)) return Invalid(error, "sparse MLA: bf16_rows must be 16-byte aligned");
-    return LaunchWgmma<mla_internal::kVariantFull, false, false, true, true>(p, stream);
+    return LaunchWgmma<mla_internal::kVariantFull, false, false, kDefaultSchedule.named, true>(
+        p, stream);
   }
   if (!mma_sync) {
     using namespace mla_internal;
@@ -427,8 +430,8 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
       case 6: return LaunchWgmma<kVariantFull, false, false, true>(p, stream);
       case 7: return LaunchWgmma<kVariantFull, false, true, true>(p, stream);
       case 8: return LaunchWgmma<kVariantFull, true, true, true>(p, stream);
-      case 9: return LaunchWgmma<kVariantNoProducer, false, false, false>(p, stream);
-      case 10: return LaunchWgmma<kVariantNoConsumer, false, false, false>(p, stream);
+      case 9: return LaunchWgmma<kVariantNoProducer, false, true, true>(p, stream);
+      case 10: return LaunchWgmma<kVariantNoConsumer, false, true, true>(p, stream);
       default: return LaunchWgmma<kVariantFull, kL, kP, kN>(p, stream);
     }
   }

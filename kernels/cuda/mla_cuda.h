@@ -63,10 +63,10 @@ struct SparseMlaParams {
   // Benchmark-only (kWgmma); 0 = the default schedule. Timing only (results
   // meaningless): 1 / 9 = the producer only signals (no gather or
   // dequantisation: the consumers' time), 2 / 10 = the consumers only release
-  // buffers (the producer's time), with the default / the plain schedule.
-  // Explicit schedules (valid results; mla_wgmma.cuh, Schedule): 3 plain
-  // (mbarriers), 4 late P hand-over, 5 L2 prefetch, 6 named barriers,
-  // 7 named + prefetch, 8 named + prefetch + late.
+  // buffers (the producer's time), with the default / the named + prefetch
+  // schedule. Explicit schedules (valid results; mla_wgmma.cuh, Schedule):
+  // 3 plain (mbarriers; the default), 4 late P hand-over, 5 L2 prefetch,
+  // 6 named barriers, 7 named + prefetch, 8 named + prefetch + late.
   int experiment = 0;
 };
 cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream,

@@ -283,6 +283,9 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
     p.bf16_rows = rows.rows.get();
     p.bf16_row_start = rows.start.get();
   }
+  std::printf("  launching %s%s experiment %d H=%d topk %d\n", ImplName(ac.impl),
+              ac.bf16_rows ? " bf16 rows" : "", ac.experiment, H, topk);
+  std::fflush(stdout);
   const char* why = "";
   const cudaError_t launched = LaunchSparseMla(p, 0, &why);
   ASSERT_EQ(launched, cudaSuccess) << cudaGetErrorString(launched) << ": " << why;
@@ -315,6 +318,7 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
               ImplName(ac.impl), ac.bf16_rows ? " bf16 rows" : "", ac.experiment, H, topk,
               static_cast<long long>(T), ac.out_of_range ? " (out-of-range holes)" : "", rel,
               worst, worst_lse);
+  std::fflush(stdout);  // a hang in a later case still shows this one
   // bf16 q and p (8-bit mantissas), fp32 accumulation.
   EXPECT_LT(rel, 1e-2);
   EXPECT_LT(worst, 3e-2);
@@ -544,6 +548,7 @@ void SingleToken(bool bf16_rows) {
   std::printf("  single-token%s: %zu mismatching values, %zu groups with scale > 2^15 read, "
               "lse relative error %.3g\n", bf16_rows ? " (bf16 rows)" : "", mismatches, big_scale_tokens,
               worst_lse);
+  std::fflush(stdout);
   EXPECT_EQ(mismatches, 0u);
   EXPECT_GT(big_scale_tokens, 0u);
   EXPECT_LT(worst_lse, 1e-4);

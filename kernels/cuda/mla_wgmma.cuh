@@ -51,8 +51,8 @@ inline constexpr int kThreads = 384;
 inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
 // Named barriers (0 is __syncthreads). P hand-over and the final exchange are
 // over WG0 + WG1; with Schedule::named, buffer b's "ready" barrier (producer
-// arrives, WG0 and WG1 wait) and "free" barrier (WG0 and WG1 arrive, producer
-// waits) replace the k_ready / k_free mbarriers.
+// arrives, WG0 waits) and "free" barrier (WG0 and WG1 arrive, producer waits)
+// replace the k_ready / k_free mbarriers.
 inline constexpr int kBarPReady = 1, kBarPFree = 2, kBarFinal = 3;
 inline constexpr int kBarReady0 = 4, kBarFree0 = 6;  // + buffer
 
@@ -242,8 +242,8 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 //   named: buffer hand-over through named barriers (bar.sync / bar.arrive,
 //     waiting warps sleep in hardware) instead of mbarrier try_wait loops,
 //     whose spinning takes issue slots from the warps doing the work.
-// A fourth template switch, kBf16 (SparseMlaParams::bf16_rows set, requires
-// named), makes the producer copy up-converted bf16 rows with cp.async
+// A fourth template switch, kBf16 (SparseMlaParams::bf16_rows set, not with
+// late), makes the producer copy up-converted bf16 rows with cp.async
 // (nothing to dequantise; block b+1's copies fly while the consumers work on
 // block b) instead of gathering and dequantising the FP8 records.
 struct Schedule {
@@ -257,7 +257,7 @@ struct Schedule {
 // memory. Launch contract checked by LaunchSparseMla.
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
-  static_assert(!kBf16 || (kNamed && kVariant == kVariantFull), "bf16 rows: named schedule only");
+  static_assert(!kBf16 || (kVariant == kVariantFull && !kLate), "bf16 rows: full, not late");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -306,13 +306,18 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   const int lane = tid & 31, g = lane >> 2, c4 = lane & 3;
   const int r0 = 16 * ((tid >> 5) & 3) + g;  // consumer rows r0 and r0 + 8
   const float kNegInf = -__int_as_float(0x7f800000);
-  // Buffer hand-over. Consumers (WG0, WG1) wait for block b's data and release
-  // its buffer; the producer waits for block b's buffer (free once block b-2 is
-  // released) and publishes it. Named: every released block except the last
-  // two is waited on by the producer, so arrivals and waits pair up.
+  // Buffer hand-over. The producer waits for block b's buffer (free once block
+  // b-2 is released by WG0 and WG1) and publishes block b to WG0; WG1 learns of
+  // it through WG0's P hand-over (kBarPReady), which comes after WG0's wait,
+  // so WG1 never waits on the producer (with the late hand-over it must not:
+  // WG0 passes block b's wait before it hands block b-1 to WG1). Only in the
+  // timing-only kVariantNoConsumer, which has no P hand-over, does WG1 wait
+  // for the data itself. Named: every released block except the last two is
+  // waited on by the producer, so arrivals and waits pair up.
+  constexpr int kReadyThreads = kVariant == kVariantNoConsumer ? 384 : 256;
   auto consumer_wait = [&](int b) {
     if constexpr (kNamed) {
-      NamedSync(kBarReady0 + (b & 1), 384);
+      NamedSync(kBarReady0 + (b & 1), kReadyThreads);
     } else {
       MbarWait(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
     }
@@ -477,7 +482,6 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         consumer_wait(b);
         consumer_release(b);
       } else {
-        if constexpr (kNamed) consumer_wait(b);  // the ready barrier counts WG1 too
         NamedSync(kBarPReady, 256);
         const float f0 = sm.o_scale[r0], f1 = sm.o_scale[r0 + 8];
         if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
@@ -539,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     };
     auto producer_publish = [&](int b) {
       if constexpr (kNamed) {
-        NamedArrive(kBarReady0 + (b & 1), 384);
+        NamedArrive(kBarReady0 + (b & 1), kReadyThreads);
       } else {
         MbarArrive(&sm.k_ready[b & 1]);
       }
