@@ -54,7 +54,6 @@ class CpuModel final : public Model {
   void ResetStats() override { stats_ = ForwardStats{}; }
 
  private:
-  absl::Status Validate(const ForwardBatch& batch) const;
   void Attention(int layer, const ForwardBatch& batch, const std::vector<int64_t>& positions,
                  const float* h, float* out, ForwardObserver* observer);
   void Ffn(const LayerWeights& lw, const float* h, int64_t n, float* out);
@@ -70,58 +69,9 @@ class CpuModel final : public Model {
   ForwardStats stats_;
 };
 
-absl::Status CpuModel::Validate(const ForwardBatch& batch) const {
-  int64_t total = 0;
-  for (size_t i = 0; i < batch.segments.size(); ++i) {
-    const Segment& s = batch.segments[i];
-    if (s.num_tokens <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat("segment ", i, " has no tokens"));
-    }
-    for (size_t j = 0; j < i; ++j) {
-      if (batch.segments[j].kv_seq == s.kv_seq) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("sequence ", s.kv_seq, " appears in two segments of one batch"));
-      }
-    }
-    if (!cache_->IsLive(s.kv_seq)) {
-      return absl::InvalidArgumentError(absl::StrCat("segment ", i, ": no live KV sequence ", s.kv_seq));
-    }
-    const int64_t len = cache_->Length(s.kv_seq);
-    if (s.start_pos != len) {
-      return absl::InvalidArgumentError(absl::StrCat("segment ", i, ": start position ", s.start_pos,
-                                                     " but sequence ", s.kv_seq, " holds ", len,
-                                                     " tokens"));
-    }
-    if (s.start_pos + s.num_tokens > cache_->Capacity(s.kv_seq)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "segment ", i, ": positions up to ", s.start_pos + s.num_tokens, " exceed the ",
-          cache_->Capacity(s.kv_seq), " tokens reserved for sequence ", s.kv_seq));
-    }
-    if (s.start_pos + s.num_tokens > cfg_.max_position_embeddings) {
-      return absl::InvalidArgumentError(absl::StrCat("segment ", i, ": position ",
-                                                     s.start_pos + s.num_tokens,
-                                                     " exceeds max_position_embeddings ",
-                                                     cfg_.max_position_embeddings));
-    }
-    total += s.num_tokens;
-  }
-  if (total != int64_t(batch.tokens.size())) {
-    return absl::InvalidArgumentError(absl::StrCat("segments cover ", total, " tokens but the batch has ",
-                                                   batch.tokens.size()));
-  }
-  for (size_t i = 0; i < batch.tokens.size(); ++i) {
-    if (batch.tokens[i] < 0 || batch.tokens[i] >= cfg_.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("token ", batch.tokens[i], " at index ", i,
-                                                     " is outside the vocabulary [0, ",
-                                                     cfg_.vocab_size, ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::vector<float>> CpuModel::Forward(const ForwardBatch& batch,
                                                      ForwardObserver* observer) {
-  PD_RETURN_IF_ERROR(Validate(batch));
+  PD_RETURN_IF_ERROR(ValidateBatch(batch, cfg_, *cache_));
   const int64_t n = int64_t(batch.tokens.size());
   const int hidden = cfg_.hidden_size;
   std::vector<int64_t> positions(static_cast<size_t>(n));
@@ -349,6 +299,57 @@ void CpuModel::Ffn(const LayerWeights& lw, const float* h, int64_t n, float* out
 }
 
 }  // namespace
+
+absl::Status ValidateBatch(const ForwardBatch& batch, const ModelConfig& cfg,
+                           const kvcache::KvCache& cache) {
+  if (batch.segments.empty()) return absl::InvalidArgumentError("batch has no segments");
+  int64_t total = 0;
+  for (size_t i = 0; i < batch.segments.size(); ++i) {
+    const Segment& s = batch.segments[i];
+    if (s.num_tokens <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("segment ", i, " has no tokens"));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (batch.segments[j].kv_seq == s.kv_seq) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("sequence ", s.kv_seq, " appears in two segments of one batch"));
+      }
+    }
+    if (!cache.IsLive(s.kv_seq)) {
+      return absl::InvalidArgumentError(absl::StrCat("segment ", i, ": no live KV sequence ", s.kv_seq));
+    }
+    const int64_t len = cache.Length(s.kv_seq);
+    if (s.start_pos != len) {
+      return absl::InvalidArgumentError(absl::StrCat("segment ", i, ": start position ", s.start_pos,
+                                                     " but sequence ", s.kv_seq, " holds ", len,
+                                                     " tokens"));
+    }
+    if (s.start_pos + s.num_tokens > cache.Capacity(s.kv_seq)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "segment ", i, ": positions up to ", s.start_pos + s.num_tokens, " exceed the ",
+          cache.Capacity(s.kv_seq), " tokens reserved for sequence ", s.kv_seq));
+    }
+    if (s.start_pos + s.num_tokens > cfg.max_position_embeddings) {
+      return absl::InvalidArgumentError(absl::StrCat("segment ", i, ": position ",
+                                                     s.start_pos + s.num_tokens,
+                                                     " exceeds max_position_embeddings ",
+                                                     cfg.max_position_embeddings));
+    }
+    total += s.num_tokens;
+  }
+  if (total != int64_t(batch.tokens.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("segments cover ", total, " tokens but the batch has ",
+                                                   batch.tokens.size()));
+  }
+  for (size_t i = 0; i < batch.tokens.size(); ++i) {
+    if (batch.tokens[i] < 0 || batch.tokens[i] >= cfg.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("token ", batch.tokens[i], " at index ", i,
+                                                     " is outside the vocabulary [0, ",
+                                                     cfg.vocab_size, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(std::shared_ptr<const ModelWeights> weights,
                                                       kvcache::KvCache* cache) {

@@ -78,6 +78,14 @@ class Model {
 absl::StatusOr<std::unique_ptr<Model>> CreateCpuModel(std::shared_ptr<const ModelWeights> weights,
                                                       kvcache::KvCache* cache);
 
+// The checks every backend applies before running a batch: at least one
+// segment, each non-empty, one segment per live sequence, starting at its
+// cached length, within its reserved capacity and max_position_embeddings;
+// segments covering exactly the batch's tokens; token ids inside the
+// vocabulary. InvalidArgument naming the segment or token otherwise.
+absl::Status ValidateBatch(const ForwardBatch& batch, const ModelConfig& config,
+                           const kvcache::KvCache& cache);
+
 // Options sizing a KV cache for a model.
 kvcache::KvCacheOptions CacheOptionsFor(const ModelConfig& config, int64_t max_tokens_per_sequence,
                                         int max_sequences);

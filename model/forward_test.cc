@@ -231,6 +231,8 @@ TEST_F(ForwardTest, BadBatchesAreRejectedWithoutSideEffects) {
   b.tokens = {1, 2};
   b.segments = {{seq, 0, 1}, {seq, 1, 1}};  // one sequence twice
   EXPECT_EQ(in.model->Forward(b).status().code(), absl::StatusCode::kInvalidArgument);
+  ForwardBatch empty;
+  EXPECT_EQ(in.model->Forward(empty).status().code(), absl::StatusCode::kInvalidArgument);
   b.segments = {{seq + 1, 0, 2}};  // not a live sequence
   EXPECT_EQ(in.model->Forward(b).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(in.cache->Length(seq), 0);
