@@ -27,6 +27,7 @@
 #include "kernels/kv_layout.h"
 #include "kernels/numeric.h"
 #include "kernels/ops.h"
+#include "kernels/cuda/testing/gpu_test_util.h"
 #include "kernels/testing/minitest.h"
 
 namespace pd::kernels::cuda {
@@ -35,19 +36,7 @@ namespace {
 constexpr int kH = 64;
 constexpr int kD = 128;
 
-bool HaveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveGpu()) MINITEST_SKIP() << "no CUDA device"
-
-#define ASSERT_CUDA(expr)                                                       \
-  do {                                                                          \
-    const cudaError_t e_ = (expr);                                              \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_);      \
-  } while (0)
+using ::pd::kernels::cuda::testing::HaveGpu;
 
 cpu::ThreadPool* Pool() {
   static cpu::ThreadPool pool(0);

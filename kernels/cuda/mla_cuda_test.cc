@@ -23,6 +23,7 @@
 #include "kernels/kv_layout.h"
 #include "kernels/mla.h"
 #include "kernels/numeric.h"
+#include "kernels/cuda/testing/gpu_test_util.h"
 #include "kernels/testing/minitest.h"
 
 namespace pd::kernels::cuda {
@@ -30,19 +31,7 @@ namespace {
 
 constexpr int kR = 512, kRope = 64, kW = kR + kRope;
 
-bool HaveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveGpu()) MINITEST_SKIP() << "no CUDA device"
-
-#define ASSERT_CUDA(expr)                                                  \
-  do {                                                                     \
-    const cudaError_t e_ = (expr);                                         \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_); \
-  } while (0)
+using ::pd::kernels::cuda::testing::HaveGpu;
 
 cpu::ThreadPool& CpuPool() {
   static cpu::ThreadPool pool;  // the CPU reference on every core

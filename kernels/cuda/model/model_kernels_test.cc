@@ -32,24 +32,13 @@
 #include "kernels/mla.h"
 #include "kernels/numeric.h"
 #include "kernels/ops.h"
+#include "kernels/cuda/testing/gpu_test_util.h"
 #include "kernels/testing/minitest.h"
 
 namespace pd::kernels::cuda::internal {
 namespace {
 
-bool HaveGpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveGpu()) MINITEST_SKIP() << "no CUDA device"
-
-#define ASSERT_CUDA(expr)                                                  \
-  do {                                                                     \
-    const cudaError_t e_ = (expr);                                         \
-    ASSERT_EQ(e_, cudaSuccess) << #expr << ": " << cudaGetErrorString(e_); \
-  } while (0)
+using ::pd::kernels::cuda::testing::HaveGpu;
 
 std::vector<float> Normal(std::mt19937& rng, size_t n, float std = 1.0f) {
   std::normal_distribution<float> nd(0.0f, std);
