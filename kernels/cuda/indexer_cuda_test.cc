@@ -36,7 +36,6 @@ namespace {
 constexpr int kH = 64;
 constexpr int kD = 128;
 
-using ::pd::kernels::cuda::testing::HaveGpu;
 
 cpu::ThreadPool* Pool() {
   static cpu::ThreadPool pool(0);

@@ -31,7 +31,6 @@ namespace {
 
 constexpr int kR = 512, kRope = 64, kW = kR + kRope;
 
-using ::pd::kernels::cuda::testing::HaveGpu;
 
 cpu::ThreadPool& CpuPool() {
   static cpu::ThreadPool pool;  // the CPU reference on every core

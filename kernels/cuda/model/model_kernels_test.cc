@@ -38,7 +38,6 @@
 namespace pd::kernels::cuda::internal {
 namespace {
 
-using ::pd::kernels::cuda::testing::HaveGpu;
 
 std::vector<float> Normal(std::mt19937& rng, size_t n, float std = 1.0f) {
   std::normal_distribution<float> nd(0.0f, std);
