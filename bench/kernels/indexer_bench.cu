@@ -573,17 +573,20 @@ void Experiments(const Options& opt) {
       const char* name;
       int version, experiment;
     };
-    // v2 = the default (seeded thresholds for MISA; dense is never seeded);
-    // "no seeding": the running threshold alone (bit 4); "all rescanned":
-    // every seeded query takes the exact fallback (bit 5: the worst case of
-    // the seeding); "batched slots": a stage's ballots first, then predicated
-    // stores instead of a branch per score slot (bit 6). "no insertion" leaves
-    // every seeded query short of k keys, so with seeding it also rescans them.
+    // v2 = the default (seeded thresholds; dense too since round 5); "no
+    // seeding": the running threshold alone (bit 4); "all rescanned": every
+    // seeded query takes the exact fallback (bit 5: the worst case of the
+    // seeding); "slot branch": round 4's branch around a score slot's store
+    // code (bit 6); "CTA-wide final": round 4's final selection, one query at
+    // a time by the whole CTA (bit 7; dense always selects so). "no
+    // insertion" leaves every seeded query short of k keys, so with seeding it
+    // also rescans them.
     const Variant vs[] = {{"v1", 1, 0},
                           {"v2", 2, 0},
                           {"v2 no seeding", 2, 16},
                           {"v2 all rescanned", 2, 32},
-                          {"v2 batched slots", 2, 64},
+                          {"v2 slot branch", 2, 64},
+                          {"v2 CTA-wide final", 2, 128},
                           {"v2 no epilogue", 2, 1},
                           {"v2 no insertion", 2, 2},
                           {"v2 double-buf", 2, 8}};

@@ -93,9 +93,11 @@ struct SelectParams {
   // threshold seeding off (SelectSeedTopk; it is used with fewer than 64 rows
   // per query), bit 5 seeds from a rank k / (4 kSelectSampleStride) that too
   // few keys beat, so that every seeded query takes the exact fallback (a test
-  // of that path), bit 6 inserts candidates with all of a stage's ballots
-  // first and predicated stores (no branch per score slot; measured slower).
-  // Bits 2-6 give the same results as 0.
+  // of that path), bit 6 branches around a score slot's store code when no
+  // lane of the warp passes (round 4's loop; the default is branch-free), bit
+  // 7 selects each query's final top-k with the whole CTA, one query at a
+  // time (round 4's; the default with fewer than 64 rows per query is one
+  // warp per query). Bits 2-7 give the same results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

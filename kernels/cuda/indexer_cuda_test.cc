@@ -323,7 +323,8 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   if (sc.expect_seeded) {
     // The conditions under which LaunchSelect seeds (select.cu), and a range
     // per CTA of at least SelectSeedMinKeys(k) keys.
-    ASSERT_TRUE(p.rows_per_query < 64 && p.key_list == nullptr && p.topk <= kSelectMaxTopk &&
+    ASSERT_TRUE((p.rows_per_query < 64 || plan.rows_per_cta == kSelectRows) &&
+                p.key_list == nullptr && p.topk <= kSelectMaxTopk &&
                 (p.experiment & (4 | 8 | 16)) == 0 && p.kernel_version != 1);
     ASSERT_GE(std::min<int64_t>(plan.keys_per_split, db.queries.max_context),
               SelectSeedMinKeys(p.topk));
@@ -494,11 +495,12 @@ TEST(CudaSelect, KernelV2DoubleBufferedVariantMatches) {
 }
 
 // Threshold seeding (version 2, contiguous keys, fewer than 64 rows per
-// query): CTAs whose key range holds at least SelectSeedMinKeys(k) keys first
-// score every kSelectSampleStride-th key and start from a seeded threshold.
-// Long contexts (seeded CTAs) and early queries (unseeded ones) in one
-// launch, MISA (seeded) and dense (the same shapes unseeded), with and
-// without a forced split (seeded split ranges, then the merge), against
+// query, or 64 in the 128-row tile: dense prefill, since round 5): CTAs whose
+// key range holds at least SelectSeedMinKeys(k) keys first score every
+// kSelectSampleStride-th key and start from a seeded threshold. Long contexts
+// (seeded CTAs) and early queries (unseeded ones) in one launch, MISA and
+// dense (sample tops of one and of two lanes per query), with and without a
+// forced split (seeded split ranges, then the merge), against
 // cpu::SelectTokens.
 TEST(CudaSelect, SeededThresholdsLongContext) {
   SKIP_WITHOUT_GPU();
@@ -511,7 +513,7 @@ TEST(CudaSelect, SeededThresholdsLongContext) {
     c.positions = {pos};
     c.sorted = !misa;
     c.splits = 1;  // one range (auto would split 20K keys 32 ways for these few queries)
-    c.expect_seeded = misa;
+    c.expect_seeded = true;
     RunSelectCase(c, 41 + uint32_t(misa));
     c.splits = 2;  // two ranges of 10,112 keys (>= 8192: both seeded)
     c.sorted = misa;
@@ -523,8 +525,8 @@ TEST(CudaSelect, SeededThresholdsLongContext) {
 // sample, about k / 4 keys of the range), so every seeded query must take the
 // exact rescan; bit 4 turns seeding off. Both must give the exact selection,
 // as must a small top-k (k = 300: seeded from rank 41 of the sample, whose
-// margin still leaves some queries to the rescan). The dense cases (64 rows
-// per query: never seeded) check that the bits change nothing there.
+// margin still leaves some queries to the rescan). MISA and dense (two lanes
+// per query) alike.
 TEST(CudaSelect, SeededFallbackRescanAndNoSeeding) {
   SKIP_WITHOUT_GPU();
   for (int experiment : {32, 16}) {
@@ -538,7 +540,7 @@ TEST(CudaSelect, SeededFallbackRescanAndNoSeeding) {
       c.experiment = experiment;
       c.sorted = false;
       c.splits = 1;
-      c.expect_seeded = misa && experiment == 32;
+      c.expect_seeded = experiment == 32;
       RunSelectCase(c, 50 + uint32_t(experiment) + uint32_t(misa));
     }
   }
@@ -615,10 +617,10 @@ TEST(CudaSelect, SeededNegativeScores) {
   }
 }
 
-// Experiment bit 6: the batched insertion (a stage's ballots first, then
-// predicated stores) instead of a branch per score slot, seeded MISA and
-// unseeded dense; and kernel_version 0 (the default: version 2 with wgmma)
-// on the dense prefill tile.
+// Experiment bit 6: round 4's branch around a score slot's store code (the
+// default since round 5 is branch-free), seeded MISA and seeded dense; and
+// kernel_version 0 (the default: version 2 with wgmma) on the dense prefill
+// tile.
 TEST(CudaSelect, SlotLoopVariantAndDefaultVersion) {
   SKIP_WITHOUT_GPU();
   for (bool misa : {true, false}) {
@@ -631,7 +633,7 @@ TEST(CudaSelect, SlotLoopVariantAndDefaultVersion) {
     c.experiment = 64;
     c.sorted = false;
     c.splits = 1;
-    c.expect_seeded = misa;
+    c.expect_seeded = true;
     RunSelectCase(c, 90 + uint32_t(misa));
   }
   SelectCase c;
@@ -639,6 +641,35 @@ TEST(CudaSelect, SlotLoopVariantAndDefaultVersion) {
   c.positions = {Tail(6007, 11)};
   c.kernel_version = 0;
   RunSelectCase(c, 92);
+}
+
+// The final selection of each query: one warp per query (the default with
+// fewer than 64 rows per query, round 5) and the whole CTA one query at a
+// time (experiment bit 7, round 4's), each on unsorted rows, sorted rows and
+// split lists (then the merge), seeded and with every seeded query rescanned
+// (bit 5: the seed-bound check of both paths), with 8, 16 and 32 routed heads
+// (2, 1 and 1/2 queries per warp). Short queries (fewer visible keys than k)
+// take all of their keys.
+TEST(CudaSelect, FinalSelectionPerWarpAndCtaWide) {
+  SKIP_WITHOUT_GPU();
+  uint32_t seed = 100;
+  for (int experiment : {0, 32, 128, 128 | 32}) {
+    for (int h : {8, 16, 32}) {
+      SelectCase c;
+      c.misa = true;
+      c.h = h;
+      c.lens = {18013};
+      auto pos = Tail(18013, h == 8 ? 35 : 11);
+      for (int64_t p : {700, 2047, 2048, 9001}) pos.push_back(p);
+      c.positions = {pos};
+      c.experiment = experiment;
+      c.topk = h == 16 ? 1000 : 2048;
+      c.sorted = h == 16;
+      c.splits = h == 32 ? 2 : 1;  // two ranges of 9,088 keys (both seeded), then the merge
+      c.expect_seeded = true;
+      RunSelectCase(c, seed++);
+    }
+  }
 }
 
 TEST(CudaSelect, MisaLargeTopkBigLists) {

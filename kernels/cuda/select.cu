@@ -242,14 +242,15 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   a.key_list_per_query = p.key_list_per_query ? 1 : 0;
   a.experiment = p.experiment;
   // Threshold seeding: version 2's single-accumulator variants over contiguous
-  // keys with top-k <= 2048 and fewer than 64 rows per query (SelectSeedTopk;
-  // experiment bit 4 turns it off). With 64 rows per query (dense) round 3's
-  // sample pass cost more than it saved (H200: 9.64 vs 9.40 ms at 32K,
-  // docs/perf.md); the kernel is built without it there (fewer registers).
-  // Round 4's cheaper sample pass has not been tried for dense (its sample
-  // tops assume one lane per query and key row).
+  // keys with top-k <= 2048 and fewer than 64 rows per query, or 64 rows in
+  // the 128-row tile (two queries per CTA: dense prefill) (SelectSeedTopk;
+  // experiment bit 4 turns it off). Round 3's sample pass cost dense more
+  // than it saved (H200: 9.64 vs 9.40 ms at 32K, docs/perf.md); round 5 seeds
+  // dense with round 4's cheaper one (sample tops of the two lanes that share
+  // a query after the pair reduction).
   const bool seedable = v2 && p.key_list == nullptr && p.topk <= kSelectMaxTopk &&
-                        (p.experiment & 12) == 0 && p.rows_per_query < 64;
+                        (p.experiment & 12) == 0 &&
+                        (p.rows_per_query < 64 || plan.rows_per_cta == kSelectRows);
   a.seed_k = seedable ? SelectSeedTopk(p.topk) : 0;
   a.seed_min_keys = SelectSeedMinKeys(p.topk);
   a.rows_per_cta = plan.rows_per_cta;

@@ -67,7 +67,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/block_topk.cuh"
 #include "kernels/cuda/ptx.cuh"
@@ -94,14 +96,47 @@ struct alignas(1024) Smem {
   float wl[128 + 16];                  // head weights in lane-local column order, padded:
                                        //   column f at f + 4 (f / LC) (WeightSlot)
   int64_t pos[kMaxQ];                  // -1 for padding queries
-  unsigned long long thr[kMaxQ];       // enter iff candidate key > thr
+  unsigned long long thr[kMaxQ];       // the exact threshold: every key whose candidate
+                                       //   key exceeds it enters the list
+  float thrf[kMaxQ];                   // its score (ThresholdScore): a key enters iff
+                                       //   !(score < thrf), a superset of the above
+  unsigned long long xseed[kMaxQ];     // seeded queries: every key whose ordered candidate
+                                       //   key is >= xseed entered the list; 0 = not seeded
+  unsigned long long selT[kMaxQ];      // final selection: the keys >= selT are the top-k
   int wcnt[kWarps][kMaxQ];             // partition fill (published at compactions)
   unsigned need;                       // bit q: a partition of list q may overflow next stage
+  unsigned closed;                     // bit q: list q takes no key (the rescan's others)
+  unsigned fail;                       // bit q: seeded query q needs the exact rescan
   topk::Scratch sc;
   unsigned long long kmax, kmin;
 };
 static_assert(sizeof(Smem<4096, 4>::keys) >= 8192 * sizeof(uint64_t),
               "the final pass keeps up to 8192 survivors in the key stages");
+
+// List entries are written by the scan in raw form, (float bits of the score
+// << 32) | ~key (no conversion on the hot path), and converted to the ordered
+// candidate key (select_plan.h's CandidateKey) wherever they are compared.
+// Raw 0 never occurs (~key == 0 would be key -1). Split lists handed to the
+// merge kernel are in the ordered form.
+__device__ __forceinline__ uint64_t RawEntry(float score, int32_t key) {
+  return (uint64_t(__float_as_uint(score)) << 32) | uint64_t(~uint32_t(key));
+}
+__device__ __forceinline__ uint64_t RawToOrdered(uint64_t raw) {
+  return (uint64_t(topk::OrderedScoreBits(__uint_as_float(uint32_t(raw >> 32)))) << 32) |
+         (raw & 0xffffffffull);
+}
+// Inverse of RawToOrdered up to -0 (-> +0) and NaN (-> one NaN).
+__device__ __forceinline__ uint64_t OrderedToRaw(uint64_t ord) {
+  const uint32_t o = uint32_t(ord >> 32);
+  const uint32_t u = (o & 0x80000000u) ? (o ^ 0x80000000u) : ~o;
+  return (uint64_t(u) << 32) | (ord & 0xffffffffull);
+}
+// The score whose ordered bits are thr's high word. A key with candidate key
+// > thr has ordered score bits >= that word, i.e. !(score < ThresholdScore)
+// (NaN scores pass too); thr's high word 0 gives a NaN: every key passes.
+__device__ __forceinline__ float ThresholdScore(unsigned long long thr) {
+  return __uint_as_float(uint32_t(OrderedToRaw(thr) >> 32));
+}
 
 template <int kCap, int kSt>
 constexpr size_t SmemBytes() {
@@ -196,8 +231,9 @@ __device__ uint64_t SelectKth(const uint64_t* buf, int n, int k, S& sm) {
   return prefix;
 }
 
-// Gathers list q's warp partitions (fill sm.wcnt[w][q]) into sm.cbuf; returns
-// the total. Ends with a barrier; resets write_pos / kmax / kmin.
+// Gathers list q's warp partitions (fill sm.wcnt[w][q], raw entries) into
+// sm.cbuf as ordered candidate keys; returns the total. Ends with a barrier;
+// resets write_pos / kmax / kmin.
 template <class S>
 __device__ int GatherList(const uint64_t* L, int q, S& sm) {
   constexpr int kCapW = S::kCapacity / kWarps;
@@ -211,7 +247,7 @@ __device__ int GatherList(const uint64_t* L, int q, S& sm) {
   }
   const int mine = sm.wcnt[warp][q];
   const uint64_t* src = L + warp * kCapW;
-  for (int i = lane; i < mine; i += 32) sm.cbuf[off + i] = src[i];
+  for (int i = lane; i < mine; i += 32) sm.cbuf[off + i] = RawToOrdered(src[i]);
   if (threadIdx.x == 0) {
     sm.sc.write_pos = 0;
     sm.kmax = 0;
@@ -248,15 +284,151 @@ __device__ void CompactList(uint64_t* L, int q, int k, S& sm) {
   const int n = GatherList(L, q, sm);
   const int kw = (k + kWarps - 1) / kWarps;
   const uint64_t T = n > k ? SelectKth(sm.cbuf, n, k, sm) : 1ull;
-  WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { L[(p / kw) * kCapW + p % kw] = x; });
+  WriteSurvivors(n, T, sm,
+                 [&](int p, uint64_t x) { L[(p / kw) * kCapW + p % kw] = OrderedToRaw(x); });
   __syncthreads();
   const int m = n < k ? n : k;
   if (threadIdx.x < kWarps) {
     const int c = m - int(threadIdx.x) * kw;
     sm.wcnt[threadIdx.x][q] = c < 0 ? 0 : (c > kw ? kw : c);
   }
-  if (threadIdx.x == 0 && n > k && T - 1 > sm.thr[q]) sm.thr[q] = T - 1;
+  if (threadIdx.x == 0 && n > k && T - 1 > sm.thr[q]) {
+    sm.thr[q] = T - 1;
+    sm.thrf[q] = ThresholdScore(T - 1);
+  }
   __syncthreads();
+}
+
+// ---- the final selection of one query by one warp (no CTA barrier) ----
+// Entries of list q (raw) through f(raw), 0 for none; every lane calls f the
+// same number of times (kU loads in flight per lane).
+template <int kU, class S, class F>
+__device__ __forceinline__ void WarpForEachEntry(const uint64_t* L, int q, const S& sm, F&& f) {
+  constexpr int kCapW = S::kCapacity / kWarps;
+  const int lane = threadIdx.x & 31;
+#pragma unroll 1
+  for (int w = 0; w < kWarps; ++w) {
+    const int c = sm.wcnt[w][q];
+    const uint64_t* src = L + w * kCapW;
+#pragma unroll 1
+    for (int i0 = 0; i0 < c; i0 += 32 * kU) {
+      uint64_t x[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = i0 + 32 * u + lane;
+        x[u] = i < c ? src[i] : 0ull;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) f(x[u]);
+    }
+  }
+}
+
+constexpr int kWarpSelU = 8;          // list loads in flight per lane
+constexpr int kWarpHistBits = 11;     // digit width of the warp's radix select
+constexpr int kWarpHistBins = 1 << kWarpHistBits;
+
+// Max and min ordered key of list q (0 / ~0 when empty). One warp.
+template <class S>
+__device__ void WarpListRange(const uint64_t* L, int q, const S& sm, uint64_t& mx, uint64_t& mn) {
+  mx = 0ull;
+  mn = ~0ull;
+  WarpForEachEntry<kWarpSelU>(L, q, sm, [&](uint64_t raw) {
+    if (raw != 0ull) {
+      const uint64_t x = RawToOrdered(raw);
+      mx = x > mx ? x : mx;
+      mn = x < mn ? x : mn;
+    }
+  });
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const uint64_t a = ShflXor64(mx, o), b = ShflXor64(mn, o);
+    mx = a > mx ? a : mx;
+    mn = b < mn ? b : mn;
+  }
+}
+
+// The k-th largest ordered key of list q, given its max and min (mx != mn,
+// 1 <= k <= entries; keys distinct). One warp; hist: kWarpHistBins words of
+// shared memory private to the warp. Radix select from the highest bit in
+// which the keys differ, kWarpHistBits bits per pass; stops as soon as the
+// k-th key's bucket holds exactly the keys still needed.
+template <class S>
+__device__ uint64_t WarpSelectKth(const uint64_t* L, int q, int k, uint64_t mx, uint64_t mn,
+                                  unsigned* hist, const S& sm) {
+  constexpr int kPerLane = kWarpHistBins / 32;  // 64 bins, 8 groups of 8
+  const int lane = threadIdx.x & 31;
+  const int hb = 63 - __clzll(static_cast<long long>(mx ^ mn));
+  uint64_t mask = hb == 63 ? 0ull : (~0ull << (hb + 1));
+  uint64_t prefix = mx & mask;
+  int shift = hb - (kWarpHistBits - 1) > 0 ? hb - (kWarpHistBits - 1) : 0;
+  unsigned rem = unsigned(k);
+  uint4* const h4 = reinterpret_cast<uint4*>(hist) + lane * (kPerLane / 4);
+  for (;;) {
+#pragma unroll
+    for (int i = 0; i < kPerLane / 4; ++i) h4[i] = make_uint4(0u, 0u, 0u, 0u);
+    __syncwarp();
+    WarpForEachEntry<kWarpSelU>(L, q, sm, [&](uint64_t raw) {
+      const uint64_t x = RawToOrdered(raw);
+      if (raw != 0ull && (x & mask) == prefix) {
+        atomicAdd(&hist[unsigned(x >> shift) & (kWarpHistBins - 1u)], 1u);
+      }
+    });
+    __syncwarp();
+    // Lane l holds bins [64 l, 64 l + 64) as 8 groups of 8.
+    unsigned g[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint4 a = h4[2 * j], b = h4[2 * j + 1];
+      g[j] = a.x + a.y + a.z + a.w + b.x + b.y + b.z + b.w;
+      sum += g[j];
+    }
+    unsigned suf = sum;  // over lanes >= lane
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const unsigned t = __shfl_down_sync(0xffffffffu, suf, o);
+      if (lane + o < 32) suf += t;
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, suf >= rem);
+    const int top = 31 - __clz(ballot);  // the highest lane whose suffix covers rem
+    unsigned d = 0, above = 0, cnt = 0;
+    if (lane == top) {
+      above = suf - sum;
+      int j = 0;  // the group holding the digit (unrolled: g stays in registers)
+      bool found = false;
+#pragma unroll
+      for (int jj = 7; jj >= 0; --jj) {
+        if (!found) {
+          if (jj == 0 || above + g[jj] >= rem) {
+            found = true;
+            j = jj;
+          } else {
+            above += g[jj];
+          }
+        }
+      }
+      const unsigned* hb8 = hist + kPerLane * lane + 8 * j;
+      int i = 7;
+      for (; i > 0; --i) {
+        if (above + hb8[i] >= rem) break;
+        above += hb8[i];
+      }
+      d = unsigned(kPerLane * lane + 8 * j + i);
+      cnt = hb8[i];
+    }
+    d = __shfl_sync(0xffffffffu, d, top);
+    above = __shfl_sync(0xffffffffu, above, top);
+    cnt = __shfl_sync(0xffffffffu, cnt, top);
+    // Windows may overlap at the low end (shift clamped to 0): the
+    // overlapping bits of d equal the prefix's (only matching keys counted).
+    prefix |= uint64_t(d) << shift;
+    mask |= uint64_t(kWarpHistBins - 1) << shift;
+    rem -= above;
+    __syncwarp();  // every lane has read hist before the next pass clears it
+    if (cnt == rem || shift == 0) break;
+    shift = shift - kWarpHistBits > 0 ? shift - kWarpHistBits : 0;
+  }
+  return prefix;
 }
 
 // G: heads (B rows) per query; R: B rows per CTA (128, or 64 for one 64-head
@@ -275,7 +447,13 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   constexpr int NP = CPQ >= 32 ? 4 : (CPQ >= 16 ? 2 : 1);  // partial sums per head sum
   constexpr int ACC = R / 2;
   constexpr int kCapW = kCap / kWarps;
-  constexpr bool kSeedable = !kDB && !kKeyList && kCap == kSelectListCap && G < 64;
+  // Seeding: single accumulator, contiguous keys, top-k <= 2048, and one or
+  // two lanes per query (G < 64, or G = 64 with two queries per CTA).
+  constexpr bool kSeedable =
+      !kDB && !kKeyList && kCap == kSelectListCap && (LPQ == 1 || (LPQ == 2 && R == 128));
+  // A query's sampled scores are held by 64 (G < 64) or 128 (G = 64) lanes,
+  // whose tops a warp reads 2 or 4 lanes' worth per lane.
+  constexpr int kUnionPerLane = LPQ == 1 ? 2 : 4;
   constexpr int kP = kSelectSampleStride;
   static_assert(R == 64 || R == 128, "R must be 64 or 128");
   static_assert(NQ >= 1 && NQ <= kMaxQ && LPQ <= 4, "G must be 8, 16, 32 or 64");
@@ -308,8 +486,14 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   if (tid < NQ) {
     sm.pos[tid] = tid < nq ? a.positions[q0 + tid] : -1;
     sm.thr[tid] = 0;
+    sm.thrf[tid] = ThresholdScore(0);
+    sm.xseed[tid] = 0;
   }
-  if (tid == 0) sm.need = 0;
+  if (tid == 0) {
+    sm.need = 0;
+    sm.closed = 0;
+    sm.fail = 0;
+  }
   if ((tid >> 1) < R) {
     // B row r is accumulator column r = 8 i + 2 c + e, held by lanes with
     // lane % 4 == c as their local column m = 2 i + e; f = c * LC + m orders
@@ -509,11 +693,10 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   };
 
   // ---- epilogue of pass iteration `it` (in stage buffer `stage`) ----
-  // Each score is turned into its 64-bit candidate key at once and compared
-  // with the query's threshold in integer arithmetic (no float pre-test, no
-  // second path); a warp inserts with one ballot per score slot, and checks
-  // its partitions for overflow once per stage (a stage adds at most 16 keys
-  // per query to a warp's partition).
+  // Each score is compared with the score of its query's threshold (float;
+  // see ThresholdScore); a warp inserts the passing keys' raw entries with one
+  // ballot per score slot, and checks its partitions for overflow once per
+  // stage (a stage adds at most 16 keys per query to a warp's partition).
   auto epilogue = [&](const float (&acc)[ACC], int stage, int it) {
     if (a.experiment & 1) return;  // benchmark-only: no epilogue at all
     float w[LC];
@@ -600,17 +783,23 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       if (pass_sample) {
         // Sample pass: merge this lane's scores into its per-query tops (a
         // descending insertion network; invisible keys and NaN scores enter
-        // as -inf, which displaces nothing). LPQ == 1 here (G < 64): slot
-        // j = 2 ql + h is row h of local query ql.
+        // as -inf, which displaces nothing). Slot j is row hrow[j] of local
+        // query qloc[j] (G < 64: j = 2 ql + h; G = 64: one slot, one query,
+        // the lane's row after the pair reduction).
 #pragma unroll
         for (int ql = 0; ql < QL; ++ql) {
           float4* const tq = top4 + (2 * ql) * kThreads + tid;
           const float4 t0 = tq[0], t1 = tq[kThreads];
           float v[kTop] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float score = sc[2 * ql + h] * ks[h];
-            const bool ok = kval[h] && (all_visible || key[h] <= pos_r[ql]) && score > -INFINITY;
+          for (int j = 0; j < NS; ++j) {
+            if (qloc[j] != ql) continue;
+            const int h = hrow[j];
+            const float score = sc[j] * (h ? ks[1] : ks[0]);
+            const int32_t kj = h ? key[1] : key[0];
+            const bool kv = h ? kval[1] : kval[0];
+            const bool ok =
+                lane_ok && kv && (all_visible || kj <= pos_r[ql]) && score > -INFINITY;
             float x = ok ? score : -INFINITY;
 #pragma unroll
             for (int i = 0; i < kTop; ++i) {
@@ -625,37 +814,21 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         return;
       }
     }
-    unsigned long long thr[QL];
-#pragma unroll
-    for (int ql = 0; ql < QL; ++ql) thr[ql] = sm.thr[lane_query(ql)];
+    // Round 5: the threshold test is one float comparison with the
+    // threshold's score (a superset of the exact candidate-key test: it also
+    // admits the keys of exactly that score with a higher index, and NaN
+    // scores), and a passing key is stored as its raw entry (no ordered-key
+    // conversion): one ballot, a predicated store and no branch per slot.
+    float tf[QL];
+    bool open[QL];
+    const unsigned closed = sm.closed;
     const bool insert = lane_ok && !(a.experiment & 2);
-    if (!(a.experiment & 64)) {
-      // One ballot and one branch per slot (round 3's loop): a warp skips the
-      // store code of a slot in which none of its lanes passes (26% of slots
-      // at MISA 64K).
 #pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        const int h = hrow[j], ql = qloc[j];
-        const float score = sc[j] * (h ? ks[1] : ks[0]);
-        const int32_t kj = h ? key[1] : key[0];
-        const bool kv = h ? kval[1] : kval[0];
-        const uint64_t cand = topk::CandidateKey(score, kj);
-        const bool pass = insert && kv && (all_visible || kj <= pos_r[ql]) && cand > thr[ql];
-        const unsigned b = __ballot_sync(0xffffffffu, pass);
-        if (b == 0) continue;
-        const unsigned gm = b & gmask;
-        if (pass) {
-          lane_list[uint32_t(ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask))] = cand;
-        }
-        cnt_r[ql] += __popc(gm);
-      }
-    } else {
-      // Experiment bit 6: every slot's candidate key and ballot first, then
-      // predicated stores (no branch per slot, so the slots' dependency chains
-      // can interleave). Measured slower (H200, MISA 64K: 2.777 vs 2.698 ms,
-      // 4% more instructions: every slot's store code runs).
-      uint64_t cand[NS];
-      unsigned bal[NS];
+    for (int ql = 0; ql < QL; ++ql) {
+      tf[ql] = sm.thrf[lane_query(ql)];
+      open[ql] = insert && ((closed >> lane_query(ql)) & 1u) == 0u;
+    }
+    auto slots = [&](auto branch) {
 #pragma unroll
       for (int j = 0; j < NS; ++j) {
         const int h = hrow[j], ql = qloc[j];
@@ -663,19 +836,26 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         const float score = sc[j] * (h ? ks[1] : ks[0]);
         const int32_t kj = h ? key[1] : key[0];
         const bool kv = h ? kval[1] : kval[0];
-        cand[j] = topk::CandidateKey(score, kj);
-        const bool pass = insert && kv && (all_visible || kj <= pos_r[ql]) && cand[j] > thr[ql];
-        bal[j] = __ballot_sync(0xffffffffu, pass);
-      }
-#pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        const int ql = qloc[j];
-        const unsigned gm = bal[j] & gmask;
-        if ((bal[j] >> lane) & 1u) {
-          lane_list[uint32_t(ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask))] = cand[j];
+        const bool pass =
+            open[ql] && kv && (all_visible || kj <= pos_r[ql]) && !(score < tf[ql]);
+        const unsigned b = __ballot_sync(0xffffffffu, pass);
+        if constexpr (decltype(branch)::value) {
+          if (b == 0) continue;
+        }
+        const unsigned gm = b & gmask;
+        if (pass) {
+          lane_list[uint32_t(ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask))] =
+              RawEntry(score, kj);
         }
         cnt_r[ql] += __popc(gm);
       }
+    };
+    // Experiment bit 6: round 4's branch around a slot's store code when no
+    // lane of the warp passes.
+    if (a.experiment & 64) {
+      slots(std::true_type{});
+    } else {
+      slots(std::false_type{});
     }
     if (leader) {
       unsigned bits = 0;
@@ -683,6 +863,9 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       for (int ql = 0; ql < QL; ++ql) {
         if (cnt_r[ql] > kCapW - 16) bits |= 1u << lane_query(ql);
       }
+      // A closed list takes no key; its entries may already be final output
+      // (split lists) and must not be compacted.
+      bits &= ~closed;
       if (bits != 0) atomicOr(&sm.need, bits);
     }
   };
@@ -737,7 +920,6 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     __syncthreads();
   };
 
-  unsigned seeded = 0;  // bit q: query q's threshold was seeded (CTA-uniform)
   if constexpr (!kDB) {
     if constexpr (kSeedable) {
       if (seed) {
@@ -759,13 +941,17 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         const int r_seed = (a.experiment & 32) ? max(1, k / (4 * kP)) : a.seed_k;
         for (int q = warp; q < nq; q += kWarps) {
           const int cq = q / QL, qlq = q % QL;
-          uint32_t v[2 * kTop];
+          uint32_t v[kUnionPerLane * kTop];
           unsigned vmax = 0, vmin = ~0u;
           int nz = 0;
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int u = lane + 32 * e;                       // union slot: warp u / 8, g8 u % 8
-            const int t = (u >> 3) * 32 + (u & 7) * 4 + cq;    // its thread
+          for (int e = 0; e < kUnionPerLane; ++e) {
+            const int u = lane + 32 * e;
+            // Its thread. G < 64: union slot u is warp u / 8, g8 u % 8, the
+            // lanes with c4 == q / QL; G = 64 (two lanes per query): warp
+            // u / 16, g8 (u / 2) % 8, c4 = 2 q + u % 2.
+            const int t = LPQ == 1 ? (u >> 3) * 32 + (u & 7) * 4 + cq
+                                   : (u >> 4) * 32 + ((u >> 1) & 7) * 4 + 2 * q + (u & 1);
             const float4 x0 = top4[(2 * qlq) * kThreads + t];
             const float4 x1 = top4[(2 * qlq + 1) * kThreads + t];
             const float xs[kTop] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
@@ -793,22 +979,23 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
                 const uint32_t c = T | (1u << b);
                 int n = 0;
 #pragma unroll
-                for (int i = 0; i < 2 * kTop; ++i) n += v[i] >= c ? 1 : 0;
+                for (int i = 0; i < kUnionPerLane * kTop; ++i) n += v[i] >= c ? 1 : 0;
                 n = int(__reduce_add_sync(0xffffffffu, unsigned(n)));
                 if (n >= r_seed) T = c;  // invariant: at least r_seed values >= T
               }
             }
           }
           if (lane == 0) {
-            sm.thr[q] = T == 0u ? 0ull : (static_cast<unsigned long long>(T) << 32) - 1ull;
+            const unsigned long long thr =
+                T == 0u ? 0ull : (static_cast<unsigned long long>(T) << 32) - 1ull;
+            sm.thr[q] = thr;
+            sm.thrf[q] = ThresholdScore(thr);
+            // The float test admits every key of ordered score bits >= T - 1
+            // (thr's high word): the bound the final selection checks.
+            sm.xseed[q] = thr & 0xffffffff00000000ull;
           }
         }
         __syncthreads();
-        // A seeded query rejects keys on the sample's evidence alone and is
-        // checked after the full pass.
-        for (int q = 0; q < nq; ++q) {
-          if (sm.thr[q] != 0ull) seeded |= 1u << q;
-        }
         pass_stride = 1;
         pass_sample = false;
       }
@@ -816,33 +1003,6 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     run_pass(n_iter);
     publish_counts();
     __syncthreads();
-    if constexpr (kSeedable) {
-      // A seeded query's list holds every key of the range at or above its
-      // seed; with fewer than k of them its top-k reaches below the seed:
-      // rescan those queries from threshold 0 (the others' thresholds are set
-      // to the maximum so that they take nothing twice).
-      unsigned fail = 0;
-      for (int q = 0; q < nq; ++q) {
-        if (((seeded >> q) & 1u) == 0) continue;
-        int n = 0;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) n += sm.wcnt[w][q];
-        if (n < k) fail |= 1u << q;
-      }
-      if (fail != 0) {
-        __syncthreads();  // every thread has read wcnt
-        if (tid < NQ) sm.thr[tid] = ((fail >> tid) & 1u) ? 0ull : ~0ull;
-        if (tid == 0) sm.need = 0;
-        for (int i = tid; i < kWarps * kMaxQ; i += kThreads) {
-          if ((fail >> (i % kMaxQ)) & 1u) (&sm.wcnt[0][0])[i] = 0;
-        }
-        __syncthreads();
-        refresh_counts();
-        run_pass(n_iter);
-        publish_counts();
-        __syncthreads();
-      }
-    }
   } else {
     // Double-buffered: four stages per trip; in trip stages s..s+3 the
     // warpgroup issues MMA(s) and MMA(s+1), then runs each stage's epilogue
@@ -884,36 +1044,189 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     __syncthreads();
   }
 
-  // ---- final selection per query ----
+  // ---- final selection ----
+  // Each query's top-k is the keys of its list at or above its k-th best
+  // entry T. Fewer than 64 rows per query (4 or more queries per CTA): one
+  // warp per query, radix passes over the list in global memory with a
+  // private histogram, no CTA barrier (round 5; experiment bit 7: round 4's
+  // CTA-wide selection of one query at a time, which the 64-row tile keeps:
+  // it has one or two queries per CTA). A seeded query whose k-th best entry
+  // lies below its seed bound (xseed; fewer than k entries) is not written:
+  // it is marked in sm.fail for the exact rescan below.
+  const bool warp_final = NQ >= 4 && !(a.experiment & 128);
   uint64_t* scratch = reinterpret_cast<uint64_t*>(&sm.keys[0][0]);
-  for (int q = 0; q < nq; ++q) {
-    uint64_t* L = lists + q * list_stride;
-    const int64_t t = q0 + q;
-    const int n = GatherList(L, q, sm);
-    const uint64_t T = n > k ? SelectKth(sm.cbuf, n, k, sm) : 1ull;
-    const int m = n < k ? n : k;
-    if (a.out == nullptr) {
-      // Split lists: the survivors straight back into the list (GatherList
-      // copied all of it to cbuf and synchronised: nothing reads L any more).
-      WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { L[p] = x; });
-      if (tid == 0) a.counts[t * a.splits + split] = m;
-    } else if (!a.sorted) {
-      // Unsorted rows: the survivors straight into the output row (any
-      // order), then the -1 padding; no staging copy, one barrier less.
-      int32_t* o = a.out + t * k;
-      WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { o[p] = topk::CandidateIndex(x); });
-      for (int i = m + tid; i < k; i += kThreads) o[i] = -1;
+  static_assert(offsetof(S, cbuf) == offsetof(S, keys) + sizeof(S::keys) &&
+                    sizeof(S::keys) + sizeof(S::cbuf) >= kWarps * kWarpHistBins * sizeof(unsigned),
+                "the warps' histograms live in the key stages and the compaction buffer");
+  auto final_pass = [&](unsigned todo) {
+    if (warp_final) {
+      unsigned* hist = reinterpret_cast<unsigned*>(&sm.keys[0][0]) + warp * kWarpHistBins;
+      const unsigned lt = (1u << lane) - 1u;
+      for (int q = warp; q < nq; q += kWarps) {
+        if (((todo >> q) & 1u) == 0u) continue;
+        uint64_t* L = lists + q * list_stride;
+        int n = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) n += sm.wcnt[w][q];
+        const unsigned long long xs = sm.xseed[q];
+        uint64_t T = 1ull, Tk = 0ull;  // Tk: the k-th best entry (0: fewer than k)
+        if (n > k || (xs != 0ull && n == k)) {
+          uint64_t mx, mn;
+          WarpListRange(L, q, sm, mx, mn);
+          Tk = n == k ? mn : WarpSelectKth(L, q, k, mx, mn, hist, sm);
+          if (n > k) T = Tk;
+        }
+        if (xs != 0ull && Tk < xs) {
+          if (lane == 0) atomicOr(&sm.fail, 1u << q);
+          continue;
+        }
+        const int m = n < k ? n : k;
+        const int64_t t = q0 + q;
+        if (a.out != nullptr && a.sorted) {
+          if (lane == 0) sm.selT[q] = T;  // sorted below, CTA-wide
+          continue;
+        }
+        int base = 0;
+        if (a.out == nullptr) {
+          // Split lists: the survivors, ordered, into the list's first m
+          // slots; a survivor's slot never passes the slot it was read from
+          // (entries are read in slot order, each load before the stores
+          // that depend on it), so nothing unread is overwritten.
+          WarpForEachEntry<kWarpSelU>(L, q, sm, [&](uint64_t raw) {
+            const uint64_t x = raw != 0ull ? RawToOrdered(raw) : 0ull;
+            const bool keep = x != 0ull && x >= T;
+            const unsigned b = __ballot_sync(0xffffffffu, keep);
+            if (keep) L[base + __popc(b & lt)] = x;
+            base += __popc(b);
+          });
+          if (lane == 0) a.counts[t * a.splits + split] = m;
+        } else {
+          int32_t* o = a.out + t * k;
+          WarpForEachEntry<kWarpSelU>(L, q, sm, [&](uint64_t raw) {
+            const uint64_t x = raw != 0ull ? RawToOrdered(raw) : 0ull;
+            const bool keep = x != 0ull && x >= T;
+            const unsigned b = __ballot_sync(0xffffffffu, keep);
+            if (keep) o[base + __popc(b & lt)] = topk::CandidateIndex(x);
+            base += __popc(b);
+          });
+          for (int i = m + lane; i < k; i += 32) o[i] = -1;
+        }
+      }
+      __syncthreads();  // fail bits, selT; the histograms are dead
+      if (a.out != nullptr && a.sorted) {
+        const unsigned fail = sm.fail;
+        for (int q = 0; q < nq; ++q) {
+          if (((todo >> q) & 1u) == 0u || ((fail >> q) & 1u) != 0u) continue;
+          if (tid == 0) sm.sc.write_pos = 0;
+          __syncthreads();
+          const uint64_t T = sm.selT[q];
+          int n = 0;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) n += sm.wcnt[w][q];
+          const int c = sm.wcnt[warp][q];
+          const uint64_t* src = lists + q * list_stride + warp * kCapW;
+          for (int i0 = 0; i0 < c; i0 += 32) {
+            const int i = i0 + lane;
+            const uint64_t x = i < c ? RawToOrdered(src[i]) : 0ull;
+            const bool keep = i < c && x >= T;
+            const int slot = topk::WarpAppendSlot(keep, &sm.sc.write_pos);
+            if (keep) scratch[slot] = x;
+          }
+          const int m = n < k ? n : k;
+          const int N = topk::NextPow2(max(m, 2));
+          __syncthreads();
+          for (int i = m + tid; i < N; i += kThreads) scratch[i] = 0ull;
+          __syncthreads();
+          topk::BitonicSortDesc(scratch, N);
+          int32_t* o = a.out + (q0 + q) * k;
+          for (int i = tid; i < k; i += kThreads) o[i] = i < m ? topk::CandidateIndex(scratch[i]) : -1;
+          __syncthreads();  // scratch and write_pos are reused by the next query
+        }
+      }
     } else {
-      int32_t* o = a.out + t * k;
-      WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { scratch[p] = x; });
-      __syncthreads();
-      const int N = topk::NextPow2(max(m, 2));
-      for (int i = m + tid; i < N; i += kThreads) scratch[i] = 0ull;
-      __syncthreads();
-      topk::BitonicSortDesc(scratch, N);
-      for (int i = tid; i < k; i += kThreads) o[i] = i < m ? topk::CandidateIndex(scratch[i]) : -1;
+      for (int q = 0; q < nq; ++q) {
+        if (((todo >> q) & 1u) == 0u) continue;
+        uint64_t* L = lists + q * list_stride;
+        const int64_t t = q0 + q;
+        const int n = GatherList(L, q, sm);
+        const uint64_t T = n > k ? SelectKth(sm.cbuf, n, k, sm) : 1ull;
+        const unsigned long long xs = sm.xseed[q];
+        if (xs != 0ull) {
+          uint64_t Tk = n > k ? T : 0ull;
+          if (n == k) {  // the k-th best is the smallest (kmin is ~0 since GatherList)
+            uint64_t mn = ~0ull;
+            for (int i = tid; i < n; i += kThreads) mn = sm.cbuf[i] < mn ? sm.cbuf[i] : mn;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+              const uint64_t b = ShflXor64(mn, o);
+              mn = b < mn ? b : mn;
+            }
+            if (lane == 0) atomicMin(&sm.kmin, static_cast<unsigned long long>(mn));
+            __syncthreads();
+            Tk = sm.kmin;
+          }
+          if (Tk < xs) {  // CTA-uniform
+            if (tid == 0) sm.fail |= 1u << q;
+            __syncthreads();
+            continue;
+          }
+        }
+        const int m = n < k ? n : k;
+        if (a.out == nullptr) {
+          // Split lists: the survivors straight back into the list (GatherList
+          // copied all of it to cbuf and synchronised: nothing reads L any more).
+          WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { L[p] = x; });
+          if (tid == 0) a.counts[t * a.splits + split] = m;
+        } else if (!a.sorted) {
+          // Unsorted rows: the survivors straight into the output row (any
+          // order), then the -1 padding; no staging copy, one barrier less.
+          int32_t* o = a.out + t * k;
+          WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { o[p] = topk::CandidateIndex(x); });
+          for (int i = m + tid; i < k; i += kThreads) o[i] = -1;
+        } else {
+          int32_t* o = a.out + t * k;
+          WriteSurvivors(n, T, sm, [&](int p, uint64_t x) { scratch[p] = x; });
+          __syncthreads();
+          const int N = topk::NextPow2(max(m, 2));
+          for (int i = m + tid; i < N; i += kThreads) scratch[i] = 0ull;
+          __syncthreads();
+          topk::BitonicSortDesc(scratch, N);
+          for (int i = tid; i < k; i += kThreads) o[i] = i < m ? topk::CandidateIndex(scratch[i]) : -1;
+        }
+        __syncthreads();  // cbuf and sc are reused by the next query
+      }
     }
-    __syncthreads();  // cbuf and sc are reused by the next query
+  };
+  final_pass(nq >= 32 ? ~0u : (1u << nq) - 1u);
+  if constexpr (kSeedable) {
+    // A seeded query's list holds every key of the range at or above its
+    // seed bound; when its k-th best lies below (fewer than k keys there), its
+    // top-k reaches below the seed: rescan those queries from threshold 0
+    // (the others take no key: closed) and select them again.
+    __syncthreads();
+    const unsigned fail = sm.fail;
+    if (fail != 0u) {
+      __syncthreads();  // every thread has read sm.fail
+      if (tid < NQ && ((fail >> tid) & 1u)) {
+        sm.thr[tid] = 0ull;
+        sm.thrf[tid] = ThresholdScore(0ull);
+        sm.xseed[tid] = 0ull;
+      }
+      if (tid == 0) {
+        sm.need = 0;
+        sm.closed = ~fail;
+        sm.fail = 0;
+      }
+      for (int i = tid; i < kWarps * kMaxQ; i += kThreads) {
+        if ((fail >> (i % kMaxQ)) & 1u) (&sm.wcnt[0][0])[i] = 0;
+      }
+      __syncthreads();
+      refresh_counts();
+      run_pass(n_iter);
+      publish_counts();
+      __syncthreads();
+      final_pass(fail);
+    }
   }
 }
 
