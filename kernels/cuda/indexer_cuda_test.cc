@@ -672,6 +672,38 @@ TEST(CudaSelect, FinalSelectionPerWarpAndCtaWide) {
   }
 }
 
+// Experiment bit 8: the warpgroups synchronise with the CTA only every 4
+// stages (compactions then, partitions flagged 64 keys early): dense with a
+// small top-k over one long range (many compactions, unseeded and seeded),
+// seeded MISA, and MISA with every seeded query rescanned.
+TEST(CudaSelect, WarpgroupBarriersVariant) {
+  SKIP_WITHOUT_GPU();
+  for (int experiment : {256, 256 | 16}) {
+    SelectCase c;
+    c.lens = {12345};
+    c.positions = {Tail(12345, 5)};
+    c.topk = 300;
+    c.sorted = false;
+    c.splits = 1;
+    c.experiment = experiment;
+    c.expect_seeded = experiment == 256;
+    RunSelectCase(c, 120 + uint32_t(experiment));
+  }
+  for (int experiment : {256, 256 | 32}) {
+    SelectCase c;
+    c.misa = true;
+    c.lens = {15011};
+    auto pos = Tail(15011, 27);
+    for (int64_t p : {333, 5000, 12000}) pos.push_back(p);
+    c.positions = {pos};
+    c.experiment = experiment;
+    c.sorted = experiment == 256;
+    c.splits = 1;
+    c.expect_seeded = true;
+    RunSelectCase(c, 130 + uint32_t(experiment));
+  }
+}
+
 TEST(CudaSelect, MisaLargeTopkBigLists) {
   SKIP_WITHOUT_GPU();
   // topk > 2048: the version-2 kernel with 16384-entry lists (MISA-dagger's

@@ -692,6 +692,10 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     ptx::WgmmaCommit();
   };
 
+  // A partition whose fill exceeds need_at after a stage is compacted at the
+  // next CTA-wide step (a stage adds at most 16 keys to it).
+  int need_at = kCapW - 16;
+
   // ---- epilogue of pass iteration `it` (in stage buffer `stage`) ----
   // Each score is compared with the score of its query's threshold (float;
   // see ThresholdScore); a warp inserts the passing keys' raw entries with one
@@ -861,7 +865,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       unsigned bits = 0;
 #pragma unroll
       for (int ql = 0; ql < QL; ++ql) {
-        if (cnt_r[ql] > kCapW - 16) bits |= 1u << lane_query(ql);
+        if (cnt_r[ql] > need_at) bits |= 1u << lane_query(ql);
       }
       // A closed list takes no key; its entries may already be final output
       // (split lists) and must not be compacted.
@@ -875,10 +879,27 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   // for iteration it: this thread's copies of its stage landed, barrier (every
   // warp is done with the stage being refilled), compactions of lists that
   // may overflow, the next copies.
+  //
+  // Experiment bit 8 (single accumulator): the two warpgroups synchronise
+  // with the whole CTA only every kWgSyncEvery stages and otherwise each with
+  // itself (a named barrier): a warpgroup copies, multiplies and reads only
+  // its own half of each stage (page wg: its A rows, scales and key slots), so
+  // the two may drift apart by up to that many stages and one's MMA overlap
+  // the other's epilogue. Compactions run at the CTA-wide points only, so a
+  // partition flags itself kWgSyncEvery stages (16 keys each) early.
   constexpr int kPrefetch = kStages - 1;
+  constexpr int kWgSyncEvery = 4;
+  const bool wg_sync = !kDB && (a.experiment & 256) != 0;
+  if (wg_sync) need_at = kCapW - 16 * kWgSyncEvery;
   auto step_top = [&](int load_slot, int load_it) {
     ptx::CpAsyncWait<kDB ? kPrefetch - 2 : kPrefetch - 1>();
     ptx::FenceProxyAsync();
+    if (wg_sync && (load_it - kPrefetch) % kWgSyncEvery != 0) {
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+      load_stage(load_slot, load_it);
+      ptx::CpAsyncCommit();
+      return;
+    }
     __syncthreads();
     const unsigned need = sm.need;
     if (need != 0) {
