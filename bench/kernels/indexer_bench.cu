@@ -578,8 +578,9 @@ void Experiments(const Options& opt) {
     // seeded query takes the exact fallback (bit 5: the worst case of the
     // seeding); "slot branch": round 4's branch around a score slot's store
     // code (bit 6); "CTA-wide final": round 4's final selection, one query at
-    // a time by the whole CTA (bit 7; dense always selects so); "warpgroup
-    // barriers": CTA-wide barriers only every 4 stages (bit 8). "no
+    // a time by the whole CTA (bit 7; dense always selects so); "CTA barrier
+    // each stage": round 4's barrier schedule (bit 8; the default synchronises
+    // each warpgroup with itself and the CTA every 4 stages). "no
     // insertion" leaves every seeded query short of k keys, so with seeding it
     // also rescans them.
     const Variant vs[] = {{"v1", 1, 0},
@@ -588,7 +589,7 @@ void Experiments(const Options& opt) {
                           {"v2 all rescanned", 2, 32},
                           {"v2 slot branch", 2, 64},
                           {"v2 CTA-wide final", 2, 128},
-                          {"v2 warpgroup barriers", 2, 256},
+                          {"v2 CTA barrier each stage", 2, 256},
                           {"v2 no epilogue", 2, 1},
                           {"v2 no insertion", 2, 2},
                           {"v2 double-buf", 2, 8}};

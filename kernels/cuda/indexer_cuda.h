@@ -97,9 +97,9 @@ struct SelectParams {
   // lane of the warp passes (round 4's loop; the default is branch-free), bit
   // 7 selects each query's final top-k with the whole CTA, one query at a
   // time (round 4's; the default with fewer than 64 rows per query is one
-  // warp per query), bit 8 synchronises the two warpgroups with the whole
-  // CTA only every 4 stages (single accumulator). Bits 2-8 give the same
-  // results as 0.
+  // warp per query), bit 8 synchronises the whole CTA at every stage (round
+  // 4; the default since round 5 synchronises each warpgroup with itself and
+  // the CTA every 4 stages). Bits 2-8 give the same results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

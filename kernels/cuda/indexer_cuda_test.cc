@@ -672,13 +672,15 @@ TEST(CudaSelect, FinalSelectionPerWarpAndCtaWide) {
   }
 }
 
-// Experiment bit 8: the warpgroups synchronise with the CTA only every 4
-// stages (compactions then, partitions flagged 64 keys early): dense with a
-// small top-k over one long range (many compactions, unseeded and seeded),
-// seeded MISA, and MISA with every seeded query rescanned.
-TEST(CudaSelect, WarpgroupBarriersVariant) {
+// The barrier schedules of the single-accumulator kernel: the default since
+// round 5 (each warpgroup synchronises with itself, the CTA every 4 stages;
+// compactions then, partitions flagged 64 keys early) and experiment bit 8 (a
+// CTA-wide barrier at every stage): dense with a small top-k over one long
+// range (seeded; and unseeded, bit 4: many compactions), seeded MISA, and
+// MISA with every seeded query rescanned (bit 5).
+TEST(CudaSelect, BarrierSchedules) {
   SKIP_WITHOUT_GPU();
-  for (int experiment : {256, 256 | 16}) {
+  for (int experiment : {0, 16, 256, 256 | 16}) {
     SelectCase c;
     c.lens = {12345};
     c.positions = {Tail(12345, 5)};
@@ -686,10 +688,10 @@ TEST(CudaSelect, WarpgroupBarriersVariant) {
     c.sorted = false;
     c.splits = 1;
     c.experiment = experiment;
-    c.expect_seeded = experiment == 256;
+    c.expect_seeded = (experiment & 16) == 0;
     RunSelectCase(c, 120 + uint32_t(experiment));
   }
-  for (int experiment : {256, 256 | 32}) {
+  for (int experiment : {0, 32, 256, 256 | 32}) {
     SelectCase c;
     c.misa = true;
     c.lens = {15011};
@@ -697,7 +699,7 @@ TEST(CudaSelect, WarpgroupBarriersVariant) {
     for (int64_t p : {333, 5000, 12000}) pos.push_back(p);
     c.positions = {pos};
     c.experiment = experiment;
-    c.sorted = experiment == 256;
+    c.sorted = (experiment & 32) == 0;
     c.splits = 1;
     c.expect_seeded = true;
     RunSelectCase(c, 130 + uint32_t(experiment));

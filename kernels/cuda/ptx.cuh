@@ -29,6 +29,19 @@ __device__ __forceinline__ uint64_t Sw128Desc(uint32_t smem_addr) {
   return d;
 }
 
+// The same descriptor as a compile-time high word and a run-time low word
+// (start address >> 4 in bits 0-13, LBO 1 at bit 16): offsets of a tile inside
+// the shared window (< 256 KB) change only the low word, so per-stage and
+// per-k descriptors are 32-bit adds, and the high word stays a constant
+// (uniform register) instead of a 64-bit add and two register moves.
+inline constexpr uint32_t kSw128DescHi = uint32_t(1024 >> 4) | (uint32_t(1) << 30);
+__device__ __forceinline__ uint32_t Sw128DescLo(uint32_t smem_addr) {
+  return ((smem_addr & 0x3FFFFu) >> 4) | (uint32_t(1) << 16);
+}
+__device__ __forceinline__ uint64_t Sw128DescFromLo(uint32_t lo) {
+  return (uint64_t(kSw128DescHi) << 32) | uint64_t(lo);
+}
+
 __device__ __forceinline__ void WgmmaFence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }

@@ -131,6 +131,38 @@ __device__ __forceinline__ uint64_t OrderedToRaw(uint64_t ord) {
   const uint32_t u = (o & 0x80000000u) ? (o ^ 0x80000000u) : ~o;
   return (uint64_t(u) << 32) | (ord & 0xffffffffull);
 }
+// One score slot's insertion, for the whole warp: a lane passes iff
+// key < lim (visible, valid, list open) and !(score < tf) (NaN passes); the
+// warp's ballot of passing lanes is returned; a passing lane stores its raw
+// entry {~key, score bits} at base[cpos + the passing lanes before it in its
+// query group (ltg)]. Inline PTX so that the store is predicated and its
+// address computed by every lane (the compiler otherwise puts the address
+// arithmetic and the store behind a branch per slot: round 5, run 1).
+__device__ __forceinline__ unsigned SlotInsert(uint64_t* base, uint32_t cpos, uint32_t ltg,
+                                               uint32_t key, uint32_t nkey, uint32_t lim,
+                                               float score, float tf) {
+  unsigned b;
+  asm volatile(
+      "{\n"
+      ".reg .pred p, q;\n"
+      ".reg .b32 t;\n"
+      ".reg .b64 a;\n"
+      "setp.lt.u32 p, %1, %2;\n"
+      "setp.geu.and.f32 q, %3, %4, p;\n"
+      "vote.sync.ballot.b32 %0, q, 0xffffffff;\n"
+      "and.b32 t, %0, %5;\n"
+      "popc.b32 t, t;\n"
+      "add.u32 t, t, %6;\n"
+      "mad.wide.u32 a, t, 8, %7;\n"
+      "@q st.global.v2.b32 [a], {%8, %9};\n"
+      "}\n"
+      : "=r"(b)
+      : "r"(key), "r"(lim), "f"(score), "f"(tf), "r"(ltg), "r"(cpos), "l"(base), "r"(nkey),
+        "r"(__float_as_uint(score))
+      : "memory");
+  return b;
+}
+
 // The score whose ordered bits are thr's high word. A key with candidate key
 // > thr has ordered score bits >= that word, i.e. !(score < ThresholdScore)
 // (NaN scores pass too); thr's high word 0 gives a NaN: every key passes.
@@ -324,7 +356,7 @@ __device__ __forceinline__ void WarpForEachEntry(const uint64_t* L, int q, const
   }
 }
 
-constexpr int kWarpSelU = 8;          // list loads in flight per lane
+constexpr int kWarpSelU = 16;         // list loads in flight per lane
 constexpr int kWarpHistBits = 11;     // digit width of the warp's radix select
 constexpr int kWarpHistBins = 1 << kWarpHistBits;
 
@@ -653,6 +685,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   // This lane's partition of the list of its first local query.
   uint64_t* const lane_list = lists + int64_t(lane_query(0)) * list_stride + warp * kCapW;
   const unsigned lt_mask = (1u << lane) - 1u;
+  const unsigned lt_group = gmask & lt_mask;  // the lanes before this one sharing its query
   int cnt_r[QL];
   int32_t pos_r[QL];  // positions < num_tokens <= INT32_MAX (validated); -1 = padding
 #pragma unroll
@@ -671,22 +704,27 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     for (int ql = 0; ql < QL; ++ql) cnt_r[ql] = sm.wcnt[warp][lane_query(ql)];
   };
 
-  const uint64_t desc_a0 = ptx::Sw128Desc(ptx::SmemAddr(sm.keys[0]) + wg * 64 * 128);
-  const uint64_t desc_b0 = ptx::Sw128Desc(ptx::SmemAddr(sm.q));
+  // Descriptors as 32-bit low words (ptx::Sw128DescLo; the high word is a
+  // constant): a stage is 16 KB (1024 in the address field), a k step of 32
+  // bytes 2.
+  const uint32_t desc_a_lo0 = ptx::Sw128DescLo(ptx::SmemAddr(sm.keys[0]) + wg * 64 * 128);
+  const uint32_t desc_b_lo0 = ptx::Sw128DescLo(ptx::SmemAddr(sm.q));
   auto issue_mma = [&](float (&acc)[ACC], int stage) {
-    const uint64_t da = desc_a0 + uint64_t((stage * kKeys * 128) >> 4);
+    const uint32_t da = desc_a_lo0 + uint32_t(stage) * uint32_t((kKeys * 128) >> 4);
     ptx::WgmmaFence();
     if constexpr (R == 128) {
-      ptx::WgmmaM64N128K32E4M3Zero(acc, da, desc_b0);
+      ptx::WgmmaM64N128K32E4M3Zero(acc, ptx::Sw128DescFromLo(da), ptx::Sw128DescFromLo(desc_b_lo0));
     } else {
-      ptx::WgmmaM64N64K32E4M3Zero(acc, da, desc_b0);
+      ptx::WgmmaM64N64K32E4M3Zero(acc, ptx::Sw128DescFromLo(da), ptx::Sw128DescFromLo(desc_b_lo0));
     }
 #pragma unroll
     for (int kk = 1; kk < 4; ++kk) {
+      const uint64_t a = ptx::Sw128DescFromLo(da + 2 * kk);
+      const uint64_t b = ptx::Sw128DescFromLo(desc_b_lo0 + 2 * kk);
       if constexpr (R == 128) {
-        ptx::WgmmaM64N128K32E4M3(acc, da + 2 * kk, desc_b0 + 2 * kk, 1);
+        ptx::WgmmaM64N128K32E4M3(acc, a, b, 1);
       } else {
-        ptx::WgmmaM64N64K32E4M3(acc, da + 2 * kk, desc_b0 + 2 * kk, 1);
+        ptx::WgmmaM64N64K32E4M3(acc, a, b, 1);
       }
     }
     ptx::WgmmaCommit();
@@ -822,36 +860,50 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     // threshold's score (a superset of the exact candidate-key test: it also
     // admits the keys of exactly that score with a higher index, and NaN
     // scores), and a passing key is stored as its raw entry (no ordered-key
-    // conversion): one ballot, a predicated store and no branch per slot.
+    // conversion). Visibility, key validity and an open list fold into one
+    // unsigned bound per query and stage (lim: a key passes iff key < lim),
+    // and the store's address is computed whether or not the lane passes, so
+    // that the store alone is predicated: per slot one ballot and no branch.
     float tf[QL];
-    bool open[QL];
+    uint32_t lim[QL], cpos[QL];
     const unsigned closed = sm.closed;
     const bool insert = lane_ok && !(a.experiment & 2);
 #pragma unroll
     for (int ql = 0; ql < QL; ++ql) {
-      tf[ql] = sm.thrf[lane_query(ql)];
-      open[ql] = insert && ((closed >> lane_query(ql)) & 1u) == 0u;
+      const int q = lane_query(ql);
+      tf[ql] = sm.thrf[q];
+      int32_t l;
+      if constexpr (kKeyList) {
+        l = pos_r[ql] + 1;  // list keys are < num_tokens; -1 (none) fails as unsigned
+      } else {
+        l = all_visible ? send32 : min(pos_r[ql] + 1, send32);
+      }
+      if (!insert || ((closed >> q) & 1u) != 0u) l = 0;
+      lim[ql] = uint32_t(max(l, 0));
+      cpos[ql] = uint32_t(ql * list_stride32 + cnt_r[ql]);  // slot offset from lane_list
     }
+    const uint32_t nkey[2] = {~uint32_t(key[0]), ~uint32_t(key[1])};
     auto slots = [&](auto branch) {
 #pragma unroll
       for (int j = 0; j < NS; ++j) {
         const int h = hrow[j], ql = qloc[j];
         // h may be lane-dependent: selects, no local arrays.
         const float score = sc[j] * (h ? ks[1] : ks[0]);
-        const int32_t kj = h ? key[1] : key[0];
-        const bool kv = h ? kval[1] : kval[0];
-        const bool pass =
-            open[ql] && kv && (all_visible || kj <= pos_r[ql]) && !(score < tf[ql]);
-        const unsigned b = __ballot_sync(0xffffffffu, pass);
+        const uint32_t kj = uint32_t(h ? key[1] : key[0]);
+        unsigned b;
         if constexpr (decltype(branch)::value) {
+          const bool pass = kj < lim[ql] && !(score < tf[ql]);
+          b = __ballot_sync(0xffffffffu, pass);
           if (b == 0) continue;
+          if (pass) {
+            lane_list[cpos[ql] + uint32_t(__popc(b & lt_group))] =
+                (uint64_t(__float_as_uint(score)) << 32) | uint64_t(h ? nkey[1] : nkey[0]);
+          }
+        } else {
+          b = SlotInsert(lane_list, cpos[ql], lt_group, kj, h ? nkey[1] : nkey[0], lim[ql], score,
+                         tf[ql]);
         }
-        const unsigned gm = b & gmask;
-        if (pass) {
-          lane_list[uint32_t(ql * list_stride32 + cnt_r[ql] + __popc(gm & lt_mask))] =
-              RawEntry(score, kj);
-        }
-        cnt_r[ql] += __popc(gm);
+        cpos[ql] += uint32_t(__popc(b & gmask));
       }
     };
     // Experiment bit 6: round 4's branch around a slot's store code when no
@@ -861,6 +913,8 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     } else {
       slots(std::false_type{});
     }
+#pragma unroll
+    for (int ql = 0; ql < QL; ++ql) cnt_r[ql] = int(cpos[ql]) - ql * list_stride32;
     if (leader) {
       unsigned bits = 0;
 #pragma unroll
@@ -880,16 +934,17 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   // warp is done with the stage being refilled), compactions of lists that
   // may overflow, the next copies.
   //
-  // Experiment bit 8 (single accumulator): the two warpgroups synchronise
-  // with the whole CTA only every kWgSyncEvery stages and otherwise each with
-  // itself (a named barrier): a warpgroup copies, multiplies and reads only
-  // its own half of each stage (page wg: its A rows, scales and key slots), so
-  // the two may drift apart by up to that many stages and one's MMA overlap
-  // the other's epilogue. Compactions run at the CTA-wide points only, so a
+  // Single accumulator (round 5): the two warpgroups synchronise with the
+  // whole CTA only every kWgSyncEvery stages and otherwise each with itself
+  // (a named barrier): a warpgroup copies, multiplies and reads only its own
+  // half of each stage (page wg: its A rows, scales and key slots), so the two
+  // may drift apart by up to that many stages and one's MMA overlap the
+  // other's epilogue. Compactions run at the CTA-wide points only, so a
   // partition flags itself kWgSyncEvery stages (16 keys each) early.
+  // Experiment bit 8: a CTA-wide barrier at every stage (round 4).
   constexpr int kPrefetch = kStages - 1;
   constexpr int kWgSyncEvery = 4;
-  const bool wg_sync = !kDB && (a.experiment & 256) != 0;
+  const bool wg_sync = !kDB && (a.experiment & 256) == 0;
   if (wg_sync) need_at = kCapW - 16 * kWgSyncEvery;
   auto step_top = [&](int load_slot, int load_it) {
     ptx::CpAsyncWait<kDB ? kPrefetch - 2 : kPrefetch - 1>();
