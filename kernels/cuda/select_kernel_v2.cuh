@@ -614,12 +614,15 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   // The page-table entry of the next iteration is read one call ahead (its
   // load latency then hides behind a stage instead of stalling the copies):
   // a pass calls load_contig with it = 0, 1, 2, ... in order.
+  // Page bounds in 32 bits: page * 64 < 2^31 + 256 (keys < 2^31) fits unsigned.
   int32_t pt_next = 0;
+  const uint32_t send_u = uint32_t(send);
   auto load_contig = [&](int stage, int it) {
     const int32_t page = ld_page0 + 2 * it;
-    const int32_t page_id = it != 0 ? pt_next : (int64_t(page) * 64 < send ? ptab[page] : 0);
-    pt_next = int64_t(page + 2) * 64 < send ? ptab[page + 2] : 0;
-    if (int64_t(page) * 64 < send) {
+    const bool live = uint32_t(page) * 64u < send_u;
+    const int32_t page_id = it != 0 ? pt_next : (live ? ptab[page] : 0);
+    pt_next = uint32_t(page + 2) * 64u < send_u ? ptab[page + 2] : 0;
+    if (live) {
       const uint8_t* pg = a.pool + int64_t(page_id) * int64_t(a.page_bytes);
       const uint32_t dst = keys_smem + uint32_t(stage * kKeys * 128) + ld_dst0;
       const uint8_t* src = pg + ld_u * 16;
