@@ -55,13 +55,25 @@
 //   kernel's wavefronts at MISA 64K).
 // - Contiguous copies read the page table one stage ahead.
 //
-// Exactness is version 1's argument: a key enters its list iff its 64-bit
-// candidate key beats the list's threshold, which is always the k-th best key
-// of some k keys already kept; every key better than the final k-th best is
-// therefore in the list at the end. With seeding the threshold starts below
-// the candidate keys of score S0 (a score no higher than the seed_k-th best
-// sampled one); the list then holds every key scoring >= S0, and when that is
-// at least k keys the k-th best scores >= S0 (else: rescan).
+// Round 5 (docs/perf.md, bench/kernels/round5_notes.md):
+// - A key enters its list iff !(score < thrf), thrf the score of the exact
+//   threshold's high word (ThresholdScore): a superset of the candidate-key
+//   test, one float comparison. Entries are stored raw (score bits, ~key) by
+//   one predicated store per slot (SlotInsert, inline PTX) and converted to
+//   ordered candidate keys wherever they are compared.
+// - The final selection runs one warp per query when a CTA holds 4 or more
+//   queries (WarpSelectKth over the list in global memory).
+// - Dense prefill (64 rows, 128-row tile) is seeded too.
+// - Each warpgroup synchronises with itself, the CTA every kWgSyncEvery
+//   stages.
+//
+// Exactness is version 1's argument: every key whose candidate key beats the
+// list's threshold enters its list (round 5: with some others), and the
+// threshold is always below the k-th best key of some k keys already kept;
+// every key better than the final k-th best is therefore in the list at the
+// end. With seeding the list holds every key whose ordered score bits reach
+// the seed bound (xseed); when the list's k-th best entry is at or above that
+// bound the top-k is exact, else the query is rescanned from threshold 0.
 #ifndef PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
 #define PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
 
