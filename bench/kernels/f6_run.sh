@@ -83,8 +83,10 @@ if command -v compute-sanitizer > /dev/null; then
   grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" /tmp/memcheck_seeded.log | head -5
   step racecheck_seeded 90 compute-sanitizer --tool racecheck "$B/bin/kernels_cuda_indexer_test" SeededSmallTopk
   grep -E "RACECHECK SUMMARY|Hazard|ERROR SUMMARY|PASSED|FAILED" /tmp/racecheck_seeded.log | head -5
-  step memcheck_wgbar 90 compute-sanitizer --tool memcheck "$B/bin/kernels_cuda_indexer_test" WarpgroupBarriers
-  grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" /tmp/memcheck_wgbar.log | head -5
+  step memcheck_barriers 90 compute-sanitizer --tool memcheck "$B/bin/kernels_cuda_indexer_test" BarrierSchedules
+  grep -E "ERROR SUMMARY|Invalid|PASSED|FAILED" /tmp/memcheck_barriers.log | head -5
+  step racecheck_barriers 90 compute-sanitizer --tool racecheck "$B/bin/kernels_cuda_indexer_test" BarrierSchedules
+  grep -E "RACECHECK SUMMARY|Hazard|ERROR SUMMARY|PASSED|FAILED" /tmp/racecheck_barriers.log | head -5
 fi
 echo "total $(( $(date +%s) - T0 )) s"
 date
