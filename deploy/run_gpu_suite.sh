@@ -5,7 +5,9 @@
 # GPU tests and NCCL / UCX-staging benchmarks (bench/transport/run_gpu.sh).
 # Every step runs under a timeout and keeps going after a failure; logs go to
 # $OUT (default ./gpu-suite-out): suite.log, logs.tgz (every step's full log)
-# and results.jsonl (the transport benchmark). Usage: deploy/run_gpu_suite.sh [BUNDLE_TAR]
+# and results.jsonl (the transport benchmark); with PD_SUITE_BENCH=1 also the
+# indexer, sparse MLA and per-layer benchmarks (their JSON beside the logs).
+# Usage: [PD_SUITE_BENCH=1] deploy/run_gpu_suite.sh [BUNDLE_TAR]
 set -u
 OUT=${OUT:-$PWD/gpu-suite-out}
 W=$(mktemp -d)
@@ -42,8 +44,17 @@ if [ "$ngpu" -ge 2 ] && [ -x "$B/bin/kv_gpu_bench" ]; then
   mkdir -p "$W/transport"
   step transport_gpu 200 env OUT="$W/transport" bash bench/transport/run_gpu.sh "$B"
 fi
-if [ -x "$B/bin/pd_indexer_bench" ] && [ -n "${PD_SUITE_BENCH:-}" ]; then
-  step pd_indexer_bench 180 "$B/bin/pd_indexer_bench" --json "$W/indexer_bench.json"
-  cp -f "$W/indexer_bench.json" "$OUT/" 2>/dev/null || true
+# PD_SUITE_BENCH=1: the kernel and layer benchmarks too (JSON to $OUT).
+if [ -n "${PD_SUITE_BENCH:-}" ]; then
+  if [ -x "$B/bin/pd_indexer_bench" ]; then
+    step pd_indexer_bench 240 "$B/bin/pd_indexer_bench" --json "$W/indexer_bench.json"
+  fi
+  if [ -x "$B/bin/pd_mla_bench" ]; then
+    step pd_mla_bench 120 "$B/bin/pd_mla_bench" --json "$W/mla_bench.json"
+  fi
+  if [ -x "$B/bin/pd_layer_bench" ]; then
+    step pd_layer_bench 240 "$B/bin/pd_layer_bench" --json "$W/layer_bench.json"
+  fi
+  cp -f "$W"/*_bench.json "$OUT/" 2>/dev/null || true
 fi
 date
