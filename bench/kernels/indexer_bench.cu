@@ -522,6 +522,37 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
     PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
     PD_BENCH_CUDA(kc::LaunchBlockFilter(bf, 0));
   }, 2, reps)) * 1e3;
+  // Plan sweep (128K, batch 32 and 128): the scoring alone with other key
+  // ranges per CTA, the top-k alone with other CTA counts per row (the plan
+  // is a plain struct: the launcher takes any tiling of the row).
+  std::string sweep;
+  if (K == 131072 && B >= 32 && !opt.quick) {
+    const kc::DecodeSelectPlan d0 = paths[6].plan.decode;
+    for (int64_t rows : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
+      Path x = paths[6];
+      x.plan.decode.rows_per_cta = rows;
+      x.plan.decode.score_ctas = int((d0.row_stride + rows - 1) / rows);
+      const double us = Median(TimeMs([&](int i) { set_copy(i); launch(x); }, 2, reps)) * 1e3;
+      sweep += " score " + std::to_string(rows) + " rows/CTA (" +
+               std::to_string(x.plan.decode.score_ctas) + " CTAs/seq): " + std::to_string(us) + " us;";
+      g_rows.push_back(Row().S("bench", "decode_sweep_score").N("batch", B).N("keys", double(K))
+                           .N("rows_per_cta", double(rows)).N("us", us));
+    }
+    for (int mult : {2, 4}) {
+      Path x = paths[7];
+      const int64_t c = int64_t(d0.topk_ctas) * mult;
+      x.plan.decode.topk_rows_per_cta = ((d0.row_stride + c - 1) / c + 63) / 64 * 64;
+      x.plan.decode.topk_ctas =
+          int((d0.row_stride + x.plan.decode.topk_rows_per_cta - 1) / x.plan.decode.topk_rows_per_cta);
+      run_path(6, 0);
+      const double us = Median(TimeMs([&](int i) { set_copy(i); launch(x); }, 2, reps)) * 1e3;
+      sweep += " topk " + std::to_string(x.plan.decode.topk_ctas) + " CTAs/seq: " +
+               std::to_string(us) + " us;";
+      g_rows.push_back(Row().S("bench", "decode_sweep_topk").N("batch", B).N("keys", double(K))
+                           .N("topk_ctas", double(x.plan.decode.topk_ctas)).N("us", us));
+    }
+  }
+  if (!sweep.empty()) PrintRow("decode B=%-3d K=%3lldK    sweep:%s\n", B, (long long)(K / 1024), sweep.c_str());
   // Rows of copy 0: new vs old path (agreement), and the recalls vs dense.
   std::vector<int32_t> rows[6];
   for (int w = 0; w < 6; ++w) {

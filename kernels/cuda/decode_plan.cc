@@ -44,14 +44,16 @@ bool PlanDecodeSelect(const DecodePlanInput& in, DecodeSelectPlan* plan, const c
   {
     const int64_t slots = int64_t(in.num_sms) * kDecodeScoreCtasPerSm;
     const int64_t limit = std::max<int64_t>(1, pages / kDecodeMinPagesPerCta);
-    const int64_t c = BestCtas(S, slots, std::min(limit, std::max<int64_t>(1, 4 * slots)));
+    // At most two waves: each CTA's setup (query tile, histogram) and drain
+    // are amortised over a long range, and the key traffic stays continuous.
+    const int64_t c = BestCtas(S, slots, std::min(limit, CeilDivI(2 * slots, S)));
     p.rows_per_cta = CeilDivI(pages, c) * 64;
     p.score_ctas = int(CeilDivI(p.row_stride, p.rows_per_cta));
   }
   {
     const int64_t slots = int64_t(in.num_sms) * kDecodeTopkCtasPerSm;
     const int64_t limit = std::max<int64_t>(1, p.row_stride / kDecodeMinTopkRows);
-    const int64_t c = std::clamp<int64_t>(CeilDivI(slots, S), 1, limit);
+    const int64_t c = BestCtas(S, slots, std::min(limit, CeilDivI(2 * slots, S)));
     p.topk_rows_per_cta = CeilDivI(CeilDivI(p.row_stride, c), 64) * 64;
     p.topk_ctas = int(CeilDivI(p.row_stride, p.topk_rows_per_cta));
   }

@@ -25,6 +25,7 @@ TEST(DecodePlan, BatchOneSpreadsOverTheMachine) {
   EXPECT_GE(p.score_ctas, 132);
   EXPECT_LE(p.score_ctas, 132 * kDecodeScoreCtasPerSm);
   EXPECT_GE(p.topk_ctas, 32);
+  EXPECT_EQ(p.topk_rows_per_cta, kDecodeMinTopkRows);
   EXPECT_EQ(p.cand_cap, 8192);
 }
 
@@ -35,6 +36,9 @@ TEST(DecodePlan, LargeBatchFillsOneWave) {
   const int64_t slots = 132 * kDecodeScoreCtasPerSm, ctas = int64_t(p.score_ctas) * 128;
   const int64_t waves = (ctas + slots - 1) / slots;
   EXPECT_GE(ctas * 10, waves * slots * 9);
+  EXPECT_LE(waves, 2);
+  const int64_t tslots = 132 * kDecodeTopkCtasPerSm, tctas = int64_t(p.topk_ctas) * 128;
+  EXPECT_LE((tctas + tslots - 1) / tslots, 2);
   EXPECT_GE(p.topk_ctas, 2);
 }
 

@@ -109,33 +109,6 @@ __global__ void __launch_bounds__(kDecodeScoreThreads, kDecodeScoreCtasPerSm)
       a.key_list != nullptr ? a.key_list + int64_t(seq) * a.key_list_stride : nullptr;
   const int32_t* ptab = a.page_table + int64_t(seq) * a.page_table_stride;
 
-  // ---- the query tile, the head weights, the histogram ----
-  for (int i = tid; i < kDecodeBins; i += kDecodeScoreThreads) sm.hist[i] = 0;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int u = tid + kDecodeScoreThreads * j;  // 16-byte chunk: head u / 8, bytes 16 (u % 8)
-    const int h = u >> 3, c = u & 7;
-    const int4 v = *reinterpret_cast<const int4*>(a.q8 + (t * a.heads + h) * 128 + c * 16);
-    *reinterpret_cast<int4*>(sm.q + ptx::Sw128Offset(uint32_t(h), uint32_t(c * 16))) = v;
-  }
-  if (tid < 64) {
-    bool keep = true;
-    if (a.masked_heads > 0) {
-      keep = false;
-      for (int e = 0; e < a.masked_heads; ++e) keep |= a.head_list[t * a.masked_heads + e] == tid;
-    }
-    sm.w[tid] = keep ? a.weights[t * a.heads + tid] : 0.0f;
-  }
-  ptx::FenceProxyAsync();
-  __syncthreads();
-  // Accumulator column 8 i + 2 c4 + e of this lane is head 8 i + 2 c4 + e.
-  float wr[16];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    wr[2 * i] = sm.w[8 * i + 2 * c4];
-    wr[2 * i + 1] = sm.w[8 * i + 2 * c4 + 1];
-  }
-
   const uint32_t keys_smem = ptx::SmemAddr(sm.keys[0]);
   const uint32_t kscale_smem = ptx::SmemAddr(sm.kscale[0]);
   auto load = [&](int stage, int it) {
@@ -179,14 +152,43 @@ __global__ void __launch_bounds__(kDecodeScoreThreads, kDecodeScoreCtasPerSm)
     }
   };
 
-  const uint32_t desc_a0 = ptx::Sw128DescLo(keys_smem);
-  const uint32_t desc_b0 = ptx::Sw128DescLo(ptx::SmemAddr(sm.q));
-  uint32_t* lrow = a.logits + int64_t(seq) * a.row_stride;
+  // The first pages are in flight before the setup (its query loads would
+  // otherwise leave the CTA's first microsecond without key traffic).
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     load(s, s);
     ptx::CpAsyncCommit();
   }
+  // ---- the query tile, the head weights, the histogram ----
+  for (int i = tid; i < kDecodeBins; i += kDecodeScoreThreads) sm.hist[i] = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int u = tid + kDecodeScoreThreads * j;  // 16-byte chunk: head u / 8, bytes 16 (u % 8)
+    const int h = u >> 3, c = u & 7;
+    const int4 v = *reinterpret_cast<const int4*>(a.q8 + (t * a.heads + h) * 128 + c * 16);
+    *reinterpret_cast<int4*>(sm.q + ptx::Sw128Offset(uint32_t(h), uint32_t(c * 16))) = v;
+  }
+  if (tid < 64) {
+    bool keep = true;
+    if (a.masked_heads > 0) {
+      keep = false;
+      for (int e = 0; e < a.masked_heads; ++e) keep |= a.head_list[t * a.masked_heads + e] == tid;
+    }
+    sm.w[tid] = keep ? a.weights[t * a.heads + tid] : 0.0f;
+  }
+  ptx::FenceProxyAsync();
+  __syncthreads();
+  // Accumulator column 8 i + 2 c4 + e of this lane is head 8 i + 2 c4 + e.
+  float wr[16];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    wr[2 * i] = sm.w[8 * i + 2 * c4];
+    wr[2 * i + 1] = sm.w[8 * i + 2 * c4 + 1];
+  }
+
+  const uint32_t desc_a0 = ptx::Sw128DescLo(keys_smem);
+  const uint32_t desc_b0 = ptx::Sw128DescLo(ptx::SmemAddr(sm.q));
+  uint32_t* lrow = a.logits + int64_t(seq) * a.row_stride;
   for (int it = 0; it < n_it; ++it) {
     ptx::CpAsyncWait<kStages - 2>();
     ptx::FenceProxyAsync();
@@ -245,12 +247,13 @@ __global__ void __launch_bounds__(kDecodeScoreThreads, kDecodeScoreCtasPerSm)
   }
 }
 
-// Shared memory of the top-k kernel: the histogram (scan setup) and the
-// candidate keys (last CTA) share one buffer; sel holds the row's selection.
+// Shared memory of the top-k kernel: the scan's staging and the candidate
+// keys (last CTA) share one buffer; sel holds the row's selection.
+constexpr int kStageCap = 256;
 struct TopkSmem {
   union {
-    unsigned hist[kDecodeBins];
-    uint64_t cand[kDecodeSmemCand];
+    int32_t stage[kDecodeTopkThreads / 32][2][kStageCap];  // scan: per-warp staging
+    uint64_t cand[kDecodeSmemCand];                        // last CTA: the candidates
   };
   uint64_t sel[kSelectMaxTopk];
   topk::Scratch sc;
@@ -332,29 +335,56 @@ __global__ void __launch_bounds__(kDecodeTopkThreads, kDecodeTopkCtasPerSm) Deco
   const int need = m - above;
 
   // ---- scan: rows of bins above tau to the output, bin tau to the candidates ----
+  // Each warp stages its rows in shared memory (kStageCap per kind) and
+  // reserves global space with one atomic per flush, so the loads are not
+  // serialised behind atomic round trips; each thread keeps two 16-byte
+  // loads in flight ahead of the one it filters.
   {
+    int32_t* st_hi = sm.stage[warp][0];
+    int32_t* st_eq = sm.stage[warp][1];
+    int fh = 0, fe = 0;  // warp-uniform fills
+    const unsigned lt = (1u << lane) - 1u;
+    auto flush = [&](int32_t* buf, int& fill, int32_t* counter, int32_t* dst, int64_t cap) {
+      __syncwarp();
+      int base = 0;
+      if (lane == 0) base = atomicAdd(counter, fill);
+      base = __shfl_sync(0xffffffffu, base, 0);
+      for (int j = lane; j < fill; j += 32) {
+        if (base + j < cap) dst[base + j] = buf[j];
+      }
+      fill = 0;
+      __syncwarp();
+    };
     const int64_t beg = int64_t(blockIdx.x) * a.topk_rows_per_cta;
     const int64_t end = min(nrows, beg + a.topk_rows_per_cta);
-    for (int64_t i0 = beg; i0 < end; i0 += 4 * kT) {
+    constexpr int kStep = 4 * kT;  // rows per group (one uint4 per thread)
+    auto load4 = [&](int64_t i) -> uint4 {
+      return i < end ? __ldcs(reinterpret_cast<const uint4*>(lrow + i)) : make_uint4(0, 0, 0, 0);
+    };
+    uint4 v0 = load4(beg + 4 * tid), v1 = load4(beg + kStep + 4 * tid);
+    for (int64_t i0 = beg; i0 < end; i0 += kStep) {
+      const uint4 v2 = load4(i0 + 2 * kStep + 4 * tid);  // i % 4 == 0: aligned
       const int64_t i = i0 + 4 * tid;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (i < end) v = __ldcs(reinterpret_cast<const uint4*>(lrow + i));  // i % 4 == 0
-      const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+      const uint32_t u[4] = {v0.x, v0.y, v0.z, v0.w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const bool live = u[e] != 0 && i + e < end;
         const int bin = int(u[e] >> kDecodeBinShift);
         const bool hi = live && bin > tau, eq = live && bin == tau;
-        if (__any_sync(0xffffffffu, hi)) {
-          const int slot = topk::WarpAppendSlot(hi, &cnt[0]);
-          if (hi && slot < k) orow[slot] = int32_t(i + e);
-        }
-        if (__any_sync(0xffffffffu, eq)) {
-          const int slot = topk::WarpAppendSlot(eq, &cnt[1]);
-          if (eq && slot < a.cand_cap) crow[slot] = int32_t(i + e);
-        }
+        const unsigned bh = __ballot_sync(0xffffffffu, hi);
+        const unsigned be = __ballot_sync(0xffffffffu, eq);
+        if (hi) st_hi[fh + __popc(bh & lt)] = int32_t(i + e);
+        if (eq) st_eq[fe + __popc(be & lt)] = int32_t(i + e);
+        fh += __popc(bh);
+        fe += __popc(be);
       }
+      if (fh > kStageCap - 128) flush(st_hi, fh, &cnt[0], orow, k);
+      if (fe > kStageCap - 128) flush(st_eq, fe, &cnt[1], crow, a.cand_cap);
+      v0 = v1;
+      v1 = v2;
     }
+    if (fh > 0) flush(st_hi, fh, &cnt[0], orow, k);
+    if (fe > 0) flush(st_eq, fe, &cnt[1], crow, a.cand_cap);
   }
   __threadfence();  // this thread's output and candidate writes, before the ticket
   __syncthreads();
@@ -371,9 +401,14 @@ __global__ void __launch_bounds__(kDecodeTopkThreads, kDecodeTopkCtasPerSm) Deco
     const int32_t idx = klist != nullptr ? __ldg(klist + i) : int32_t(i);
     return (uint64_t(u) << 32) | uint64_t(~uint32_t(idx));
   };
-  for (int j = tid; j < above; j += kT) {
-    const int32_t i = __ldcg(orow + j);
-    sm.sel[j] = key_of(i, __ldcg(lrow + i));
+  // Unsorted rows of contiguous keys keep the positions the scan wrote (they
+  // are the key indices); otherwise the row is gathered, converted, sorted.
+  const bool gather = a.sorted || klist != nullptr;
+  if (gather) {
+    for (int j = tid; j < above; j += kT) {
+      const int32_t i = __ldcg(orow + j);
+      sm.sel[j] = key_of(i, __ldcg(lrow + i));
+    }
   }
   if (need > 0) {
     const int ncand = *reinterpret_cast<volatile int*>(&cnt[1]);
@@ -420,17 +455,25 @@ __global__ void __launch_bounds__(kDecodeTopkThreads, kDecodeTopkCtasPerSm) Deco
     for_each([&](uint64_t x) {
       const bool keep = x != 0 && x >= T;
       const int slot = topk::WarpAppendSlot(keep, &sm.sc.write_pos);
-      if (keep && slot < need) sm.sel[above + slot] = x;
+      if (keep && slot < need) {
+        if (gather) {
+          sm.sel[above + slot] = x;
+        } else {
+          orow[above + slot] = topk::CandidateIndex(x);
+        }
+      }
     });
   }
   __syncthreads();
-  if (a.sorted && m > 1) {
+  if (gather && a.sorted && m > 1) {
     const int n2 = topk::NextPow2(m);
     for (int j = m + tid; j < n2; j += kT) sm.sel[j] = 0ull;
     __syncthreads();
     topk::BitonicSortDesc(sm.sel, n2);
   }
-  for (int j = tid; j < k; j += kT) orow[j] = j < m ? topk::CandidateIndex(sm.sel[j]) : -1;
+  for (int j = gather ? tid : m + tid; j < k; j += kT) {
+    orow[j] = j < m ? topk::CandidateIndex(sm.sel[j]) : -1;
+  }
 }
 
 }  // namespace
