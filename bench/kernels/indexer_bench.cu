@@ -538,6 +538,14 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
       g_rows.push_back(Row().S("bench", "decode_sweep_score").N("batch", B).N("keys", double(K))
                            .N("rows_per_cta", double(rows)).N("us", us));
     }
+    {
+      Path x = paths[6];
+      x.experiment = 1 | 16;  // scoring alone, 8 stages x 2 CTAs per SM
+      const double us = Median(TimeMs([&](int i) { set_copy(i); launch(x); }, 2, reps)) * 1e3;
+      sweep += " score 8 stages x 2 CTAs/SM: " + std::to_string(us) + " us;";
+      g_rows.push_back(Row().S("bench", "decode_sweep_score_deep").N("batch", B).N("keys", double(K))
+                           .N("us", us));
+    }
     for (int mult : {2, 4}) {
       Path x = paths[7];
       const int64_t c = int64_t(d0.topk_ctas) * mult;

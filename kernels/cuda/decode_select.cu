@@ -29,7 +29,8 @@ namespace pd::kernels::cuda {
 namespace decode_internal {
 namespace {
 
-constexpr int kStages = 5;
+constexpr int kStages = 5;      // default: 5 stages, 3 CTAs per SM
+constexpr int kStagesDeep = 8;  // experiment bit 4: 8 stages, 2 CTAs per SM
 constexpr int kPageKeys = 64;
 
 struct Args {
@@ -78,6 +79,7 @@ __device__ __forceinline__ uint32_t StoredBits(float s) {
   return u > 1u ? u : 1u;
 }
 
+template <int kStages>
 struct alignas(1024) ScoreSmem {
   uint8_t q[64 * 128];                 // B operand (heads x 128), SW128
   uint8_t keys[kStages][kPageKeys * 128];  // A operands, SW128
@@ -87,8 +89,10 @@ struct alignas(1024) ScoreSmem {
   unsigned hist[kDecodeBins];
 };
 
-__global__ void __launch_bounds__(kDecodeScoreThreads, kDecodeScoreCtasPerSm)
+template <int kStages, int kMinBlocks>
+__global__ void __launch_bounds__(kDecodeScoreThreads, kMinBlocks)
     DecodeScoreKernel(const Args a) {
+  using ScoreSmem = decode_internal::ScoreSmem<kStages>;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   ScoreSmem& sm =
@@ -478,14 +482,20 @@ __global__ void __launch_bounds__(kDecodeTopkThreads, kDecodeTopkCtasPerSm) Deco
 
 }  // namespace
 
-int64_t DecodeScoreSmemBytes() { return int64_t(sizeof(ScoreSmem)) + 1024; }
+template <int kSt>
+int64_t DecodeScoreSmemBytes() { return int64_t(sizeof(ScoreSmem<kSt>)) + 1024; }
 int64_t DecodeTopkSmemBytes() { return int64_t(sizeof(TopkSmem)); }
 
 cudaError_t LaunchDecode(const Args& a, const DecodeSelectPlan& d, int num_seqs,
                          uint8_t* ws, cudaStream_t stream) {
   // Dynamic shared memory of both kernels, set once per process (as select_kernel*.cuh).
   static const cudaError_t attr_score = cudaFuncSetAttribute(
-      DecodeScoreKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(DecodeScoreSmemBytes()));
+      DecodeScoreKernel<kStages, kDecodeScoreCtasPerSm>,
+      cudaFuncAttributeMaxDynamicSharedMemorySize, int(DecodeScoreSmemBytes<kStages>()));
+  static const cudaError_t attr_deep = cudaFuncSetAttribute(
+      DecodeScoreKernel<kStagesDeep, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      int(DecodeScoreSmemBytes<kStagesDeep>()));
+  if (attr_deep != cudaSuccess) return attr_deep;
   static const cudaError_t attr_topk = cudaFuncSetAttribute(
       DecodeTopkKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(DecodeTopkSmemBytes()));
   if (attr_score != cudaSuccess) return attr_score;
@@ -497,8 +507,14 @@ cudaError_t LaunchDecode(const Args& a, const DecodeSelectPlan& d, int num_seqs,
   cudaError_t e = cudaMemsetAsync(ws + zoff, 0, zbytes, stream);
   if (e != cudaSuccess) return e;
   if (score) {
-    DecodeScoreKernel<<<dim3(unsigned(d.score_ctas), unsigned(num_seqs)), kDecodeScoreThreads,
-                        size_t(DecodeScoreSmemBytes()), stream>>>(a);
+    const dim3 grid(unsigned(d.score_ctas), unsigned(num_seqs));
+    if (a.experiment & 16) {
+      DecodeScoreKernel<kStagesDeep, 2><<<grid, kDecodeScoreThreads,
+                                          size_t(DecodeScoreSmemBytes<kStagesDeep>()), stream>>>(a);
+    } else {
+      DecodeScoreKernel<kStages, kDecodeScoreCtasPerSm><<<
+          grid, kDecodeScoreThreads, size_t(DecodeScoreSmemBytes<kStages>()), stream>>>(a);
+    }
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }

@@ -113,7 +113,8 @@ struct SelectParams {
   // written), bit 1 runs the top-k alone on the logits and histograms the last
   // launch left in the same workspace, bit 2 selects the last bin's candidates
   // from their global list instead of shared memory, bit 3 from a rescan of
-  // the whole logits row (bits 2-3 give the same results as 0).
+  // the whole logits row, bit 4 scores with 8 pipeline stages and 2 CTAs per
+  // SM instead of 5 and 3 (bits 2-4 give the same results as 0).
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

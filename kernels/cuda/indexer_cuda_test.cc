@@ -1625,10 +1625,11 @@ TEST(CudaSelect, DecodePathMaskedMisaAndTies) {
 }
 
 // The last bin's candidates from shared memory (0), their global list (bit 2)
-// and a rescan of the row (bit 3): the same selections.
+// and a rescan of the row (bit 3), and the 8-stage scoring (bit 4): the same
+// selections.
 TEST(CudaSelect, DecodePathCandidateTiers) {
   SKIP_WITHOUT_GPU();
-  for (int experiment : {0, 4, 8}) {
+  for (int experiment : {0, 4, 8, 16}) {
     SelectCase c;
     c.lens = {70001, 129, 9000};
     c.positions = {{70000}, {128}, {8999}};
