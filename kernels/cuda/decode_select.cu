@@ -2,7 +2,8 @@
 //
 // 1. DecodeScoreKernel (grid: score_ctas x S, one warpgroup each): streams a
 //    range of one sequence's keys (whole 64-key pages, or key-list rows
-//    gathered one by one) through a 5-stage cp.async pipeline into SW128
+//    gathered one by one) through a 5-stage cp.async pipeline (the first
+//    pages issued before the query tile is loaded) into SW128
 //    tiles, scores each page with four m64n64k32 FP8 wgmma against the
 //    query's 64 heads, sums w[j] * ReLU(.) over the heads in registers (two
 //    quad shuffles), scales by the key's scale, and writes the ordered score
@@ -11,8 +12,10 @@
 //    the sequence's global histogram.
 // 2. DecodeTopkKernel (grid: topk_ctas x S, 512 threads): every CTA finds
 //    from the histogram the bin tau that holds the k-th best key; it scans its
-//    range of the logits row, appends the rows of bins above tau to the output
-//    row and those of bin tau to a candidate list. The last CTA of a sequence
+//    range of the logits row (two 16-byte loads ahead per thread), stages the
+//    rows of bins above tau and of bin tau per warp in shared memory, and
+//    flushes them (one atomic per flush) to the output row and to a candidate
+//    list. The last CTA of a sequence
 //    (ticket counter) selects the missing k - above keys exactly among the
 //    candidates (block_topk.cuh's radix select over 64-bit candidate keys:
 //    ties by lower key index), optionally sorts the row, and writes it.
