@@ -1,7 +1,9 @@
 // CUDA (sm_90a) kernels of the DSA lightning indexer and its sparse selection
 // modes: the fused indexer preparation, pooled-key summaries, the MISA router,
 // and the selection kernel (FP8 tensor-core scoring with the top-k fused into
-// it: no [queries x keys] logits ever reach device memory). The CPU reference
+// it: no [queries x keys] logits reach device memory, except on the decode
+// path, one query per sequence, which writes [S, K] score bits into the
+// workspace and selects with a multi-CTA top-k). The CPU reference
 // of every kernel is in kernels/indexer.h (namespace pd::kernels::cpu); the
 // formulas are in ../shared/docs/algorithms.md sections 3-5.
 //
