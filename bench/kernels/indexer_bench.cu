@@ -425,31 +425,54 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
     q.max_context = K;
     return q;
   };
+  // The decode path (kernel_version 0 on these decode-shaped launches:
+  // kernels/cuda/decode_select.cu) and the previous one (version 2: the
+  // prefill kernel with the key axis split and merged), same inputs, same run.
   kc::SelectParams dense;
   dense.keys = cache.Keys(0);
   dense.queries = queries(0);
   dense.rows_per_query = kH;
   dense.topk = kTopk;
-  dense.kernel_version = 2;  // version 1 is timed separately (dense_v1_us)
   dense.out = out_dense.get();
-  kc::SelectPlan dplan, mplan, fplan;
-  PD_BENCH_CUDA(kc::PlanSelectLaunch(dense, &dplan, nullptr));
   // One query per request cannot fill a tile with its 8 routed rows: MISA runs
-  // on the dense tile with the unrouted heads' weights zeroed.
+  // with the unrouted heads' weights zeroed.
   kc::SelectParams misa = dense;
   misa.head_list = active.get();
   misa.masked_heads = 8;
   misa.out = out_misa.get();
-  PD_BENCH_CUDA(kc::PlanSelectLaunch(misa, &mplan, nullptr));
   kc::SelectParams filt = misa;
   filt.key_list = klist.get();
   filt.key_list_len = klen.get();
   filt.key_list_stride = kl_stride;
   filt.max_key_list_len = kl_stride;
   filt.out = out_filt.get();
-  PD_BENCH_CUDA(kc::PlanSelectLaunch(filt, &fplan, nullptr));
-  DeviceBuffer<uint8_t> ws(std::max({dplan.workspace_bytes, mplan.workspace_bytes,
-                                     fplan.workspace_bytes}));
+  struct Path {
+    kc::SelectParams* p;
+    int version, experiment;
+    kc::SelectPlan plan;
+  };
+  // [dense, misa, filter] x [new, old], then the new dense path's scoring
+  // alone (experiment bit 0) and top-k alone (bit 1).
+  Path paths[8] = {{&dense, 0, 0, {}}, {&misa, 0, 0, {}}, {&filt, 0, 0, {}},
+                   {&dense, 2, 0, {}}, {&misa, 2, 0, {}}, {&filt, 2, 0, {}},
+                   {&dense, 3, 1, {}}, {&dense, 3, 2, {}}};
+  size_t ws_bytes = 0;
+  for (Path& x : paths) {
+    kc::SelectParams q = *x.p;
+    q.kernel_version = x.version;
+    q.experiment = x.experiment;
+    const char* why = nullptr;
+    if (kc::PlanSelectLaunch(q, &x.plan, &why) != cudaSuccess) {
+      std::fprintf(stderr, "decode plan: %s\n", why);
+      std::exit(2);
+    }
+    ws_bytes = std::max(ws_bytes, x.plan.workspace_bytes);
+  }
+  // Separate workspaces for the two paths (the top-k-alone timing reads the
+  // logits the new path's last launch left).
+  DeviceBuffer<uint8_t> ws(ws_bytes), ws_old(ws_bytes);
+  PD_BENCH_CUDA(ws.error());
+  PD_BENCH_CUDA(ws_old.error());
   kc::RouterParams router;
   router.keys = cache.Keys(0);
   router.queries = queries(0);
@@ -470,70 +493,130 @@ void Decode(int B, int64_t K, double anchor_us, const Options& opt) {
     dense.keys = misa.keys = filt.keys = router.keys = bf.keys = cache.Keys(c * B);
     dense.queries = misa.queries = filt.queries = router.queries = bf.queries = queries(c);
   };
-  auto run_dense = [&](int i) {
-    set_copy(i);
-    PD_BENCH_CUDA(kc::LaunchSelect(dense, dplan, ws.get(), 0));
+  auto launch = [&](const Path& x) {
+    kc::SelectParams q = *x.p;
+    q.kernel_version = x.version;
+    q.experiment = x.experiment;
+    PD_BENCH_CUDA(kc::LaunchSelect(q, x.plan, x.version == 2 ? ws_old.get() : ws.get(), 0));
   };
-  auto run_misa = [&](int i) {
+  auto run_path = [&](int which, int i) {
+    set_copy(i);
+    const Path& x = paths[which];
+    if (x.p != &dense) PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
+    if (x.p == &filt) PD_BENCH_CUDA(kc::LaunchBlockFilter(bf, 0));
+    launch(x);
+  };
+  const int reps = opt.quick ? 5 : 30;
+  double t[8];
+  for (int w = 0; w < 8; ++w) {
+    if (w == 7) run_path(6, 0);  // the logits and histograms the top-k alone reads
+    t[w] = Median(TimeMs([&](int i) { run_path(w, i); }, 2, reps)) * 1e3;
+  }
+  // Router and block filter alone (the MISA rows include them).
+  const double t_router = Median(TimeMs([&](int i) {
     set_copy(i);
     PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
-    PD_BENCH_CUDA(kc::LaunchSelect(misa, mplan, ws.get(), 0));
-  };
-  auto run_filt = [&](int i) {
+  }, 2, reps)) * 1e3;
+  const double t_rfilter = Median(TimeMs([&](int i) {
     set_copy(i);
     PD_BENCH_CUDA(kc::LaunchMisaRouter(router, 0));
     PD_BENCH_CUDA(kc::LaunchBlockFilter(bf, 0));
-    PD_BENCH_CUDA(kc::LaunchSelect(filt, fplan, ws.get(), 0));
-  };
-  const int reps = opt.quick ? 5 : 30;
-  const double t_dense = Median(TimeMs(run_dense, 2, reps)) * 1e3;
-  double t_dense_v1 = 0.0;
-  {
-    kc::SelectParams d1 = dense;
-    d1.kernel_version = 1;
-    kc::SelectPlan p1;
-    PD_BENCH_CUDA(kc::PlanSelectLaunch(d1, &p1, nullptr));
-    DeviceBuffer<uint8_t> w1(p1.workspace_bytes);
-    t_dense_v1 = Median(TimeMs([&](int i) {
-      set_copy(i);
-      d1.keys = dense.keys;
-      d1.queries = dense.queries;
-      PD_BENCH_CUDA(kc::LaunchSelect(d1, p1, w1.get(), 0));
-    }, 2, reps)) * 1e3;
+  }, 2, reps)) * 1e3;
+  // Plan sweep (128K, batch 32 and 128): the scoring alone with other key
+  // ranges per CTA, the top-k alone with other CTA counts per row (the plan
+  // is a plain struct: the launcher takes any tiling of the row).
+  std::string sweep;
+  if (K == 131072 && B >= 32 && !opt.quick) {
+    const kc::DecodeSelectPlan d0 = paths[6].plan.decode;
+    for (int64_t rows : {int64_t(1024), int64_t(4096), int64_t(16384)}) {
+      Path x = paths[6];
+      x.plan.decode.rows_per_cta = rows;
+      x.plan.decode.score_ctas = int((d0.row_stride + rows - 1) / rows);
+      const double us = Median(TimeMs([&](int i) { set_copy(i); launch(x); }, 2, reps)) * 1e3;
+      sweep += " score " + std::to_string(rows) + " rows/CTA (" +
+               std::to_string(x.plan.decode.score_ctas) + " CTAs/seq): " + std::to_string(us) + " us;";
+      g_rows.push_back(Row().S("bench", "decode_sweep_score").N("batch", B).N("keys", double(K))
+                           .N("rows_per_cta", double(rows)).N("us", us));
+    }
+    {
+      Path x = paths[6];
+      x.experiment = 1 | 16;  // scoring alone, 8 stages x 2 CTAs per SM
+      const double us = Median(TimeMs([&](int i) { set_copy(i); launch(x); }, 2, reps)) * 1e3;
+      sweep += " score 8 stages x 2 CTAs/SM: " + std::to_string(us) + " us;";
+      g_rows.push_back(Row().S("bench", "decode_sweep_score_deep").N("batch", B).N("keys", double(K))
+                           .N("us", us));
+    }
+    for (int mult : {2, 4}) {
+      Path x = paths[7];
+      const int64_t c = int64_t(d0.topk_ctas) * mult;
+      x.plan.decode.topk_rows_per_cta = ((d0.row_stride + c - 1) / c + 63) / 64 * 64;
+      x.plan.decode.topk_ctas =
+          int((d0.row_stride + x.plan.decode.topk_rows_per_cta - 1) / x.plan.decode.topk_rows_per_cta);
+      run_path(6, 0);
+      const double us = Median(TimeMs([&](int i) { set_copy(i); launch(x); }, 2, reps)) * 1e3;
+      sweep += " topk " + std::to_string(x.plan.decode.topk_ctas) + " CTAs/seq: " +
+               std::to_string(us) + " us;";
+      g_rows.push_back(Row().S("bench", "decode_sweep_topk").N("batch", B).N("keys", double(K))
+                           .N("topk_ctas", double(x.plan.decode.topk_ctas)).N("us", us));
+    }
   }
-  const double t_misa = Median(TimeMs(run_misa, 2, reps)) * 1e3;
-  const double t_filt = Median(TimeMs(run_filt, 2, reps)) * 1e3;
-  run_dense(0);
-  run_misa(0);
-  run_filt(0);
-  PD_BENCH_CUDA(cudaDeviceSynchronize());
-  const auto d = out_dense.Download();
-  const double rec_misa = Recall(out_misa.Download(), d, B, kTopk);
-  const double rec_filt = Recall(out_filt.Download(), d, B, kTopk);
+  if (!sweep.empty()) PrintRow("decode B=%-3d K=%3lldK    sweep:%s\n", B, (long long)(K / 1024), sweep.c_str());
+  // Rows of copy 0: new vs old path (agreement), and the recalls vs dense.
+  std::vector<int32_t> rows[6];
+  for (int w = 0; w < 6; ++w) {
+    run_path(w, 0);
+    PD_BENCH_CUDA(cudaDeviceSynchronize());
+    rows[w] = (w % 3 == 0 ? out_dense : (w % 3 == 1 ? out_misa : out_filt)).Download();
+  }
+  const double agree[3] = {Recall(rows[0], rows[3], B, kTopk), Recall(rows[1], rows[4], B, kTopk),
+                           Recall(rows[2], rows[5], B, kTopk)};
+  const double rec_misa = Recall(rows[1], rows[0], B, kTopk);
+  const double rec_filt = Recall(rows[2], rows[0], B, kTopk);
   const double key_bytes = double(B) * K * 132.0;
   const int64_t kept = std::min<int64_t>(keep_blocks, kernels::CeilDiv(K, 1024)) * 1024;
   const double filt_bytes = double(B) * (double(kept) * 132.0 + double(kernels::CeilDiv(K, 1024)) * 512.0);
-  PrintRow("decode B=%-3d K=%3lldK  dense(v2) %7.1f us (%5.0f GB/s; v1 %7.1f) | misa %7.1f us recall %.4f | "
-           "misa+filter(16 blk) %7.1f us %5.1f MB recall %.4f | anchor %s\n",
-           B, (long long)(K / 1024), t_dense, key_bytes / (t_dense * 1e-6) / 1e9, t_dense_v1, t_misa,
-           rec_misa, t_filt, filt_bytes / 1e6, rec_filt,
+  const double logit_bytes = double(B) * K * 4.0;
+  auto gbs = [](double bytes, double us) { return bytes / (us * 1e-6) / 1e9; };
+  PrintRow("decode B=%-3d K=%3lldK  dense new %7.1f us (%5.0f GB/s) old %7.1f us | misa new %7.1f old %7.1f us"
+           " recall %.4f | misa+filter(16 blk) new %7.1f old %7.1f us %5.1f MB recall %.4f | anchor %s\n",
+           B, (long long)(K / 1024), t[0], gbs(key_bytes, t[0]), t[3], t[1], t[4], rec_misa, t[2],
+           t[5], filt_bytes / 1e6, rec_filt,
            anchor_us > 0 ? (std::to_string(int(anchor_us)) + " us").c_str() : "-");
+  PrintRow("decode B=%-3d K=%3lldK    new dense breakdown: scoring alone %7.1f us (%5.0f GB/s of keys), "
+           "top-k alone %6.1f us (%5.0f GB/s of logits) | router %5.1f us, router+filter %5.1f us | "
+           "new vs old same keys: dense %.4f misa %.4f filter %.4f | score CTAs %d x %lld rows, "
+           "top-k CTAs %d\n",
+           B, (long long)(K / 1024), t[6], gbs(key_bytes, t[6]), t[7], gbs(logit_bytes, t[7]),
+           t_router, t_rfilter, agree[0], agree[1], agree[2], paths[0].plan.decode.score_ctas,
+           (long long)paths[0].plan.decode.rows_per_cta, paths[0].plan.decode.topk_ctas);
   g_rows.push_back(Row()
                        .S("bench", "decode_select")
                        .N("batch", B)
                        .N("keys", double(K))
-                       .N("dense_us", t_dense)
+                       .N("dense_us", t[0])
                        .N("dense_key_bytes", key_bytes)
-                       .N("dense_gbps", key_bytes / (t_dense * 1e-6) / 1e9)
-                       .N("dense_v1_us", t_dense_v1)
-                       .N("misa_us", t_misa)
+                       .N("dense_gbps", gbs(key_bytes, t[0]))
+                       .N("dense_old_us", t[3])
+                       .N("dense_score_only_us", t[6])
+                       .N("dense_score_only_gbps", gbs(key_bytes, t[6]))
+                       .N("dense_topk_only_us", t[7])
+                       .N("misa_us", t[1])
+                       .N("misa_old_us", t[4])
                        .N("misa_recall_vs_dense", rec_misa)
-                       .N("filter_us", t_filt)
+                       .N("filter_us", t[2])
+                       .N("filter_old_us", t[5])
+                       .N("router_us", t_router)
+                       .N("router_filter_us", t_rfilter)
                        .N("filter_keep_blocks", keep_blocks)
                        .N("filter_bytes", filt_bytes)
                        .N("filter_recall_vs_dense", rec_filt)
+                       .N("new_vs_old_dense", agree[0])
+                       .N("new_vs_old_misa", agree[1])
+                       .N("new_vs_old_filter", agree[2])
                        .N("anchor_us", anchor_us)
-                       .N("splits_dense", dplan.splits)
+                       .N("splits_old_dense", paths[3].plan.splits)
+                       .N("score_ctas_per_seq", paths[0].plan.decode.score_ctas)
+                       .N("topk_ctas_per_seq", paths[0].plan.decode.topk_ctas)
                        .N("copies_rotated", copies));
 }
 
@@ -679,6 +762,35 @@ void ProfileCase(const std::string& mode, int64_t K, int64_t Q, int version, int
   std::printf("profile case %s K=%lld Q=%lld done\n", mode.c_str(), (long long)K, (long long)Q);
 }
 
+// One decode selection (new path, dense), B requests at K keys, launched
+// twice (for ncu: skip one).
+void ProfileDecode(int B, int64_t K) {
+  Caches cache(B, K, 4243);
+  QuerySet qs(B, 98);
+  std::vector<int32_t> start(size_t(B) + 1);
+  for (int b = 0; b <= B; ++b) start[size_t(b)] = b;
+  DeviceBuffer<int64_t> d_pos(std::vector<int64_t>(size_t(B), K - 1));
+  DeviceBuffer<int32_t> d_start(start), out(size_t(B) * kTopk);
+  kc::SelectParams p;
+  p.keys = cache.Keys(0);
+  p.queries.q8 = qs.q8.get();
+  p.queries.weights = qs.w.get();
+  p.queries.positions = d_pos.get();
+  p.queries.query_start = d_start.get();
+  p.queries.num_queries = B;
+  p.queries.num_seqs = B;
+  p.queries.max_queries_per_seq = 1;
+  p.queries.max_context = K;
+  p.out = out.get();
+  kc::SelectPlan plan;
+  PD_BENCH_CUDA(kc::PlanSelectLaunch(p, &plan, nullptr));
+  DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+  for (int i = 0; i < 2; ++i) PD_BENCH_CUDA(kc::LaunchSelect(p, plan, ws.get(), 0));
+  PD_BENCH_CUDA(cudaDeviceSynchronize());
+  std::printf("profile decode B=%d K=%lld done (decode path %d)\n", B, (long long)K,
+              int(plan.decode.enabled));
+}
+
 }  // namespace
 }  // namespace pd::bench
 
@@ -701,13 +813,17 @@ int main(int argc, char** argv) {
       const int experiment = i + 5 < argc ? std::atoi(argv[i + 5]) : 0;
       ProfileCase(mode, std::atoll(argv[i + 2]), std::atoll(argv[i + 3]), version, experiment);
       return 0;
+    } else if (a == "--decode-case" && i + 2 < argc) {
+      ProfileDecode(std::atoi(argv[i + 1]), std::atoll(argv[i + 2]));
+      return 0;
     } else if (a == "--experiments") {
       opt.experiments = true;
     } else {
       std::fprintf(stderr, "usage: %s [--json PATH] [--quick] [--prefill-only|--decode-only]\n"
                    "       %s --case dense|misa KEYS QUERIES [VERSION [EXPERIMENT]]   (one selection, twice: for ncu)\n"
+                   "       %s --decode-case BATCH KEYS   (one decode selection, twice: for ncu)\n"
                    "       --experiments: also time the kernel variants (SelectParams::experiment)\n",
-                   argv[0], argv[0]);
+                   argv[0], argv[0], argv[0]);
       return 2;
     }
   }

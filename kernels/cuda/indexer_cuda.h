@@ -1,7 +1,9 @@
 // CUDA (sm_90a) kernels of the DSA lightning indexer and its sparse selection
 // modes: the fused indexer preparation, pooled-key summaries, the MISA router,
 // and the selection kernel (FP8 tensor-core scoring with the top-k fused into
-// it: no [queries x keys] logits ever reach device memory). The CPU reference
+// it: no [queries x keys] logits reach device memory, except on the decode
+// path, one query per sequence, which writes [S, K] score bits into the
+// workspace and selects with a multi-CTA top-k). The CPU reference
 // of every kernel is in kernels/indexer.h (namespace pd::kernels::cpu); the
 // formulas are in ../shared/docs/algorithms.md sections 3-5.
 //
@@ -83,7 +85,16 @@ struct SelectParams {
   // 2: permuted columns (in-thread head sums), warp-partitioned lists, lean
   // 32-bit epilogue (select_kernel_v2.cuh); 1: the first kernel
   // (select_kernel.cuh; also the mma.sync path); 0: choose by measurement
-  // (2 with wgmma, 1 with mma.sync; docs/perf.md).
+  // (2 with wgmma, 1 with mma.sync; docs/perf.md; and the decode path below
+  // for decode-shaped launches). 3: the decode path (kernels/cuda/
+  // decode_select.cu), which version 0 takes when the launch has one query per
+  // sequence (max_queries_per_seq <= 1), rows_per_query == heads == 64 (dense,
+  // or masked MISA), contiguous keys or per-sequence key lists, topk <= 2048,
+  // wgmma, num_splits == 0 and experiment == 0: a memory-bound wgmma scoring
+  // kernel writes ordered fp32 score bits [S, K] into the workspace (4 bytes
+  // per key: a decode-only choice, the prefill paths keep the fused top-k),
+  // then an exact multi-CTA radix top-k per sequence. Other launches with
+  // version 3 are rejected.
   int kernel_version = 0;
   // Benchmark-only knobs of kernel version 2 (0 in production; results are
   // wrong with bits 0-1): bit 0 skips the epilogue (MMA + pipeline alone),
@@ -100,6 +111,12 @@ struct SelectParams {
   // warp per query), bit 8 synchronises the whole CTA at every stage (round
   // 4; the default since round 5 synchronises each warpgroup with itself and
   // the CTA every 4 stages). Bits 2-8 give the same results as 0.
+  // With kernel_version 3 (the decode path): bit 0 scores only (out is not
+  // written), bit 1 runs the top-k alone on the logits and histograms the last
+  // launch left in the same workspace, bit 2 selects the last bin's candidates
+  // from their global list instead of shared memory, bit 3 from a rescan of
+  // the whole logits row, bit 4 scores with 8 pipeline stages and 2 CTAs per
+  // SM instead of 5 and 3 (bits 2-4 give the same results as 0).
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

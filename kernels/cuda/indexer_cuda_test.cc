@@ -256,6 +256,9 @@ struct SelectCase {
   // Every head weight made negative: routed scores <= 0, the keys whose routed
   // dot products are all <= 0 tie at exactly 0 (ties broken by index).
   bool negative_weights = false;
+  // Most boundary swaps allowed (-1: 0.5% of the selected keys); 0 where the
+  // boundary is a tie of exact zeros, broken by lower index on both sides.
+  int max_swaps = -1;
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
@@ -329,6 +332,7 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
     ASSERT_GE(std::min<int64_t>(plan.keys_per_split, db.queries.max_context),
               SelectSeedMinKeys(p.topk));
   }
+  ASSERT_TRUE(plan.decode.enabled == (sc.kernel_version == 3));  // 3: the decode path
   DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
   ASSERT_TRUE(ws.ok());
   ASSERT_CUDA(LaunchSelect(p, plan, ws.get(), 0, &why));
@@ -353,6 +357,9 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   }
   // Boundary swaps are rounding ties: at most 0.5% of the selected keys.
   EXPECT_LE(swaps * 200, std::max(total, 200)) << swaps << " swaps of " << total;
+  if (sc.max_swaps >= 0) {
+    EXPECT_LE(swaps, sc.max_swaps) << "ties must break by lower index";
+  }
   std::printf("  %lld queries, %d selected, %d boundary swaps, splits %d\n", (long long)T, total,
               swaps, plan.splits);
 }
@@ -1556,6 +1563,231 @@ TEST(CudaBlockFilter, KeepsFirstLastAndBestBlocks) {
     }
     if (worst_kept < 1e300 && best_dropped > -1e300) {
       EXPECT_GE(worst_kept, best_dropped - 1e-4 * smax) << "seq " << s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The decode path (kernel_version 3; version 0 takes it for decode-shaped
+// launches): scoring into the workspace's logits, then the multi-CTA top-k.
+
+// One query per sequence at odd sizes: shorter than top-k, partial pages, a
+// query before the end of its keys, an empty sequence, mixed lengths.
+TEST(CudaSelect, DecodePathDenseOddSizes) {
+  SKIP_WITHOUT_GPU();
+  for (int topk : {2048, 300, 1}) {
+    for (bool sorted : {true, false}) {
+      SelectCase c;
+      c.lens = {1, 63, 64, 65, 2047, 2048, 2049, 5000, 12345, 3000, 700, 40000};
+      c.positions = {{0}, {62}, {63}, {64}, {2046}, {2047}, {2048}, {4999}, {12344},
+                     {1500}, {}, {39999}};
+      c.topk = topk;
+      c.sorted = sorted;
+      c.kernel_version = 3;
+      RunSelectCase(c, 200 + uint32_t(topk) + (sorted ? 1u : 0u));
+    }
+  }
+}
+
+// Masked MISA (the decode MISA launch) through the decode path; ties at
+// exactly 0 with negative weights: h = 8 (about 1/256 of the keys score 0,
+// more than top-k = 100 of them: the tie is the boundary) and h = 1 (half of
+// the keys score 0: the last bin overflows every candidate list and the
+// whole row is rescanned).
+TEST(CudaSelect, DecodePathMaskedMisaAndTies) {
+  SKIP_WITHOUT_GPU();
+  {
+    SelectCase c;
+    c.misa = true;
+    c.masked = true;
+    c.lens = {300, 3000, 10001, 40000};
+    c.positions = {{299}, {2999}, {10000}, {39999}};
+    c.kernel_version = 3;
+    RunSelectCase(c, 210);
+  }
+  for (int h : {8, 1}) {
+    for (int topk : {100, 2048}) {
+      SelectCase c;
+      c.misa = true;
+      c.masked = true;
+      c.h = h;
+      c.lens = {50000, 20011, 777};
+      c.positions = {{49999}, {20010}, {776}};
+      c.negative_weights = true;
+      c.topk = topk;
+      c.sorted = topk == 100;
+      c.kernel_version = 3;
+      // The boundary is inside the tie at 0 (h = 1 always; h = 8 at top-100).
+      c.max_swaps = (h == 1 || topk == 100) ? 0 : -1;
+      RunSelectCase(c, 220 + uint32_t(h) + uint32_t(topk));
+    }
+  }
+}
+
+// The last bin's candidates from shared memory (0), their global list (bit 2)
+// and a rescan of the row (bit 3), and the 8-stage scoring (bit 4): the same
+// selections.
+TEST(CudaSelect, DecodePathCandidateTiers) {
+  SKIP_WITHOUT_GPU();
+  for (int experiment : {0, 4, 8, 16}) {
+    SelectCase c;
+    c.lens = {70001, 129, 9000};
+    c.positions = {{70000}, {128}, {8999}};
+    c.kernel_version = 3;
+    c.experiment = experiment;
+    c.sorted = experiment != 4;
+    RunSelectCase(c, 230 + uint32_t(experiment));
+  }
+}
+
+// Routing: version 0 takes the decode path on decode-shaped launches only;
+// version 3 rejects other launches; scoring alone (bit 0) then the top-k
+// alone (bit 1) gives the full launch's rows.
+TEST(CudaSelect, DecodePathRoutingAndBreakdown) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(240);
+  const HostBatch hb = MakeBatch(rng, {5000, 30000}, 1024);
+  const HostQueries hq = MakeQueries(rng, {{4999}, {29999}});
+  DeviceBatch db(hb, hq);
+  DeviceBuffer<int32_t> out_a(2 * 2048), out_b(2 * 2048);
+  SelectParams p;
+  p.keys = db.keys;
+  p.queries = db.queries;
+  p.out = out_a.get();
+  SelectPlan plan;
+  ASSERT_CUDA(PlanSelectLaunch(p, &plan, nullptr));
+  EXPECT_TRUE(plan.decode.enabled);
+  SelectParams old = p;
+  old.kernel_version = 2;
+  SelectPlan oplan;
+  ASSERT_CUDA(PlanSelectLaunch(old, &oplan, nullptr));
+  EXPECT_FALSE(oplan.decode.enabled);
+  {
+    SelectParams two = p;
+    two.queries.max_queries_per_seq = 2;
+    SelectPlan tp;
+    ASSERT_CUDA(PlanSelectLaunch(two, &tp, nullptr));
+    EXPECT_FALSE(tp.decode.enabled);
+    two.kernel_version = 3;
+    EXPECT_EQ(PlanSelectLaunch(two, &tp, nullptr), cudaErrorInvalidValue);
+    SelectParams sync = p;
+    sync.use_wgmma = false;
+    ASSERT_CUDA(PlanSelectLaunch(sync, &tp, nullptr));
+    EXPECT_FALSE(tp.decode.enabled);
+    // A decode plan with old-path parameters, and the reverse, are rejected.
+    EXPECT_EQ(LaunchSelect(old, plan, out_b.get(), 0, nullptr), cudaErrorInvalidValue);
+    EXPECT_EQ(LaunchSelect(p, oplan, out_b.get(), 0, nullptr), cudaErrorInvalidValue);
+  }
+  DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+  ASSERT_CUDA(LaunchSelect(p, plan, ws.get(), 0, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto full = out_a.Download();
+  // Old path, same inputs: the same sets up to rounding swaps.
+  {
+    DeviceBuffer<uint8_t> ows(oplan.workspace_bytes);
+    old.out = out_b.get();
+    ASSERT_CUDA(LaunchSelect(old, oplan, ows.get(), 0, nullptr));
+    ASSERT_CUDA(cudaDeviceSynchronize());
+    const auto o = out_b.Download();
+    for (int t = 0; t < 2; ++t) {
+      std::set<int32_t> x(full.begin() + t * 2048, full.begin() + (t + 1) * 2048);
+      int same = 0;
+      for (int i = 0; i < 2048; ++i) same += int(x.count(o[size_t(t * 2048 + i)]));
+      EXPECT_GE(same, 2048 - 10) << "query " << t;
+    }
+  }
+  SelectParams br = p;
+  br.kernel_version = 3;
+  br.out = out_b.get();
+  cudaMemset(out_b.get(), 0x5a, out_b.bytes());
+  br.experiment = 1;
+  ASSERT_CUDA(LaunchSelect(br, plan, ws.get(), 0, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto untouched = out_b.Download();
+  EXPECT_EQ(untouched[0], 0x5a5a5a5a) << "scoring alone writes no row";
+  br.experiment = 2;
+  ASSERT_CUDA(LaunchSelect(br, plan, ws.get(), 0, nullptr));
+  ASSERT_CUDA(cudaDeviceSynchronize());
+  const auto split = out_b.Download();
+  for (int t = 0; t < 2; ++t) {
+    std::set<int32_t> x(full.begin() + t * 2048, full.begin() + (t + 1) * 2048);
+    std::set<int32_t> y(split.begin() + t * 2048, split.begin() + (t + 1) * 2048);
+    EXPECT_TRUE(x == y) << "query " << t;
+  }
+}
+
+// Per-sequence key lists (the block filter's output) through the decode path,
+// dense and masked MISA, with entries past the query's position.
+TEST(CudaSelect, DecodePathKeyLists) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(250);
+  const std::vector<int64_t> lens = {3000, 9000, 200, 7001, 64};
+  const HostBatch hb = MakeBatch(rng, lens, 1024);
+  const HostQueries hq = MakeQueries(rng, {{2999}, {8000}, {199}, {7000}, {63}});
+  DeviceBatch db(hb, hq);
+  const int64_t T = int64_t(hq.pos.size());
+  const int64_t stride = 6000;
+  std::vector<int32_t> klist(lens.size() * size_t(stride), -7), klen(lens.size());
+  for (size_t s = 0; s < lens.size(); ++s) {
+    std::vector<int32_t> keys;
+    for (int64_t b = 0; b * 128 < lens[s]; ++b) {
+      if (rng() % 3 != 0 && s != 4) continue;
+      const int64_t end = std::min<int64_t>((b + 1) * 128 - int64_t(rng() % 7), lens[s]);
+      for (int64_t k = b * 128; k < end; ++k) keys.push_back(int32_t(k));
+    }
+    if (int64_t(keys.size()) > stride) keys.resize(size_t(stride));
+    klen[s] = int32_t(keys.size());
+    std::copy(keys.begin(), keys.end(), klist.begin() + int64_t(s) * stride);
+  }
+  DeviceBuffer<int32_t> d_klist(klist), d_klen(klen);
+  for (int G : {64, 8}) {
+    std::vector<int32_t> heads(size_t(T) * G);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int e = 0; e < G; ++e) heads[size_t(t * G + e)] = G == kH ? e : 7 * e + int(t % 7);
+    }
+    DeviceBuffer<int32_t> d_heads(heads);
+    for (int topk : {2048, 500}) {
+      DeviceBuffer<int32_t> d_out(size_t(T) * topk);
+      SelectParams p;
+      p.keys = db.keys;
+      p.queries = db.queries;
+      p.rows_per_query = kH;
+      p.head_list = G == kH ? nullptr : d_heads.get();
+      p.masked_heads = G == kH ? 0 : G;
+      p.key_list = d_klist.get();
+      p.key_list_len = d_klen.get();
+      p.key_list_stride = stride;
+      p.max_key_list_len = *std::max_element(klen.begin(), klen.end());
+      p.topk = topk;
+      p.sorted = topk == 500;
+      p.out = d_out.get();
+      SelectPlan plan;
+      ASSERT_CUDA(PlanSelectLaunch(p, &plan, nullptr));
+      ASSERT_TRUE(plan.decode.enabled);
+      DeviceBuffer<uint8_t> ws(plan.workspace_bytes);
+      ASSERT_CUDA(LaunchSelect(p, plan, ws.get(), 0));
+      ASSERT_CUDA(cudaDeviceSynchronize());
+      const auto gpu = d_out.Download();
+      for (size_t s = 0; s < lens.size(); ++s) {
+        const int64_t t = hq.start[s];
+        const int64_t pos = hq.pos[size_t(t)];
+        std::vector<int32_t> vis;
+        for (int32_t i = 0; i < klen[s]; ++i) {
+          const int32_t k = klist[s * size_t(stride) + size_t(i)];
+          if (k <= pos) vis.push_back(k);
+        }
+        std::vector<float> ls(vis.size());
+        cpu::RoutedScores(hb.View(int(s)), hq.q8.data() + t * kH * kD, hq.w.data() + t * kH,
+                          heads.data() + t * G, G, vis.data(), int64_t(vis.size()), ls.data());
+        std::vector<int32_t> top(static_cast<size_t>(topk));
+        const int valid = cpu::TopK(ls.data(), int64_t(vis.size()), topk, top.data());
+        std::vector<int32_t> cpu_row(size_t(topk), -1);
+        for (int i = 0; i < valid; ++i) cpu_row[size_t(i)] = vis[size_t(top[size_t(i)])];
+        std::vector<float> scores(size_t(pos + 1), std::nanf(""));
+        for (size_t i = 0; i < vis.size(); ++i) scores[size_t(vis[i])] = ls[i];
+        CheckRow(gpu.data() + t * topk, cpu_row.data(), scores, pos, topk, p.sorted,
+                 "decode key list G=" + std::to_string(G) + " seq " + std::to_string(s), valid);
+      }
     }
   }
 }

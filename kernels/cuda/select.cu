@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/block_topk.cuh"
+#include "kernels/cuda/decode_select.h"
 #include "kernels/cuda/indexer_cuda.h"
 #include "kernels/cuda/select_kernel.h"
 
@@ -168,9 +169,10 @@ cudaError_t PlanSelectLaunch(const SelectParams& p, SelectPlan* plan, const char
   if (p.queries.num_seqs < 1 || p.queries.num_seqs > 65535 || p.queries.query_start == nullptr) {
     return Invalid(error, "queries.num_seqs must be in [1, 65535] with a query_start array");
   }
-  if (p.kernel_version < 0 || p.kernel_version > 2) {
-    return Invalid(error, "kernel_version must be 0 (choose), 1 or 2");
+  if (p.kernel_version < 0 || p.kernel_version > 3) {
+    return Invalid(error, "kernel_version must be 0 (choose), 1, 2 or 3 (decode path)");
   }
+  if (UseDecodePath(p)) return PlanDecodeSelectLaunch(p, DeviceSmCount(), plan, error);
   const bool v2 = ChooseVersion(p) == 2 && p.use_wgmma;
   if (p.key_list_per_query && (!v2 || p.key_list == nullptr)) {
     return Invalid(error, "key_list_per_query needs a key_list and kernel_version 0 or 2 with wgmma");
@@ -211,6 +213,9 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   }
   if (p.key_list != nullptr && p.key_list_len == nullptr) {
     return Invalid(error, "key_list given without key_list_len");
+  }
+  if (plan.decode.enabled || UseDecodePath(p)) {
+    return LaunchDecodeSelect(p, plan, workspace, stream, error);
   }
   const bool v2 = ChooseVersion(p) == 2 && p.use_wgmma;
   if (plan.list_cap != (p.topk > kSelectMaxTopk ? 4 * kSelectListCap : kSelectListCap) ||

@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cuda/decode_plan.h"
+
 namespace pd::kernels::cuda {
 
 // Fixed tile shape of the selection kernel (see select_kernel.cuh).
@@ -79,6 +81,9 @@ struct SelectPlan {
   size_t lists_offset = 0, lists_bytes = 0;
   size_t counts_offset = 0, counts_bytes = 0;
   size_t workspace_bytes = 0;
+  // The decode path (decode_plan.h; PlanSelectLaunch sets it for decode-shaped
+  // launches): the fields above are then unused and workspace_bytes is its size.
+  DecodeSelectPlan decode;
 };
 
 // Returns false (and leaves *plan untouched) when the input is out of range;
