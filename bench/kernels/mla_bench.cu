@@ -8,7 +8,9 @@
 // combinations), the first (mma.sync) kernel, and timing-only wgmma variants
 // that leave one side out (no producer: the consumers' time on zeroed buffers;
 // no consumer: the gather + dequantisation alone), with the default and the
-// named + prefetch schedule; the wgmma and mma.sync outputs of the same inputs are
+// named + prefetch schedule; the cluster-of-2 kernel (kWgmmaPair: the two CTAs of
+// a token share each block's gather and dequantisation) and its timing-only
+// variants; the wgmma, wgmma-pair and mma.sync outputs of the same inputs are
 // compared (relative L2) so a fast but wrong kernel shows up here too.
 // Prefill also runs over bf16 rows up-converted from the cache (the issue's
 // prefill path), timing the up-conversion of the whole context separately.
@@ -96,6 +98,7 @@ struct Variant {
 };
 const Variant kVariants[] = {
     {"wgmma", kc::SparseMlaImpl::kWgmma, 0, false},
+    {"wgmma-pair", kc::SparseMlaImpl::kWgmmaPair, 0, false},
     {"wgmma-plain", kc::SparseMlaImpl::kWgmma, 3, false},
     {"wgmma-late", kc::SparseMlaImpl::kWgmma, 4, false},
     {"wgmma-prefetch", kc::SparseMlaImpl::kWgmma, 5, false},
@@ -107,6 +110,8 @@ const Variant kVariants[] = {
     {"wgmma-no-consumer", kc::SparseMlaImpl::kWgmma, 2, true},
     {"named-pf-no-producer", kc::SparseMlaImpl::kWgmma, 9, true},
     {"named-pf-no-consumer", kc::SparseMlaImpl::kWgmma, 10, true},
+    {"pair-no-producer", kc::SparseMlaImpl::kWgmmaPair, 1, true},
+    {"pair-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 2, true},
 };
 
 struct Cache {
@@ -226,26 +231,35 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
                          .N("anchor_flashmla_h800_tflops", anchor_tflops)
                          .N("record_bytes", bytes));
   }
-  // Agreement of the two real kernels on the same inputs.
+  // Agreement of the real kernels on the same inputs (each against kWgmma).
   DeviceBuffer<float> out2(size_t(T) * H * 512);
   DeviceBuffer<double> sums(2);
-  if (!Selected("wgmma") || !Selected("mma.sync")) return;
+  if (!Selected("wgmma")) return;
   p.indices = idx[0].get();
   p.experiment = 0;
-  p.impl = kc::SparseMlaImpl::kWgmma;
-  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
-  p.impl = kc::SparseMlaImpl::kMmaSync;
-  p.out = out2.get();
-  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
-  PD_BENCH_CUDA(cudaMemset(sums.get(), 0, sums.bytes()));
-  DiffSums<<<528, 256>>>(out.get(), out2.get(), T * H * 512, sums.get());
-  PD_BENCH_CUDA(cudaDeviceSynchronize());
-  const std::vector<double> hs = sums.Download();
-  const double rel = std::sqrt(hs[0] / std::max(hs[1], 1e-300));
-  std::printf("%-8s wgmma vs mma.sync: relative L2 difference %.3g (both bf16 q/p)\n", name, rel);
-  g_rows.push_back(Row()
-                       .S("bench", std::string("sparse_mla_") + name + "_agreement")
-                       .N("rel_l2_wgmma_vs_mma_sync", rel));
+  for (const kc::SparseMlaImpl other : {kc::SparseMlaImpl::kWgmmaPair, kc::SparseMlaImpl::kMmaSync}) {
+    const bool is_pair = other == kc::SparseMlaImpl::kWgmmaPair;
+    if (!Selected(is_pair ? "wgmma-pair" : "mma.sync")) continue;
+    p.impl = kc::SparseMlaImpl::kWgmma;
+    p.out = out.get();
+    PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+    p.impl = other;
+    p.out = out2.get();
+    PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+    PD_BENCH_CUDA(cudaMemset(sums.get(), 0, sums.bytes()));
+    DiffSums<<<528, 256>>>(out.get(), out2.get(), T * H * 512, sums.get());
+    PD_BENCH_CUDA(cudaDeviceSynchronize());
+    const std::vector<double> hs = sums.Download();
+    const double rel = std::sqrt(hs[0] / std::max(hs[1], 1e-300));
+    std::printf("%-8s wgmma vs %s: relative L2 difference %.3g%s\n", name,
+                is_pair ? "wgmma-pair" : "mma.sync", rel,
+                is_pair ? " (same arithmetic: 0 expected)" : " (both bf16 q/p)");
+    g_rows.push_back(Row()
+                         .S("bench", std::string("sparse_mla_") + name + "_agreement")
+                         .N(is_pair ? "rel_l2_wgmma_vs_wgmma_pair" : "rel_l2_wgmma_vs_mma_sync",
+                            rel));
+  }
+  p.out = out.get();
   if (!causal || !Selected("wgmma-bf16-rows")) return;
   // Prefill over up-converted bf16 rows: the up-conversion of the whole
   // context, then the attention over the rows; compared with the FP8 path.

@@ -363,15 +363,35 @@ bool LayoutOk(const KvLayout& l) {
 constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false,
                                                      /*named=*/false};
 
-template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false>
+template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
+          bool kPair = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
-  auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16>;
+  auto* kernel =
+      mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16, kPair>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
   const int64_t ctas = p.num_queries * (p.heads / mla_internal::kRows);
-  kernel<<<unsigned(ctas), mla_internal::kThreads, sizeof(Smem), stream>>>(p);
+  if constexpr (kPair) {
+    // Clusters of 2 along x: head blocks 2k and 2k+1 of one token (heads / 64 is even).
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(unsigned(ctas));
+    config.blockDim = dim3(mla_internal::kThreads);
+    config.dynamicSmemBytes = sizeof(Smem);
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = 2;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, p);
+    if (launched != cudaSuccess) return launched;
+  } else {
+    kernel<<<unsigned(ctas), mla_internal::kThreads, sizeof(Smem), stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -388,8 +408,12 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   }
   if (p.topk < 0) return Invalid(error, "sparse MLA: topk must be >= 0");
   const bool mma_sync = p.impl == SparseMlaImpl::kMmaSync;
-  if (!mma_sync && p.impl != SparseMlaImpl::kAuto && p.impl != SparseMlaImpl::kWgmma) {
+  const bool pair = p.impl == SparseMlaImpl::kWgmmaPair;
+  if (!mma_sync && !pair && p.impl != SparseMlaImpl::kAuto && p.impl != SparseMlaImpl::kWgmma) {
     return Invalid(error, "sparse MLA: unknown impl");
+  }
+  if (pair && p.heads % (2 * kHB) != 0) {
+    return Invalid(error, "sparse MLA: impl kWgmmaPair needs heads to be a multiple of 128");
   }
   if (p.num_queries < 0 || (mma_sync && p.num_queries > 65535) ||
       p.num_queries * (p.heads / kHB) > int64_t(0x7fffffff)) {
@@ -397,8 +421,10 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "sparse MLA: num_queries must be >= 0, at most 65535 per launch for kMmaSync, "
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
-  if (p.experiment < 0 || p.experiment > 10 || (mma_sync && p.experiment != 0)) {
-    return Invalid(error, "sparse MLA: experiment must be 0, or 1..10 with kWgmma");
+  if (p.experiment < 0 || p.experiment > 10 || (mma_sync && p.experiment != 0) ||
+      (pair && p.experiment > 2)) {
+    return Invalid(error,
+                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, or 1..2 with kWgmmaPair");
   }
   if (p.num_queries == 0) return cudaSuccess;
   if (p.q_abs == nullptr || p.q_pe == nullptr || p.out == nullptr ||
@@ -411,11 +437,20 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   }
   if (p.bf16_rows != nullptr) {
     if (mma_sync || p.experiment != 0) {
-      return Invalid(error, "sparse MLA: bf16_rows needs impl kWgmma (or kAuto) and experiment 0");
+      return Invalid(error,
+                     "sparse MLA: bf16_rows needs impl kAuto, kWgmma or kWgmmaPair and experiment 0");
     }
     if (!Aligned16(p.bf16_rows)) return Invalid(error, "sparse MLA: bf16_rows must be 16-byte aligned");
     return LaunchWgmma<mla_internal::kVariantFull, false, false, kDefaultSchedule.named, true>(
         p, stream);
+  }
+  if (pair) {
+    using namespace mla_internal;
+    switch (p.experiment) {
+      case 1: return LaunchWgmma<kVariantNoProducer, false, false, false, false, true>(p, stream);
+      case 2: return LaunchWgmma<kVariantNoConsumer, false, false, false, false, true>(p, stream);
+      default: return LaunchWgmma<kVariantFull, false, false, false, false, true>(p, stream);
+    }
   }
   if (!mma_sync) {
     using namespace mla_internal;

@@ -29,6 +29,11 @@ enum class SparseMlaImpl : int {
   kAuto = 0,     // kWgmma
   kWgmma = 1,    // Hopper: warp-specialised gather/dequantise + wgmma, 64 heads per CTA
   kMmaSync = 2,  // the first version: mma.sync m16n8k16, 64 heads per CTA, no pipelining
+  // kWgmma with the two CTAs of a token's 64-head blocks 2k, 2k+1 in a cluster
+  // of 2 sharing each block's gather and dequantisation (each CTA gathers half
+  // the tokens and writes both CTAs' shared memory); heads a multiple of 128;
+  // with bf16_rows the kWgmma bf16-rows kernel runs.
+  kWgmmaPair = 3,
 };
 
 // Sparse attention for T query tokens x H heads (decode: a batch of requests
@@ -60,8 +65,8 @@ struct SparseMlaParams {
   // cache's num_tokens still bounds the indices). 16-byte aligned.
   const uint16_t* bf16_rows = nullptr;      // [rows, kv_lora_rank + rope_dim] bf16
   const int64_t* bf16_row_start = nullptr;  // [num_seqs]; nullptr = every sequence at row 0
-  // Benchmark-only (kWgmma); 0 = the default schedule. Timing only (results
-  // meaningless): 1 / 9 = the producer only signals (no gather or
+  // Benchmark-only (kWgmma; kWgmmaPair: 0-2); 0 = the default schedule. Timing
+  // only (results meaningless): 1 / 9 = the producer only signals (no gather or
   // dequantisation: the consumers' time), 2 / 10 = the consumers only release
   // buffers (the producer's time), with the default / the named + prefetch
   // schedule. Explicit schedules (valid results; mla_wgmma.cuh, Schedule):

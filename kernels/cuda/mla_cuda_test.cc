@@ -2,8 +2,8 @@
 // (cpu::WriteMlaCache, cpu::SparseMlaAttention, cpu::ReadMlaToken) on random
 // inputs: paged caches in shuffled pages, two sequences, -1 holes and
 // out-of-range indices, a token with no valid index, top-k larger than the
-// context and not a multiple of the 64-token block, 64 / 128 / 192 heads, both
-// implementations (kWgmma with each of its schedules, kMmaSync), and single-token
+// context and not a multiple of the 64-token block, 64 / 128 / 192 / 256 heads,
+// every implementation (kWgmma with each of its schedules, kWgmmaPair, kMmaSync), and single-token
 // attention that must reproduce the dequantised cache bit for bit (scales from
 // 2^-20 to 2^18). Label "gpu".
 #include <cuda_runtime.h>
@@ -149,7 +149,9 @@ struct AttnCase {
 };
 
 const char* ImplName(SparseMlaImpl impl) {
-  return impl == SparseMlaImpl::kMmaSync ? "mma.sync" : "wgmma";
+  return impl == SparseMlaImpl::kMmaSync     ? "mma.sync"
+         : impl == SparseMlaImpl::kWgmmaPair ? "wgmma-pair"
+                                             : "wgmma";
 }
 
 // Up-converts every sequence of `hm` (device copies d_pool, d_pt, d_lens) to
@@ -315,7 +317,8 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
 
 TEST(CudaMla, SparseAttentionMatchesCpu) {
   SKIP_WITHOUT_GPU();
-  for (SparseMlaImpl impl : {SparseMlaImpl::kWgmma, SparseMlaImpl::kMmaSync}) {
+  for (SparseMlaImpl impl :
+       {SparseMlaImpl::kWgmma, SparseMlaImpl::kWgmmaPair, SparseMlaImpl::kMmaSync}) {
     AttnCase ac;
     ac.impl = impl;
     for (int topk : {2048, 300, 37}) {
@@ -350,6 +353,31 @@ TEST(CudaMla, WgmmaHeadsAndEdges) {
   RunAttention(ac, 8u);
 }
 
+// The cluster-of-2 kernel's edges: 128 heads (one pair per token) and 256 (two
+// pairs), top-k 1 (only rank 0 gathers a valid token) / 33 (rank 1's half
+// partly filled) / 65 / 2048, out-of-range holes, a token with no valid index,
+// many tokens over several sequences, odd token counts.
+TEST(CudaMla, WgmmaPairHeadsAndEdges) {
+  SKIP_WITHOUT_GPU();
+  AttnCase ac;
+  ac.impl = SparseMlaImpl::kWgmmaPair;
+  ac.out_of_range = true;
+  for (int topk : {1, 33, 65, 2048}) {
+    ac.topk = topk;
+    RunAttention(ac, 200u + uint32_t(topk));
+  }
+  ac.heads = 256;
+  ac.topk = 129;
+  ac.lens = {3000, 90, 700};
+  ac.qcount = {9, 4, 6};
+  RunAttention(ac, 207u);
+  ac.heads = 128;
+  ac.topk = 512;
+  ac.lens = {1000, 2000, 64, 1};
+  ac.qcount = {40, 30, 21, 3};
+  RunAttention(ac, 208u);
+}
+
 // The alternative schedules of the wgmma kernel compute the same function.
 TEST(CudaMla, WgmmaSchedules) {
   SKIP_WITHOUT_GPU();
@@ -382,6 +410,10 @@ TEST(CudaMla, Bf16RowsMatchCpu) {
   ac.heads = 64;
   ac.topk = 300;
   RunAttention(ac, 45u);
+  ac.heads = 128;
+  ac.impl = SparseMlaImpl::kWgmmaPair;  // the bf16-rows kernel as well
+  ac.topk = 257;
+  RunAttention(ac, 46u);
 }
 
 // LaunchUpconvertMlaCache writes cpu::ReadMlaToken's values, rounded to bf16
@@ -433,7 +465,7 @@ TEST(CudaMla, UpconvertIsExact) {
 // e4m3 value times a power of two exactly), for every head; lse must equal the
 // scaled logit. The cache spans scales 2^-20..2^18 (both dequantisation paths),
 // all-zero groups and e4m3 subnormals.
-void SingleToken(bool bf16_rows) {
+void SingleToken(bool bf16_rows, SparseMlaImpl impl, int H) {
   std::mt19937 rng(11);
   const int64_t n = 700;
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -447,7 +479,7 @@ void SingleToken(bool bf16_rows) {
     // A wide spread inside the group puts small values on e4m3 subnormals.
     return m * nd(g) * (d % 5 == 0 ? 1e-3f : 1.0f);
   });
-  const int H = 64, topk = 130;
+  const int topk = 130;
   const int64_t T = n;
   std::vector<int32_t> perm(static_cast<size_t>(n));
   std::iota(perm.begin(), perm.end(), 0);
@@ -483,7 +515,7 @@ void SingleToken(bool bf16_rows) {
   p.softmax_scale = scale;
   p.out = d_out.get();
   p.lse = d_lse.get();
-  p.impl = SparseMlaImpl::kWgmma;
+  p.impl = impl;
   DeviceRows rows;
   if (bf16_rows) {
     rows = Upconvert(hm, d_pool.get(), d_pt.get(), d_lens.get());
@@ -533,9 +565,9 @@ void SingleToken(bool bf16_rows) {
       worst_lse = std::max(worst_lse, std::fabs(g_lse[size_t(qh)] - logit) / (1.0 + mag));
     }
   }
-  std::printf("  single-token%s: %zu mismatching values, %zu groups with scale > 2^15 read, "
-              "lse relative error %.3g\n", bf16_rows ? " (bf16 rows)" : "", mismatches, big_scale_tokens,
-              worst_lse);
+  std::printf("  single-token %s H=%d%s: %zu mismatching values, %zu groups with scale > 2^15 "
+              "read, lse relative error %.3g\n", ImplName(impl), H, bf16_rows ? " (bf16 rows)" : "",
+              mismatches, big_scale_tokens, worst_lse);
   std::fflush(stdout);
   EXPECT_EQ(mismatches, 0u);
   EXPECT_GT(big_scale_tokens, 0u);
@@ -544,8 +576,9 @@ void SingleToken(bool bf16_rows) {
 
 TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
   SKIP_WITHOUT_GPU();
-  SingleToken(false);
-  SingleToken(true);
+  SingleToken(false, SparseMlaImpl::kWgmma, 64);
+  SingleToken(true, SparseMlaImpl::kWgmma, 64);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128);
 }
 
 TEST(CudaMla, RejectsBadParameters) {
@@ -569,6 +602,15 @@ TEST(CudaMla, RejectsBadParameters) {
   p.impl = static_cast<SparseMlaImpl>(9);
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("impl") != std::string::npos) << why;
+  p.impl = SparseMlaImpl::kWgmmaPair;
+  p.heads = 192;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("multiple of 128") != std::string::npos) << why;
+  p.heads = 128;
+  p.experiment = 3;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
+  p.experiment = 0;
   p.impl = SparseMlaImpl::kMmaSync;
   p.num_queries = 70000;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);

@@ -96,6 +96,62 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// ------------------------------------------------ cluster (pair) helpers
+// The rank of this CTA in its cluster.
+__device__ __forceinline__ uint32_t ClusterRank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The shared::cluster address of the variable at shared::cta address `addr`
+// in the CTA of rank `rank` of this cluster.
+__device__ __forceinline__ uint32_t MapaShared(uint32_t addr, uint32_t rank) {
+  uint32_t d;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(d) : "r"(addr), "r"(rank));
+  return d;
+}
+__device__ __forceinline__ void StClusterV4(uint32_t addr, const uint4 v) {
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ void StClusterU8(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared::cluster.u8 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+// Arrives (release at cluster scope) on the mbarrier at shared::cluster
+// address `addr` (this CTA's or another's of the cluster).
+__device__ __forceinline__ void MbarArriveCluster(uint32_t addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(addr)
+               : "memory");
+}
+// MbarWait with acquire at cluster scope: for barriers that CTAs of the
+// cluster arrive on remotely.
+__device__ __forceinline__ void MbarWaitCluster(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "MLA_WAIT_CL:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra MLA_WAIT_CL;\n}\n" ::"r"(ptx::SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// Makes this CTA's mbarrier initialisations visible to the cluster.
+__device__ __forceinline__ void FenceMbarInitCluster() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Orders this thread's generic-proxy writes to shared::cluster memory (its
+// own CTA's and other CTAs') before later async-proxy (wgmma) reads.
+__device__ __forceinline__ void FenceProxyAsyncCluster() {
+  asm volatile("fence.proxy.async.shared::cluster;\n" ::: "memory");
+}
+// Every thread of every CTA of the cluster (also a CTA-wide barrier).
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
+}
+
 __device__ __forceinline__ void NamedSync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -246,6 +302,21 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 // late), makes the producer copy up-converted bf16 rows with cp.async
 // (nothing to dequantise; block b+1's copies fly while the consumers work on
 // block b) instead of gathering and dequantising the FP8 records.
+// A fifth, kPair (SparseMlaImpl::kWgmmaPair; FP8 records, plain mbarriers,
+// neither late nor prefetch nor named nor bf16): the two CTAs of a token's
+// 64-head blocks 2k and 2k+1 form a cluster of 2 and share each block's
+// gather and dequantisation. The producer of rank r gathers slots
+// [32 r, 32 r + 32) of every block (one token per thread: 4 threads x 16 of
+// every 64 bytes), dequantises them and stores the bf16 chunks into both
+// CTAs' buffers (st.shared::cluster for the peer's), and arrives on both
+// CTAs' k_ready; consumers arrive on both CTAs' k_free (each producer writes
+// into both buffers, so it waits for both CTAs' releases). Every barrier
+// phase thus counts 128 + 128 producer arrivals (k_ready) and 256 + 256
+// consumer arrivals (k_free). The producer also keeps block b+1's record
+// loads in flight (in registers) while it waits for block b's buffer and
+// dequantises block b. Both CTAs pass a cluster barrier after the barrier
+// initialisation (before any remote arrival) and before exiting (after the
+// last remote store or arrival into the peer).
 struct Schedule {
   bool late;
   bool prefetch;
@@ -255,9 +326,11 @@ struct Schedule {
 // Grid: num_queries * (heads / 64) CTAs, CTA x = query token x / (heads / 64),
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
-template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16>
+template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
   static_assert(!kBf16 || (kVariant == kVariantFull && !kLate), "bf16 rows: full, not late");
+  static_assert(!kPair || (!kLate && !kPrefetch && !kNamed && !kBf16),
+                "pair: plain mbarrier schedule over FP8 records");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -294,13 +367,19 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     }
   }
   if (tid == 0) {
-    MbarInit(&sm.k_ready[0], 128);
-    MbarInit(&sm.k_ready[1], 128);
-    MbarInit(&sm.k_free[0], 256);
-    MbarInit(&sm.k_free[1], 256);
+    constexpr uint32_t kCtas = kPair ? 2 : 1;
+    MbarInit(&sm.k_ready[0], 128 * kCtas);
+    MbarInit(&sm.k_ready[1], 128 * kCtas);
+    MbarInit(&sm.k_free[0], 256 * kCtas);
+    MbarInit(&sm.k_free[1], 256 * kCtas);
+    if constexpr (kPair) FenceMbarInitCluster();
   }
   ptx::FenceProxyAsync();  // Q is read by wgmma
-  __syncthreads();
+  if constexpr (kPair) {
+    ClusterSync();  // the peer's barriers are initialised before any remote arrival
+  } else {
+    __syncthreads();
+  }
 
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int lane = tid & 31, g = lane >> 2, c4 = lane & 3;
@@ -315,9 +394,18 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   // for the data itself. Named: every released block except the last two is
   // waited on by the producer, so arrivals and waits pair up.
   constexpr int kReadyThreads = kVariant == kVariantNoConsumer ? 384 : 256;
+  // Pair: the peer CTA's k_free barriers (consumers release into both CTAs).
+  uint32_t peer_free[2] = {0u, 0u};
+  if constexpr (kPair) {
+    const uint32_t peer = ClusterRank() ^ 1u;
+    peer_free[0] = MapaShared(ptx::SmemAddr(&sm.k_free[0]), peer);
+    peer_free[1] = MapaShared(ptx::SmemAddr(&sm.k_free[1]), peer);
+  }
   auto consumer_wait = [&](int b) {
     if constexpr (kNamed) {
       NamedSync(kBarReady0 + (b & 1), kReadyThreads);
+    } else if constexpr (kPair) {
+      MbarWaitCluster(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
     } else {
       MbarWait(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
     }
@@ -327,6 +415,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       if (b + 2 < nb) NamedArrive(kBarFree0 + (b & 1), 384);
     } else {
       MbarArrive(&sm.k_free[b & 1]);
+      if constexpr (kPair) MbarArriveCluster((b & 1) ? peer_free[1] : peer_free[0]);
     }
   };
 
@@ -534,9 +623,18 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     const int32_t* ptab = p.cache.page_table + seq * p.cache.page_table_stride;
     const int32_t* idx_row = p.indices + t * p.topk;
     const size_t page_bytes = size_t(kPageTokens) * kRecordBytes;
+    // Pair: the peer CTA's rank, k_ready barriers, buffers and valid flags.
+    uint32_t peer_ready[2] = {0u, 0u};
+    if constexpr (kPair) {
+      const uint32_t peer = ClusterRank() ^ 1u;
+      peer_ready[0] = MapaShared(ptx::SmemAddr(&sm.k_ready[0]), peer);
+      peer_ready[1] = MapaShared(ptx::SmemAddr(&sm.k_ready[1]), peer);
+    }
     auto producer_wait = [&](int b) {
       if constexpr (kNamed) {
         if (b >= 2) NamedSync(kBarFree0 + (b & 1), 384);
+      } else if constexpr (kPair) {
+        MbarWaitCluster(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);
       } else {
         MbarWait(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);
       }
@@ -546,6 +644,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         NamedArrive(kBarReady0 + (b & 1), kReadyThreads);
       } else {
         MbarArrive(&sm.k_ready[b & 1]);
+        if constexpr (kPair) MbarArriveCluster((b & 1) ? peer_ready[1] : peer_ready[0]);
       }
     };
     if constexpr (kVariant == kVariantNoProducer) {
@@ -576,6 +675,95 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         if (sub < 3) PrefetchL2(rec + (sub == 0 ? 512 : sub == 1 ? 640 : kRecordBytes - 1));
       }
     };
+    if constexpr (kPair && kVariant != kVariantNoProducer) {
+      // Thread pt gathers slot `slot` of every block: 16 bytes of each 64 of
+      // the record (column `sub`) plus its scales and a quarter of k_pe. The
+      // chain index (block b+2) -> page (b+1) -> record (b+1) runs ahead: block
+      // b+1's record loads are in flight while block b's buffer is waited for
+      // and block b is dequantised (two register sets, roles swapped per block).
+      const uint32_t peer = ClusterRank() ^ 1u;
+      const int slot = int(ClusterRank()) * 32 + slot0;
+      const uint32_t kv_local[2] = {ptx::SmemAddr(sm.kv[0]), ptx::SmemAddr(sm.kv[1])};
+      const uint32_t kv_peer[2] = {MapaShared(kv_local[0], peer), MapaShared(kv_local[1], peer)};
+      const uint32_t valid_peer[2] = {MapaShared(ptx::SmemAddr(&sm.valid[0][slot]), peer),
+                                      MapaShared(ptx::SmemAddr(&sm.valid[1][slot]), peer)};
+      struct Regs {
+        uint4 raw[8];
+        float4 sc;
+        uint4 pe[2];
+      };
+      auto index_at = [&](int b) -> int32_t {
+        const int i = b * kBlk + slot;
+        const int32_t idx = b < nb && i < p.topk ? __ldg(idx_row + i) : -1;
+        return idx >= 0 && idx < ntok ? idx : -1;
+      };
+      auto issue = [&](Regs& r, int32_t idx, int32_t page) {
+        if (idx >= 0) {
+          const uint8_t* rec = record(idx, page);
+#pragma unroll
+          for (int gi = 0; gi < 8; ++gi) {
+            r.raw[gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
+          }
+          r.sc = __ldg(reinterpret_cast<const float4*>(rec + kR));
+          r.pe[0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
+          r.pe[1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
+        }
+      };
+      // Chunk `chunk` of this thread's slot, into both CTAs' buffer `buf`.
+      auto store2 = [&](int buf, int chunk, const uint4 v) {
+        const uint32_t off = uint32_t(chunk * 64 + slot) * 16u;
+        *reinterpret_cast<uint4*>(sm.kv[buf] + off) = v;
+        StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, v);
+      };
+      int32_t idx_cur = index_at(0), idx_n1 = index_at(1), idx_n2 = index_at(2);
+      int32_t pg_n1 = load_page(idx_n1);
+      Regs ra, rb;
+      issue(ra, idx_cur, load_page(idx_cur));
+      // Block b from `cur` (loaded one step earlier); issues block b+1 into `nxt`.
+      auto step = [&](int b, Regs& cur, Regs& nxt) {
+        const int buf = b & 1;
+        issue(nxt, idx_n1, pg_n1);
+        const int32_t pg_n2 = load_page(idx_n2);
+        const int32_t idx_n3 = index_at(b + 3);
+        producer_wait(b);
+        if (idx_cur >= 0) {
+#pragma unroll
+          for (int gi = 0; gi < 8; ++gi) {
+            const float sgi = gi < 2 ? cur.sc.x : gi < 4 ? cur.sc.y : gi < 6 ? cur.sc.z : cur.sc.w;
+            uint4 lo, hi;
+            Dequant16(cur.raw[gi], sgi, lo, hi);
+            store2(buf, 8 * gi + 2 * sub, lo);
+            store2(buf, 8 * gi + 2 * sub + 1, hi);
+          }
+          store2(buf, kR / 8 + sub, cur.pe[0]);
+          store2(buf, kR / 8 + sub + 4, cur.pe[1]);
+        } else {
+          // Zeros: the slot's P is 0 and must not meet NaN bit patterns in V.
+          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+          for (int c = 0; c < 16; ++c) store2(buf, 8 * (c >> 1) + 2 * sub + (c & 1), z);
+          store2(buf, kR / 8 + sub, z);
+          store2(buf, kR / 8 + sub + 4, z);
+        }
+        if (sub == 0) {
+          sm.valid[buf][slot] = idx_cur >= 0 ? 1 : 0;
+          StClusterU8(buf ? valid_peer[1] : valid_peer[0], idx_cur >= 0 ? 1u : 0u);
+        }
+        ptx::FenceProxyAsync();
+        FenceProxyAsyncCluster();
+        producer_publish(b);
+        idx_cur = idx_n1;
+        idx_n1 = idx_n2;
+        pg_n1 = pg_n2;
+        idx_n2 = idx_n3;
+      };
+      for (int b = 0; b < nb; b += 2) {
+        step(b, ra, rb);
+        if (b + 1 < nb) step(b + 1, rb, ra);
+      }
+      ClusterSync();  // no remote store or arrival into the peer after it exits
+      return;
+    }
     if constexpr (kBf16) {
       // Up-converted rows: thread pt copies chunks [36 h, 36 h + 36) (h = pt / 64)
       // of slot j = pt % 64; a warp's copies of one chunk are 32 consecutive
@@ -696,6 +884,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       }
     }
   }
+  if constexpr (kPair) ClusterSync();  // every role but the pair producer's gather (above)
 }
 
 }  // namespace pd::kernels::cuda::mla_internal
