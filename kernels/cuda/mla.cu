@@ -362,13 +362,16 @@ bool LayoutOk(const KvLayout& l) {
 // schedules are benchmark variants until measured faster.
 constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false,
                                                      /*named=*/false};
+// The pair kernel's default (experiment 0 and the timing-only 2): without the
+// L2 prefetch ahead of the loads (experiments 4 and 5 have it).
+constexpr bool kPairPrefetch = false;
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
-          bool kPair = false>
+          bool kPair = false, bool kEarly = false, bool kWarpArrive = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
-  auto* kernel =
-      mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16, kPair>;
+  auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16,
+                                                    kPair, kEarly, kWarpArrive>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
@@ -408,13 +411,18 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   }
   if (p.topk < 0) return Invalid(error, "sparse MLA: topk must be >= 0");
   const bool mma_sync = p.impl == SparseMlaImpl::kMmaSync;
-  const bool pair = p.impl == SparseMlaImpl::kWgmmaPair;
-  if (!mma_sync && !pair && p.impl != SparseMlaImpl::kAuto && p.impl != SparseMlaImpl::kWgmma) {
+  const bool pair_asked = p.impl == SparseMlaImpl::kWgmmaPair;
+  if (!mma_sync && !pair_asked && p.impl != SparseMlaImpl::kAuto &&
+      p.impl != SparseMlaImpl::kWgmma) {
     return Invalid(error, "sparse MLA: unknown impl");
   }
-  if (pair && p.heads % (2 * kHB) != 0) {
+  if (pair_asked && p.heads % (2 * kHB) != 0) {
     return Invalid(error, "sparse MLA: impl kWgmmaPair needs heads to be a multiple of 128");
   }
+  // kAuto: the pair kernel where it applies (heads a multiple of 128, no
+  // benchmark experiment), else kWgmma.
+  const bool pair = pair_asked || (p.impl == SparseMlaImpl::kAuto && p.experiment == 0 &&
+                                   p.heads % (2 * kHB) == 0);
   if (p.num_queries < 0 || (mma_sync && p.num_queries > 65535) ||
       p.num_queries * (p.heads / kHB) > int64_t(0x7fffffff)) {
     return Invalid(error,
@@ -422,9 +430,15 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
   if (p.experiment < 0 || p.experiment > 10 || (mma_sync && p.experiment != 0) ||
-      (pair && p.experiment > 2)) {
+      (pair && p.experiment > 6)) {
     return Invalid(error,
-                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, or 1..2 with kWgmmaPair");
+                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, or 1..6 with kWgmmaPair");
+  }
+  if (p.bf16_rows != nullptr &&
+      (mma_sync || (p.experiment != 0 && !(pair && (p.experiment == 2 || p.experiment == 4))))) {
+    return Invalid(error,
+                   "sparse MLA: bf16_rows needs impl kAuto, kWgmma or kWgmmaPair and experiment 0 "
+                   "(kWgmmaPair: also 2 or 4)");
   }
   if (p.num_queries == 0) return cudaSuccess;
   if (p.q_abs == nullptr || p.q_pe == nullptr || p.out == nullptr ||
@@ -436,20 +450,29 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
     return Invalid(error, "sparse MLA: q_abs, q_pe and out must be 16-byte aligned");
   }
   if (p.bf16_rows != nullptr) {
-    if (mma_sync || p.experiment != 0) {
-      return Invalid(error,
-                     "sparse MLA: bf16_rows needs impl kAuto, kWgmma or kWgmmaPair and experiment 0");
-    }
     if (!Aligned16(p.bf16_rows)) return Invalid(error, "sparse MLA: bf16_rows must be 16-byte aligned");
+    if (pair) {
+      using namespace mla_internal;
+      switch (p.experiment) {
+        case 2: return LaunchWgmma<kVariantNoConsumer, false, kPairPrefetch, false, true, true>(p, stream);
+        case 4: return LaunchWgmma<kVariantFull, false, true, false, true, true>(p, stream);
+        default: return LaunchWgmma<kVariantFull, false, kPairPrefetch, false, true, true>(p, stream);
+      }
+    }
     return LaunchWgmma<mla_internal::kVariantFull, false, false, kDefaultSchedule.named, true>(
         p, stream);
   }
   if (pair) {
     using namespace mla_internal;
+    constexpr bool kP = kPairPrefetch;
     switch (p.experiment) {
       case 1: return LaunchWgmma<kVariantNoProducer, false, false, false, false, true>(p, stream);
-      case 2: return LaunchWgmma<kVariantNoConsumer, false, false, false, false, true>(p, stream);
-      default: return LaunchWgmma<kVariantFull, false, false, false, false, true>(p, stream);
+      case 2: return LaunchWgmma<kVariantNoConsumer, false, kP, false, false, true>(p, stream);
+      case 3: return LaunchWgmma<kVariantFull, false, false, false, false, true, true>(p, stream);
+      case 4: return LaunchWgmma<kVariantFull, false, true, false, false, true>(p, stream);
+      case 5: return LaunchWgmma<kVariantFull, false, true, false, false, true, true>(p, stream);
+      case 6: return LaunchWgmma<kVariantFull, false, kP, false, false, true, false, true>(p, stream);
+      default: return LaunchWgmma<kVariantFull, false, kP, false, false, true>(p, stream);
     }
   }
   if (!mma_sync) {

@@ -26,13 +26,13 @@ struct MlaCacheBatch {
 
 // Kernel choice for LaunchSparseMla.
 enum class SparseMlaImpl : int {
-  kAuto = 0,     // kWgmma
+  kAuto = 0,     // kWgmmaPair where heads is a multiple of 128 and experiment is 0, else kWgmma
   kWgmma = 1,    // Hopper: warp-specialised gather/dequantise + wgmma, 64 heads per CTA
   kMmaSync = 2,  // the first version: mma.sync m16n8k16, 64 heads per CTA, no pipelining
   // kWgmma with the two CTAs of a token's 64-head blocks 2k, 2k+1 in a cluster
   // of 2 sharing each block's gather and dequantisation (each CTA gathers half
   // the tokens and writes both CTAs' shared memory); heads a multiple of 128;
-  // with bf16_rows the kWgmma bf16-rows kernel runs.
+  // with bf16_rows each CTA copies half of every block's rows into both CTAs.
   kWgmmaPair = 3,
 };
 
@@ -58,20 +58,27 @@ struct SparseMlaParams {
   float* out = nullptr;                  // [T, H, kv_lora_rank] fp32
   float* lse = nullptr;                  // optional [T, H] natural-log sum-exp of the scaled logits
   SparseMlaImpl impl = SparseMlaImpl::kAuto;
-  // Optional, for prefill (kWgmma): the sequences' latents up-converted to
-  // bf16 rows by LaunchUpconvertMlaCache; token i of sequence s is row
-  // bf16_row_start[s] + i. The kernel then copies these 1152-byte rows with
-  // cp.async instead of gathering and dequantising the 656-byte records (the
+  // Optional, for prefill (kWgmma, kWgmmaPair, kAuto): the sequences'
+  // latents up-converted to bf16 rows by LaunchUpconvertMlaCache; token i of
+  // sequence s is row bf16_row_start[s] + i. The kernel then copies these
+  // 1152-byte rows (kWgmma: cp.async; kWgmmaPair: through registers into both
+  // CTAs) instead of gathering and dequantising the 656-byte records (the
   // cache's num_tokens still bounds the indices). 16-byte aligned.
   const uint16_t* bf16_rows = nullptr;      // [rows, kv_lora_rank + rope_dim] bf16
   const int64_t* bf16_row_start = nullptr;  // [num_seqs]; nullptr = every sequence at row 0
-  // Benchmark-only (kWgmma; kWgmmaPair: 0-2); 0 = the default schedule. Timing
-  // only (results meaningless): 1 / 9 = the producer only signals (no gather or
+  // Benchmark-only (kWgmma: 0-10; kWgmmaPair: 0-6; kAuto with a non-zero
+  // experiment means kWgmma); 0 = the default schedule. Timing only (results
+  // meaningless): 1 / 9 = the producer only signals (no gather or
   // dequantisation: the consumers' time), 2 / 10 = the consumers only release
   // buffers (the producer's time), with the default / the named + prefetch
-  // schedule. Explicit schedules (valid results; mla_wgmma.cuh, Schedule):
-  // 3 plain (mbarriers; the default), 4 late P hand-over, 5 L2 prefetch,
-  // 6 named barriers, 7 named + prefetch, 8 named + prefetch + late.
+  // schedule (kWgmmaPair: 1 / 2 of the pair kernel). Explicit kWgmma schedules
+  // (valid results; mla_wgmma.cuh, Schedule): 3 plain (mbarriers; the
+  // default), 4 late P hand-over, 5 L2 prefetch, 6 named barriers, 7 named +
+  // prefetch, 8 named + prefetch + late. kWgmmaPair (valid results): 3 the
+  // producer issues block 0's gather before the Q staging ("early"), 4 L2
+  // prefetch of the records (bf16 rows: the rows) ahead of their loads, 5 = 3 +
+  // 4, 6 one mbarrier arrival per warp. With bf16_rows: 0, and with
+  // kWgmmaPair also 2 and 4.
   int experiment = 0;
 };
 cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream,

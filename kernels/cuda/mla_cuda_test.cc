@@ -151,6 +151,7 @@ struct AttnCase {
 const char* ImplName(SparseMlaImpl impl) {
   return impl == SparseMlaImpl::kMmaSync     ? "mma.sync"
          : impl == SparseMlaImpl::kWgmmaPair ? "wgmma-pair"
+         : impl == SparseMlaImpl::kAuto      ? "auto"
                                              : "wgmma";
 }
 
@@ -356,26 +357,36 @@ TEST(CudaMla, WgmmaHeadsAndEdges) {
 // The cluster-of-2 kernel's edges: 128 heads (one pair per token) and 256 (two
 // pairs), top-k 1 (only rank 0 gathers a valid token) / 33 (rank 1's half
 // partly filled) / 65 / 2048, out-of-range holes, a token with no valid index,
-// many tokens over several sequences, odd token counts.
+// many tokens over several sequences, odd token counts; its default schedule,
+// the early gather start (experiment 3), the L2 prefetch ahead of the loads
+// (4), both (5), one mbarrier arrival per warp (6); kAuto (which picks it at 128 heads).
 TEST(CudaMla, WgmmaPairHeadsAndEdges) {
   SKIP_WITHOUT_GPU();
-  AttnCase ac;
-  ac.impl = SparseMlaImpl::kWgmmaPair;
-  ac.out_of_range = true;
-  for (int topk : {1, 33, 65, 2048}) {
-    ac.topk = topk;
-    RunAttention(ac, 200u + uint32_t(topk));
+  for (int e : {0, 3, 4, 5, 6}) {
+    AttnCase ac;
+    ac.impl = SparseMlaImpl::kWgmmaPair;
+    ac.experiment = e;
+    ac.out_of_range = true;
+    for (int topk : {1, 33, 65, 2048}) {
+      ac.topk = topk;
+      RunAttention(ac, 200u + uint32_t(topk) + uint32_t(e));
+    }
+    ac.heads = 256;
+    ac.topk = 129;
+    ac.lens = {3000, 90, 700};
+    ac.qcount = {9, 4, 6};
+    RunAttention(ac, 207u + uint32_t(e));
+    ac.heads = 128;
+    ac.topk = 512;
+    ac.lens = {1000, 2000, 64, 1};
+    ac.qcount = {40, 30, 21, 3};
+    RunAttention(ac, 208u + uint32_t(e));
   }
-  ac.heads = 256;
-  ac.topk = 129;
-  ac.lens = {3000, 90, 700};
-  ac.qcount = {9, 4, 6};
-  RunAttention(ac, 207u);
-  ac.heads = 128;
-  ac.topk = 512;
-  ac.lens = {1000, 2000, 64, 1};
-  ac.qcount = {40, 30, 21, 3};
-  RunAttention(ac, 208u);
+  AttnCase ac;
+  ac.impl = SparseMlaImpl::kAuto;
+  ac.out_of_range = true;
+  ac.topk = 700;
+  RunAttention(ac, 210u);
 }
 
 // The alternative schedules of the wgmma kernel compute the same function.
@@ -410,10 +421,34 @@ TEST(CudaMla, Bf16RowsMatchCpu) {
   ac.heads = 64;
   ac.topk = 300;
   RunAttention(ac, 45u);
+  // The pair kernel over bf16 rows (each CTA copies half of every block into
+  // both CTAs' buffers), with and without the L2 prefetch (experiment 4):
+  // top-k 1 (only rank 0's half holds a token), 33, 257, 2048, 256 heads (two
+  // pairs per token), many tokens; kAuto picks it at 128 heads.
   ac.heads = 128;
-  ac.impl = SparseMlaImpl::kWgmmaPair;  // the bf16-rows kernel as well
-  ac.topk = 257;
-  RunAttention(ac, 46u);
+  ac.impl = SparseMlaImpl::kWgmmaPair;
+  for (int e : {0, 4}) {
+    ac.experiment = e;
+    ac.heads = 128;
+    ac.lens = {3000, 500, 70};
+    ac.qcount = {6, 5, 3};
+    for (int topk : {1, 33, 257, 2048}) {
+      ac.topk = topk;
+      RunAttention(ac, 46u + uint32_t(topk) + uint32_t(e));
+    }
+    ac.heads = 256;
+    ac.topk = 129;
+    RunAttention(ac, 47u + uint32_t(e));
+    ac.heads = 128;
+    ac.topk = 512;
+    ac.lens = {1000, 2000, 64, 1};
+    ac.qcount = {40, 30, 21, 3};
+    RunAttention(ac, 48u + uint32_t(e));
+  }
+  ac.impl = SparseMlaImpl::kAuto;
+  ac.experiment = 0;
+  ac.topk = 700;
+  RunAttention(ac, 49u);
 }
 
 // LaunchUpconvertMlaCache writes cpu::ReadMlaToken's values, rounded to bf16
@@ -465,7 +500,7 @@ TEST(CudaMla, UpconvertIsExact) {
 // e4m3 value times a power of two exactly), for every head; lse must equal the
 // scaled logit. The cache spans scales 2^-20..2^18 (both dequantisation paths),
 // all-zero groups and e4m3 subnormals.
-void SingleToken(bool bf16_rows, SparseMlaImpl impl, int H) {
+void SingleToken(bool bf16_rows, SparseMlaImpl impl, int H, int experiment = 0) {
   std::mt19937 rng(11);
   const int64_t n = 700;
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -516,6 +551,7 @@ void SingleToken(bool bf16_rows, SparseMlaImpl impl, int H) {
   p.out = d_out.get();
   p.lse = d_lse.get();
   p.impl = impl;
+  p.experiment = experiment;
   DeviceRows rows;
   if (bf16_rows) {
     rows = Upconvert(hm, d_pool.get(), d_pt.get(), d_lens.get());
@@ -565,9 +601,9 @@ void SingleToken(bool bf16_rows, SparseMlaImpl impl, int H) {
       worst_lse = std::max(worst_lse, std::fabs(g_lse[size_t(qh)] - logit) / (1.0 + mag));
     }
   }
-  std::printf("  single-token %s H=%d%s: %zu mismatching values, %zu groups with scale > 2^15 "
-              "read, lse relative error %.3g\n", ImplName(impl), H, bf16_rows ? " (bf16 rows)" : "",
-              mismatches, big_scale_tokens, worst_lse);
+  std::printf("  single-token %s (experiment %d) H=%d%s: %zu mismatching values, %zu groups "
+              "with scale > 2^15 read, lse relative error %.3g\n", ImplName(impl), experiment, H,
+              bf16_rows ? " (bf16 rows)" : "", mismatches, big_scale_tokens, worst_lse);
   std::fflush(stdout);
   EXPECT_EQ(mismatches, 0u);
   EXPECT_GT(big_scale_tokens, 0u);
@@ -579,6 +615,11 @@ TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
   SingleToken(false, SparseMlaImpl::kWgmma, 64);
   SingleToken(true, SparseMlaImpl::kWgmma, 64);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 3);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 4);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 6);
+  SingleToken(true, SparseMlaImpl::kWgmmaPair, 128);
+  SingleToken(true, SparseMlaImpl::kWgmmaPair, 256, 4);
 }
 
 TEST(CudaMla, RejectsBadParameters) {
@@ -607,9 +648,20 @@ TEST(CudaMla, RejectsBadParameters) {
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("multiple of 128") != std::string::npos) << why;
   p.heads = 128;
-  p.experiment = 3;
+  p.experiment = 7;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
+  // bf16 rows: only experiments 0, 2 and 4 of the pair kernel, 0 of kWgmma.
+  p.bf16_rows = reinterpret_cast<const uint16_t*>(uintptr_t(256));
+  p.experiment = 3;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("bf16_rows") != std::string::npos) << why;
+  p.impl = SparseMlaImpl::kWgmma;
+  p.experiment = 4;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("bf16_rows") != std::string::npos) << why;
+  p.bf16_rows = nullptr;
+  p.impl = SparseMlaImpl::kWgmmaPair;
   p.experiment = 0;
   p.impl = SparseMlaImpl::kMmaSync;
   p.num_queries = 70000;

@@ -288,6 +288,69 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 
 // --------------------------------------------------------------------- kernel
 
+// The pair producer's registers for one token slot of one block: 16 bytes of
+// each 64 of the record's e4m3 values (column `sub`), the 4 scales, a quarter
+// of k_pe.
+struct PairRegs {
+  uint4 raw[8];
+  float4 sc;
+  uint4 pe[2];
+};
+
+// The pair producer thread's gather chain: token slot `slot` of every block
+// of query token t: index -> page -> record.
+struct PairGather {
+  const uint8_t* pool;
+  const int32_t* ptab;     // the sequence's page-table row
+  const int32_t* idx_row;  // indices[t, :]
+  int64_t ntok;
+  int topk, nb, slot, sub;
+
+  __device__ __forceinline__ PairGather(const SparseMlaParams& p, int64_t t, int blocks, int tid)
+      : pool(p.cache.pool), idx_row(p.indices + t * p.topk), topk(p.topk), nb(blocks) {
+    const int seq = p.query_seq != nullptr ? p.query_seq[t] : 0;
+    ntok = p.cache.num_tokens[seq];
+    ptab = p.cache.page_table + seq * p.cache.page_table_stride;
+    const int pt = tid - 2 * 128, lane = tid & 31;
+    slot = int(ClusterRank()) * 32 + (pt >> 5) * 8 + (lane & 7);
+    sub = lane >> 3;
+  }
+  // The slot's index in block b; -1 outside top-k, for -1 and for >= the
+  // sequence's length.
+  __device__ __forceinline__ int32_t Index(int b) const {
+    const int i = b * kBlk + slot;
+    const int32_t idx = b < nb && i < topk ? __ldg(idx_row + i) : -1;
+    return idx >= 0 && idx < ntok ? idx : -1;
+  }
+  __device__ __forceinline__ int32_t Page(int32_t idx) const {
+    return idx >= 0 ? __ldg(ptab + (idx >> 6)) : 0;
+  }
+  // Issues the loads of token idx's record (nothing for idx < 0).
+  __device__ __forceinline__ void Issue(PairRegs& r, int32_t idx, int32_t page) const {
+    if (idx >= 0) {
+      const uint8_t* rec = pool + size_t(page) * (size_t(kPageTokens) * kRecordBytes) +
+                           size_t(idx & 63) * kRecordBytes;
+#pragma unroll
+      for (int gi = 0; gi < 8; ++gi) {
+        r.raw[gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
+      }
+      r.sc = __ldg(reinterpret_cast<const float4*>(rec + kR));
+      r.pe[0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
+      r.pe[1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
+    }
+  }
+  // Prefetches token idx's record into L2 (every 128-byte line of it: offsets
+  // 0..640 and its last byte, over the token's 4 threads).
+  __device__ __forceinline__ void Prefetch(int32_t idx, int32_t page) const {
+    if (idx >= 0) {
+      const uint8_t* rec = pool + size_t(page) * (size_t(kPageTokens) * kRecordBytes) +
+                           size_t(idx & 63) * kRecordBytes;
+      PrefetchL2(rec + 128 * sub);
+      if (sub < 3) PrefetchL2(rec + (sub == 0 ? 512 : sub == 1 ? 640 : kRecordBytes - 1));
+    }
+  }
+};
+
 // Compile-time schedule of the kernel.
 //   late: WG0 hands block b's P to WG1 only after issuing block b+1's Q K^T, so
 //     the tensor pipe runs WG1's P V of block b while WG0 does block b+1's
@@ -302,8 +365,8 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 // late), makes the producer copy up-converted bf16 rows with cp.async
 // (nothing to dequantise; block b+1's copies fly while the consumers work on
 // block b) instead of gathering and dequantising the FP8 records.
-// A fifth, kPair (SparseMlaImpl::kWgmmaPair; FP8 records, plain mbarriers,
-// neither late nor prefetch nor named nor bf16): the two CTAs of a token's
+// A fifth, kPair (SparseMlaImpl::kWgmmaPair; plain mbarriers, neither late
+// nor named): the two CTAs of a token's
 // 64-head blocks 2k and 2k+1 form a cluster of 2 and share each block's
 // gather and dequantisation. The producer of rank r gathers slots
 // [32 r, 32 r + 32) of every block (one token per thread: 4 threads x 16 of
@@ -316,7 +379,13 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 // loads in flight (in registers) while it waits for block b's buffer and
 // dequantises block b. Both CTAs pass a cluster barrier after the barrier
 // initialisation (before any remote arrival) and before exiting (after the
-// last remote store or arrival into the peer).
+// last remote store or arrival into the peer). With kPrefetch the pair
+// producer also prefetches block b+3's records into L2 at block b; with kBf16
+// it copies its 32 rows of every block through registers into both CTAs'
+// buffers (no dequantisation), kPrefetch prefetching block b+2's rows. kEarly
+// (pair over FP8 only) issues the first index and page loads before the Q
+// staging. kWarpArrive (pair): one mbarrier arrival per warp (lane 0, after
+// __syncwarp) instead of one per thread: k_ready counts 4 + 4, k_free 8 + 8.
 struct Schedule {
   bool late;
   bool prefetch;
@@ -326,11 +395,15 @@ struct Schedule {
 // Grid: num_queries * (heads / 64) CTAs, CTA x = query token x / (heads / 64),
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
-template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair>
+template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair,
+          bool kEarly, bool kWarpArrive>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
-  static_assert(!kBf16 || (kVariant == kVariantFull && !kLate), "bf16 rows: full, not late");
-  static_assert(!kPair || (!kLate && !kPrefetch && !kNamed && !kBf16),
-                "pair: plain mbarrier schedule over FP8 records");
+  static_assert(!kBf16 || ((kVariant == kVariantFull || (kPair && kVariant == kVariantNoConsumer)) &&
+                            !kLate),
+                "bf16 rows: full (pair: also the producer alone), not late");
+  static_assert(!kPair || (!kLate && !kNamed), "pair: mbarrier schedule, no late hand-over");
+  static_assert(!kEarly || (kPair && !kBf16), "early gather start: pair over FP8 records only");
+  static_assert(!kWarpArrive || kPair, "one mbarrier arrival per warp: pair only");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -339,6 +412,28 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   const int h0 = int(blockIdx.x % head_blocks) * kRows;
   const int H = p.heads;
   const int nb = (p.topk + kBlk - 1) / kBlk;
+
+  // The pair producer's gather chain over FP8 records (threads 256..383): the
+  // indices of blocks 0-2 and the pages of blocks 0-1 (gather_indices; with
+  // kPrefetch also block 3's index and block 2's page), then block 0's record
+  // loads; with kEarly the index and page loads are issued before the Q
+  // staging (their two dependent round trips overlap it), otherwise at the
+  // start of the producer's loop.
+  constexpr bool kPairGather = kPair && !kBf16 && kVariant != kVariantNoProducer;
+  int32_t g_idx_cur = -1, g_idx_n1 = -1, g_idx_n2 = -1, g_idx_n3 = -1, g_pg_cur = 0, g_pg_n1 = 0,
+          g_pg_n2 = 0;
+  auto gather_indices = [&](const PairGather& g) {
+    g_idx_cur = g.Index(0);
+    g_idx_n1 = g.Index(1);
+    g_idx_n2 = g.Index(2);
+    if constexpr (kPrefetch) g_idx_n3 = g.Index(3);
+    g_pg_cur = g.Page(g_idx_cur);
+    g_pg_n1 = g.Page(g_idx_n1);
+    if constexpr (kPrefetch) g_pg_n2 = g.Page(g_idx_n2);
+  };
+  if constexpr (kPairGather && kEarly) {
+    if (tid >= 256) gather_indices(PairGather(p, t, nb, tid));
+  }
 
   // Q (fp32) -> bf16 tile; chunk-major so that a warp's stores are contiguous.
   // 12 chunks per thread, in two passes of 6 with every load issued first.
@@ -368,10 +463,11 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   }
   if (tid == 0) {
     constexpr uint32_t kCtas = kPair ? 2 : 1;
-    MbarInit(&sm.k_ready[0], 128 * kCtas);
-    MbarInit(&sm.k_ready[1], 128 * kCtas);
-    MbarInit(&sm.k_free[0], 256 * kCtas);
-    MbarInit(&sm.k_free[1], 256 * kCtas);
+    constexpr uint32_t kPer = kWarpArrive ? 32 : 1;  // threads per arrival
+    MbarInit(&sm.k_ready[0], 128 / kPer * kCtas);
+    MbarInit(&sm.k_ready[1], 128 / kPer * kCtas);
+    MbarInit(&sm.k_free[0], 256 / kPer * kCtas);
+    MbarInit(&sm.k_free[1], 256 / kPer * kCtas);
     if constexpr (kPair) FenceMbarInitCluster();
   }
   ptx::FenceProxyAsync();  // Q is read by wgmma
@@ -413,6 +509,13 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   auto consumer_release = [&](int b) {
     if constexpr (kNamed) {
       if (b + 2 < nb) NamedArrive(kBarFree0 + (b & 1), 384);
+    } else if constexpr (kWarpArrive) {
+      // One arrival per warp, after every lane is done with the buffer.
+      __syncwarp();
+      if ((tid & 31) == 0) {
+        MbarArrive(&sm.k_free[b & 1]);
+        MbarArriveCluster((b & 1) ? peer_free[1] : peer_free[0]);
+      }
     } else {
       MbarArrive(&sm.k_free[b & 1]);
       if constexpr (kPair) MbarArriveCluster((b & 1) ? peer_free[1] : peer_free[0]);
@@ -642,6 +745,14 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     auto producer_publish = [&](int b) {
       if constexpr (kNamed) {
         NamedArrive(kBarReady0 + (b & 1), kReadyThreads);
+      } else if constexpr (kWarpArrive) {
+        // One release per warp, after every lane's stores and proxy fences
+        // (__syncwarp orders them before lane 0's cumulative release).
+        __syncwarp();
+        if (lane == 0) {
+          MbarArrive(&sm.k_ready[b & 1]);
+          MbarArriveCluster((b & 1) ? peer_ready[1] : peer_ready[0]);
+        }
       } else {
         MbarArrive(&sm.k_ready[b & 1]);
         if constexpr (kPair) MbarArriveCluster((b & 1) ? peer_ready[1] : peer_ready[0]);
@@ -675,58 +786,112 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         if (sub < 3) PrefetchL2(rec + (sub == 0 ? 512 : sub == 1 ? 640 : kRecordBytes - 1));
       }
     };
-    if constexpr (kPair && kVariant != kVariantNoProducer) {
-      // Thread pt gathers slot `slot` of every block: 16 bytes of each 64 of
-      // the record (column `sub`) plus its scales and a quarter of k_pe. The
-      // chain index (block b+2) -> page (b+1) -> record (b+1) runs ahead: block
-      // b+1's record loads are in flight while block b's buffer is waited for
-      // and block b is dequantised (two register sets, roles swapped per block).
+    if constexpr (kPair && kBf16) {
+      // Pair over up-converted bf16 rows: thread pt copies chunks sub + 4k
+      // (k = 0..17) of slot `slot` of every block (the 4 threads of a slot read
+      // 64 contiguous bytes per k) through registers into both CTAs' buffers.
+      // Block b+1's loads are issued right after block b is published (they
+      // fly while the thread waits for block b+1's buffer); kPrefetch also
+      // prefetches block b+2's rows into L2 then.
+      const int slot = int(ClusterRank()) * 32 + (pt >> 5) * 8 + (lane & 7);
       const uint32_t peer = ClusterRank() ^ 1u;
-      const int slot = int(ClusterRank()) * 32 + slot0;
-      const uint32_t kv_local[2] = {ptx::SmemAddr(sm.kv[0]), ptx::SmemAddr(sm.kv[1])};
-      const uint32_t kv_peer[2] = {MapaShared(kv_local[0], peer), MapaShared(kv_local[1], peer)};
+      const uint32_t kv_peer[2] = {MapaShared(ptx::SmemAddr(sm.kv[0]), peer),
+                                   MapaShared(ptx::SmemAddr(sm.kv[1]), peer)};
       const uint32_t valid_peer[2] = {MapaShared(ptx::SmemAddr(&sm.valid[0][slot]), peer),
                                       MapaShared(ptx::SmemAddr(&sm.valid[1][slot]), peer)};
-      struct Regs {
-        uint4 raw[8];
-        float4 sc;
-        uint4 pe[2];
-      };
+      const int64_t row0 = p.bf16_row_start != nullptr ? p.bf16_row_start[seq] : 0;
+      const uint8_t* rows = reinterpret_cast<const uint8_t*>(p.bf16_rows + row0 * kW);
       auto index_at = [&](int b) -> int32_t {
         const int i = b * kBlk + slot;
         const int32_t idx = b < nb && i < p.topk ? __ldg(idx_row + i) : -1;
         return idx >= 0 && idx < ntok ? idx : -1;
       };
-      auto issue = [&](Regs& r, int32_t idx, int32_t page) {
+      constexpr int kPer = kChunks / 4;  // 18
+      uint4 r[kPer];
+      auto issue = [&](int32_t idx) {
         if (idx >= 0) {
-          const uint8_t* rec = record(idx, page);
+          const uint8_t* src = rows + int64_t(idx) * (kW * 2) + 16 * sub;
 #pragma unroll
-          for (int gi = 0; gi < 8; ++gi) {
-            r.raw[gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
-          }
-          r.sc = __ldg(reinterpret_cast<const float4*>(rec + kR));
-          r.pe[0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
-          r.pe[1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
+          for (int k = 0; k < kPer; ++k) r[k] = __ldg(reinterpret_cast<const uint4*>(src + 64 * k));
+        } else {
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) r[k] = make_uint4(0u, 0u, 0u, 0u);
         }
       };
+      // The row's 9 lines (1152 bytes from a 128-byte aligned row start).
+      auto prefetch_row = [&](int32_t idx) {
+        if (idx >= 0) {
+          const uint8_t* src = rows + int64_t(idx) * (kW * 2);
+          PrefetchL2(src + 128 * sub);
+          PrefetchL2(src + 128 * (sub + 4));
+          if (sub == 0) PrefetchL2(src + 1024);
+        }
+      };
+      int32_t idx_cur = index_at(0), idx_n1 = index_at(1), idx_n2 = index_at(2);
+      issue(idx_cur);
+      if constexpr (kPrefetch) prefetch_row(idx_n1);
+      for (int b = 0; b < nb; ++b) {
+        const int buf = b & 1;
+        const int32_t idx_n3 = index_at(b + 3);
+        producer_wait(b);
+        const uint32_t base = uint32_t(slot) * 16u;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const uint32_t off = base + uint32_t(sub + 4 * k) * 64u * 16u;
+          *reinterpret_cast<uint4*>(sm.kv[buf] + off) = r[k];
+          StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, r[k]);
+        }
+        if (sub == 0) {
+          sm.valid[buf][slot] = idx_cur >= 0 ? 1 : 0;
+          StClusterU8(buf ? valid_peer[1] : valid_peer[0], idx_cur >= 0 ? 1u : 0u);
+        }
+        ptx::FenceProxyAsync();
+        FenceProxyAsyncCluster();
+        producer_publish(b);
+        issue(idx_n1);
+        if constexpr (kPrefetch) prefetch_row(idx_n2);
+        idx_cur = idx_n1;
+        idx_n1 = idx_n2;
+        idx_n2 = idx_n3;
+      }
+      ClusterSync();  // no remote store or arrival into the peer after it exits
+      return;
+    }
+    if constexpr (kPairGather) {
+      // Thread pt gathers slot `slot` of every block (PairGather). The chain
+      // index (block b+2) -> page (b+1) -> record (b+1) runs ahead: block b+1's
+      // record loads are in flight while block b's buffer is waited for and
+      // block b is dequantised (two register sets, roles swapped per block).
+      // kPrefetch: block b+3's records are prefetched into L2 at step b (two
+      // steps before their loads), the chain one block longer (index b+4 ->
+      // page b+3).
+      const PairGather g(p, t, nb, tid);
+      if constexpr (!kEarly) gather_indices(g);
+      PairRegs ra, rb;
+      g.Issue(ra, g_idx_cur, g_pg_cur);
+      if constexpr (kPrefetch) g.Prefetch(g_idx_n2, g_pg_n2);
+      const int slot = g.slot;
+      const uint32_t peer = ClusterRank() ^ 1u;
+      const uint32_t kv_peer[2] = {MapaShared(ptx::SmemAddr(sm.kv[0]), peer),
+                                   MapaShared(ptx::SmemAddr(sm.kv[1]), peer)};
+      const uint32_t valid_peer[2] = {MapaShared(ptx::SmemAddr(&sm.valid[0][slot]), peer),
+                                      MapaShared(ptx::SmemAddr(&sm.valid[1][slot]), peer)};
       // Chunk `chunk` of this thread's slot, into both CTAs' buffer `buf`.
       auto store2 = [&](int buf, int chunk, const uint4 v) {
         const uint32_t off = uint32_t(chunk * 64 + slot) * 16u;
         *reinterpret_cast<uint4*>(sm.kv[buf] + off) = v;
         StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, v);
       };
-      int32_t idx_cur = index_at(0), idx_n1 = index_at(1), idx_n2 = index_at(2);
-      int32_t pg_n1 = load_page(idx_n1);
-      Regs ra, rb;
-      issue(ra, idx_cur, load_page(idx_cur));
       // Block b from `cur` (loaded one step earlier); issues block b+1 into `nxt`.
-      auto step = [&](int b, Regs& cur, Regs& nxt) {
+      auto step = [&](int b, PairRegs& cur, PairRegs& nxt) {
         const int buf = b & 1;
-        issue(nxt, idx_n1, pg_n1);
-        const int32_t pg_n2 = load_page(idx_n2);
-        const int32_t idx_n3 = index_at(b + 3);
+        g.Issue(nxt, g_idx_n1, g_pg_n1);
+        // Without kPrefetch: pg_next = page of b+2, idx_next = index of b+3;
+        // with it: page of b+3, index of b+4.
+        const int32_t pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
+        const int32_t idx_next = g.Index(b + (kPrefetch ? 4 : 3));
         producer_wait(b);
-        if (idx_cur >= 0) {
+        if (g_idx_cur >= 0) {
 #pragma unroll
           for (int gi = 0; gi < 8; ++gi) {
             const float sgi = gi < 2 ? cur.sc.x : gi < 4 ? cur.sc.y : gi < 6 ? cur.sc.z : cur.sc.w;
@@ -746,16 +911,24 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           store2(buf, kR / 8 + sub + 4, z);
         }
         if (sub == 0) {
-          sm.valid[buf][slot] = idx_cur >= 0 ? 1 : 0;
-          StClusterU8(buf ? valid_peer[1] : valid_peer[0], idx_cur >= 0 ? 1u : 0u);
+          sm.valid[buf][slot] = g_idx_cur >= 0 ? 1 : 0;
+          StClusterU8(buf ? valid_peer[1] : valid_peer[0], g_idx_cur >= 0 ? 1u : 0u);
         }
         ptx::FenceProxyAsync();
         FenceProxyAsyncCluster();
         producer_publish(b);
-        idx_cur = idx_n1;
-        idx_n1 = idx_n2;
-        pg_n1 = pg_n2;
-        idx_n2 = idx_n3;
+        g_idx_cur = g_idx_n1;
+        g_idx_n1 = g_idx_n2;
+        if constexpr (kPrefetch) {
+          g.Prefetch(g_idx_n3, pg_next);
+          g_pg_n1 = g_pg_n2;
+          g_pg_n2 = pg_next;
+          g_idx_n2 = g_idx_n3;
+          g_idx_n3 = idx_next;
+        } else {
+          g_pg_n1 = pg_next;
+          g_idx_n2 = idx_next;
+        }
       };
       for (int b = 0; b < nb; b += 2) {
         step(b, ra, rb);
