@@ -111,7 +111,9 @@ const Variant kVariants[] = {
     {"wgmma-pair-early", kc::SparseMlaImpl::kWgmmaPair, 3, false},
     {"wgmma-pair-prefetch", kc::SparseMlaImpl::kWgmmaPair, 4, false},
     {"wgmma-pair-early-pf", kc::SparseMlaImpl::kWgmmaPair, 5, false},
-    {"wgmma-pair-warp-arrive", kc::SparseMlaImpl::kWgmmaPair, 6, false},
+    {"wgmma-pair-async", kc::SparseMlaImpl::kWgmmaPair, 6, false},
+    {"wgmma-pair-async-e-pf", kc::SparseMlaImpl::kWgmmaPair, 7, false},
+    {"auto", kc::SparseMlaImpl::kAuto, 0, false},
     {"wgmma-plain", kc::SparseMlaImpl::kWgmma, 3, false},
     {"wgmma-late", kc::SparseMlaImpl::kWgmma, 4, false},
     {"wgmma-prefetch", kc::SparseMlaImpl::kWgmma, 5, false},
@@ -125,6 +127,7 @@ const Variant kVariants[] = {
     {"named-pf-no-consumer", kc::SparseMlaImpl::kWgmma, 10, true},
     {"pair-no-producer", kc::SparseMlaImpl::kWgmmaPair, 1, true},
     {"pair-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 2, true},
+    {"pair-e-pf-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 8, true},
 };
 
 struct Cache {
@@ -289,7 +292,7 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
   const Bf16Variant bf16_variants[] = {
       {"wgmma-bf16-rows", kc::SparseMlaImpl::kWgmma, 0, false},
       {"pair-bf16-rows", kc::SparseMlaImpl::kWgmmaPair, 0, false},
-      {"pair-bf16-rows-pf", kc::SparseMlaImpl::kWgmmaPair, 4, false},
+      {"pair-bf16-rows-r1pf", kc::SparseMlaImpl::kWgmmaPair, 4, false},
       {"pair-bf16-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 2, true},
   };
   bool any = false;

@@ -39,9 +39,9 @@ for f in Rejects WgmmaPairHeadsAndEdges Bf16Rows SingleToken SparseAttentionMatc
 done
 
 # 2. Every variant, decode and prefill (FP8 records; prefill also bf16 rows).
-V=wgmma,wgmma-pair,wgmma-pair-early,wgmma-pair-prefetch,wgmma-pair-early-pf,wgmma-pair-warp-arrive
-V=$V,pair-no-producer,pair-no-consumer,wgmma-no-producer,wgmma-no-consumer
-V=$V,wgmma-bf16-rows,pair-bf16-rows,pair-bf16-rows-pf,pair-bf16-no-consumer
+V=wgmma,wgmma-pair,wgmma-pair-early,wgmma-pair-prefetch,wgmma-pair-early-pf,wgmma-pair-async
+V=$V,wgmma-pair-async-e-pf,auto,pair-no-producer,pair-no-consumer,pair-e-pf-no-consumer
+V=$V,wgmma-bf16-rows,pair-bf16-rows,pair-bf16-rows-r1pf,pair-bf16-no-consumer
 left bench && timeout -k 3 ${BENCH_S:-40} "$B_MLA" --json "$OUT/mla_bench.json" --variants $V
 echo "bench rc=$? at ${SECONDS}s"
 
@@ -56,14 +56,14 @@ fi
 for k in 512 128; do
   left "topk $k" || continue
   timeout -k 3 15 "$B_MLA" --json "$OUT/mla_bench_topk$k.json" --cases decode --topk $k \
-    --variants wgmma-pair,pair-no-producer,pair-no-consumer
+    --variants wgmma-pair-early-pf,auto,pair-no-producer,pair-no-consumer
   echo "topk $k rc=$? at ${SECONDS}s"
 done
 
-# 5. Nsight Compute on the pair kernel's decode: full, and its producer alone.
+# 5. Nsight Compute on the default kernel's decode (kAuto), and its producer alone.
 if [ "${NCU:-0}" = 1 ] && command -v ncu > /dev/null; then
   mkdir -p /tmp/ncu
-  for v in wgmma-pair pair-no-consumer; do
+  for v in auto pair-no-consumer; do
     left "ncu $v" || continue
     timeout -k 3 ${NCU_S:-45} ncu --clock-control none --launch-skip 2 --launch-count 1 \
       -k regex:SparseMlaWgmma --section SpeedOfLight --section WarpStateStats \

@@ -362,16 +362,17 @@ bool LayoutOk(const KvLayout& l) {
 // schedules are benchmark variants until measured faster.
 constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false,
                                                      /*named=*/false};
-// The pair kernel's default (experiment 0 and the timing-only 2): without the
-// L2 prefetch ahead of the loads (experiments 4 and 5 have it).
-constexpr bool kPairPrefetch = false;
+// The pair kernel's default (experiment 0 and the timing-only 2): st.async
+// hand-over, early gather start, L2 prefetch ahead of the loads (bf16 rows:
+// st.async and prefetch).
+constexpr bool kPairAsync = true, kPairEarly = true, kPairPrefetch = true;
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
-          bool kPair = false, bool kEarly = false, bool kWarpArrive = false>
+          bool kPair = false, bool kEarly = false, bool kAsync = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
   auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16,
-                                                    kPair, kEarly, kWarpArrive>;
+                                                    kPair, kEarly, kAsync>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
@@ -430,9 +431,9 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
   if (p.experiment < 0 || p.experiment > 10 || (mma_sync && p.experiment != 0) ||
-      (pair && p.experiment > 6)) {
+      (pair && p.experiment > 8)) {
     return Invalid(error,
-                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, or 1..6 with kWgmmaPair");
+                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, or 1..8 with kWgmmaPair");
   }
   if (p.bf16_rows != nullptr &&
       (mma_sync || (p.experiment != 0 && !(pair && (p.experiment == 2 || p.experiment == 4))))) {
@@ -453,10 +454,11 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
     if (!Aligned16(p.bf16_rows)) return Invalid(error, "sparse MLA: bf16_rows must be 16-byte aligned");
     if (pair) {
       using namespace mla_internal;
+      constexpr bool kP = kPairPrefetch, kA = kPairAsync;
       switch (p.experiment) {
-        case 2: return LaunchWgmma<kVariantNoConsumer, false, kPairPrefetch, false, true, true>(p, stream);
+        case 2: return LaunchWgmma<kVariantNoConsumer, false, kP, false, true, true, false, kA>(p, stream);
         case 4: return LaunchWgmma<kVariantFull, false, true, false, true, true>(p, stream);
-        default: return LaunchWgmma<kVariantFull, false, kPairPrefetch, false, true, true>(p, stream);
+        default: return LaunchWgmma<kVariantFull, false, kP, false, true, true, false, kA>(p, stream);
       }
     }
     return LaunchWgmma<mla_internal::kVariantFull, false, false, kDefaultSchedule.named, true>(
@@ -464,15 +466,17 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   }
   if (pair) {
     using namespace mla_internal;
-    constexpr bool kP = kPairPrefetch;
+    constexpr bool kP = kPairPrefetch, kE = kPairEarly, kA = kPairAsync;
     switch (p.experiment) {
       case 1: return LaunchWgmma<kVariantNoProducer, false, false, false, false, true>(p, stream);
-      case 2: return LaunchWgmma<kVariantNoConsumer, false, kP, false, false, true>(p, stream);
+      case 2: return LaunchWgmma<kVariantNoConsumer, false, kP, false, false, true, kE, kA>(p, stream);
       case 3: return LaunchWgmma<kVariantFull, false, false, false, false, true, true>(p, stream);
       case 4: return LaunchWgmma<kVariantFull, false, true, false, false, true>(p, stream);
       case 5: return LaunchWgmma<kVariantFull, false, true, false, false, true, true>(p, stream);
-      case 6: return LaunchWgmma<kVariantFull, false, kP, false, false, true, false, true>(p, stream);
-      default: return LaunchWgmma<kVariantFull, false, kP, false, false, true>(p, stream);
+      case 6: return LaunchWgmma<kVariantFull, false, false, false, false, true, false, true>(p, stream);
+      case 7: return LaunchWgmma<kVariantFull, false, true, false, false, true, true, true>(p, stream);
+      case 8: return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true>(p, stream);
+      default: return LaunchWgmma<kVariantFull, false, kP, false, false, true, kE, kA>(p, stream);
     }
   }
   if (!mma_sync) {

@@ -359,10 +359,10 @@ TEST(CudaMla, WgmmaHeadsAndEdges) {
 // partly filled) / 65 / 2048, out-of-range holes, a token with no valid index,
 // many tokens over several sequences, odd token counts; its default schedule,
 // the early gather start (experiment 3), the L2 prefetch ahead of the loads
-// (4), both (5), one mbarrier arrival per warp (6); kAuto (which picks it at 128 heads).
+// (4), both (5), the st.async hand-over (6), with early + prefetch (7); kAuto (which picks it at 128 heads).
 TEST(CudaMla, WgmmaPairHeadsAndEdges) {
   SKIP_WITHOUT_GPU();
-  for (int e : {0, 3, 4, 5, 6}) {
+  for (int e : {0, 3, 4, 5, 6, 7}) {
     AttnCase ac;
     ac.impl = SparseMlaImpl::kWgmmaPair;
     ac.experiment = e;
@@ -618,6 +618,8 @@ TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 3);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 4);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 6);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 7);
+  SingleToken(false, SparseMlaImpl::kAuto, 128);
   SingleToken(true, SparseMlaImpl::kWgmmaPair, 128);
   SingleToken(true, SparseMlaImpl::kWgmmaPair, 256, 4);
 }
@@ -648,7 +650,7 @@ TEST(CudaMla, RejectsBadParameters) {
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("multiple of 128") != std::string::npos) << why;
   p.heads = 128;
-  p.experiment = 7;
+  p.experiment = 9;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
   // bf16 rows: only experiments 0, 2 and 4 of the pair kernel, 0 of kWgmma.

@@ -135,6 +135,29 @@ __device__ __forceinline__ void MbarWaitCluster(uint64_t* bar, uint32_t parity) 
       "r"(parity)
       : "memory");
 }
+// Asynchronous 16-byte store to shared::cluster address `addr` (this CTA's or
+// the peer's), completing 16 bytes (complete_tx, release at cluster scope) on
+// the mbarrier at shared::cluster address `mbar` of the same CTA as `addr`. No
+// fence: the waiter sees the data once the barrier's phase completes.
+__device__ __forceinline__ void StAsyncV4(uint32_t addr, const uint4 v, uint32_t mbar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(addr),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(mbar)
+      : "memory");
+}
+// Arrives on this CTA's mbarrier and raises its expected transaction bytes.
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   ptx::SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// Arrives on an mbarrier at a shared::cluster address with the default
+// semantics (release at CTA scope; a buffer release: nothing written to publish).
+__device__ __forceinline__ void MbarArriveRemote(uint32_t addr) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(addr) : "memory");
+}
 // Makes this CTA's mbarrier initialisations visible to the cluster.
 __device__ __forceinline__ void FenceMbarInitCluster() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -322,6 +345,13 @@ struct PairGather {
     const int32_t idx = b < nb && i < topk ? __ldg(idx_row + i) : -1;
     return idx >= 0 && idx < ntok ? idx : -1;
   }
+  // The same for the peer's slot (slot ^ 32), whose valid flag this thread
+  // writes with kAsync.
+  __device__ __forceinline__ int32_t IndexPeer(int b) const {
+    const int i = b * kBlk + (slot ^ 32);
+    const int32_t idx = b < nb && i < topk ? __ldg(idx_row + i) : -1;
+    return idx >= 0 && idx < ntok ? idx : -1;
+  }
   __device__ __forceinline__ int32_t Page(int32_t idx) const {
     return idx >= 0 ? __ldg(ptab + (idx >> 6)) : 0;
   }
@@ -384,8 +414,15 @@ struct PairGather {
 // it copies its 32 rows of every block through registers into both CTAs'
 // buffers (no dequantisation), kPrefetch prefetching block b+2's rows. kEarly
 // (pair over FP8 only) issues the first index and page loads before the Q
-// staging. kWarpArrive (pair): one mbarrier arrival per warp (lane 0, after
-// __syncwarp) instead of one per thread: k_ready counts 4 + 4, k_free 8 + 8.
+// staging. kAsync (pair): the producers write the tiles of both CTAs with
+// st.async (completion counted in bytes on the target CTA's k_ready) instead
+// of st.shared[::cluster] + proxy fences + release.cluster arrivals, whose
+// fences waited for the producer's own record loads in flight (ncu, run 1:
+// CCTL.IVALL of the acquire.cluster wait and ERRBAR of the release.cluster
+// arrive); k_ready counts the 4 local producer warps (warp 0 also expects the
+// 73728 bytes), each CTA writes all 64 valid flags itself (the peer's slots
+// from their indices), waits are CTA-scope (no L1 invalidation) and the
+// consumers fence the async proxy after their k_ready wait.
 struct Schedule {
   bool late;
   bool prefetch;
@@ -396,14 +433,15 @@ struct Schedule {
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair,
-          bool kEarly, bool kWarpArrive>
+          bool kEarly, bool kAsync>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
   static_assert(!kBf16 || ((kVariant == kVariantFull || (kPair && kVariant == kVariantNoConsumer)) &&
                             !kLate),
                 "bf16 rows: full (pair: also the producer alone), not late");
   static_assert(!kPair || (!kLate && !kNamed), "pair: mbarrier schedule, no late hand-over");
   static_assert(!kEarly || (kPair && !kBf16), "early gather start: pair over FP8 records only");
-  static_assert(!kWarpArrive || kPair, "one mbarrier arrival per warp: pair only");
+  static_assert(!kAsync || (kPair && kVariant != kVariantNoProducer),
+                "st.async hand-over: pair, with a producer");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -421,8 +459,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   // start of the producer's loop.
   constexpr bool kPairGather = kPair && !kBf16 && kVariant != kVariantNoProducer;
   int32_t g_idx_cur = -1, g_idx_n1 = -1, g_idx_n2 = -1, g_idx_n3 = -1, g_pg_cur = 0, g_pg_n1 = 0,
-          g_pg_n2 = 0;
+          g_pg_n2 = 0, g_pidx_cur = -1;
   auto gather_indices = [&](const PairGather& g) {
+    if constexpr (kAsync) g_pidx_cur = g.sub == 1 ? g.IndexPeer(0) : -1;
     g_idx_cur = g.Index(0);
     g_idx_n1 = g.Index(1);
     g_idx_n2 = g.Index(2);
@@ -463,11 +502,12 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   }
   if (tid == 0) {
     constexpr uint32_t kCtas = kPair ? 2 : 1;
-    constexpr uint32_t kPer = kWarpArrive ? 32 : 1;  // threads per arrival
-    MbarInit(&sm.k_ready[0], 128 / kPer * kCtas);
-    MbarInit(&sm.k_ready[1], 128 / kPer * kCtas);
-    MbarInit(&sm.k_free[0], 256 / kPer * kCtas);
-    MbarInit(&sm.k_free[1], 256 / kPer * kCtas);
+    // kAsync: one arrival per local producer warp (the data counts as bytes).
+    constexpr uint32_t kReadyCount = kAsync ? 4 : 128 * kCtas;
+    MbarInit(&sm.k_ready[0], kReadyCount);
+    MbarInit(&sm.k_ready[1], kReadyCount);
+    MbarInit(&sm.k_free[0], 256 * kCtas);
+    MbarInit(&sm.k_free[1], 256 * kCtas);
     if constexpr (kPair) FenceMbarInitCluster();
   }
   ptx::FenceProxyAsync();  // Q is read by wgmma
@@ -500,6 +540,12 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   auto consumer_wait = [&](int b) {
     if constexpr (kNamed) {
       NamedSync(kBarReady0 + (b & 1), kReadyThreads);
+    } else if constexpr (kAsync) {
+      // The data came through st.async (both CTAs' producers) and the valid
+      // flags from the local producer (released by its arrivals); the wgmma
+      // reads go through the async proxy.
+      MbarWait(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
+      ptx::FenceProxyAsync();
     } else if constexpr (kPair) {
       MbarWaitCluster(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
     } else {
@@ -509,13 +555,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   auto consumer_release = [&](int b) {
     if constexpr (kNamed) {
       if (b + 2 < nb) NamedArrive(kBarFree0 + (b & 1), 384);
-    } else if constexpr (kWarpArrive) {
-      // One arrival per warp, after every lane is done with the buffer.
-      __syncwarp();
-      if ((tid & 31) == 0) {
-        MbarArrive(&sm.k_free[b & 1]);
-        MbarArriveCluster((b & 1) ? peer_free[1] : peer_free[0]);
-      }
+    } else if constexpr (kAsync) {
+      MbarArrive(&sm.k_free[b & 1]);
+      MbarArriveRemote((b & 1) ? peer_free[1] : peer_free[0]);
     } else {
       MbarArrive(&sm.k_free[b & 1]);
       if constexpr (kPair) MbarArriveCluster((b & 1) ? peer_free[1] : peer_free[0]);
@@ -675,6 +717,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         consumer_release(b);
       } else {
         NamedSync(kBarPReady, 256);
+        if constexpr (kAsync) ptx::FenceProxyAsync();  // as WG0's after its k_ready wait
         const float f0 = sm.o_scale[r0], f1 = sm.o_scale[r0 + 8];
         if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
 #pragma unroll
@@ -736,6 +779,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     auto producer_wait = [&](int b) {
       if constexpr (kNamed) {
         if (b >= 2) NamedSync(kBarFree0 + (b & 1), 384);
+      } else if constexpr (kAsync) {
+        MbarWait(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);  // no CCTL: loads stay in flight
       } else if constexpr (kPair) {
         MbarWaitCluster(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);
       } else {
@@ -745,13 +790,16 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     auto producer_publish = [&](int b) {
       if constexpr (kNamed) {
         NamedArrive(kBarReady0 + (b & 1), kReadyThreads);
-      } else if constexpr (kWarpArrive) {
-        // One release per warp, after every lane's stores and proxy fences
-        // (__syncwarp orders them before lane 0's cumulative release).
+      } else if constexpr (kAsync) {
+        // One arrival per producer warp after its lanes' valid flags; warp 0
+        // also expects the block's bytes (both halves, st.async from both CTAs).
         __syncwarp();
         if (lane == 0) {
-          MbarArrive(&sm.k_ready[b & 1]);
-          MbarArriveCluster((b & 1) ? peer_ready[1] : peer_ready[0]);
+          if (pt < 32) {
+            MbarArriveExpectTx(&sm.k_ready[b & 1], uint32_t(kBlk * kChunks * 16));
+          } else {
+            MbarArrive(&sm.k_ready[b & 1]);
+          }
         }
       } else {
         MbarArrive(&sm.k_ready[b & 1]);
@@ -801,11 +849,14 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
                                       MapaShared(ptx::SmemAddr(&sm.valid[1][slot]), peer)};
       const int64_t row0 = p.bf16_row_start != nullptr ? p.bf16_row_start[seq] : 0;
       const uint8_t* rows = reinterpret_cast<const uint8_t*>(p.bf16_rows + row0 * kW);
-      auto index_at = [&](int b) -> int32_t {
-        const int i = b * kBlk + slot;
+      auto index_at = [&](int b, int s) -> int32_t {
+        const int i = b * kBlk + s;
         const int32_t idx = b < nb && i < p.topk ? __ldg(idx_row + i) : -1;
         return idx >= 0 && idx < ntok ? idx : -1;
       };
+      const uint32_t kv_local[2] = {ptx::SmemAddr(sm.kv[0]), ptx::SmemAddr(sm.kv[1])};
+      const uint32_t ready_local[2] = {ptx::SmemAddr(&sm.k_ready[0]),
+                                       ptx::SmemAddr(&sm.k_ready[1])};
       constexpr int kPer = kChunks / 4;  // 18
       uint4 r[kPer];
       auto issue = [&](int32_t idx) {
@@ -827,26 +878,41 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           if (sub == 0) PrefetchL2(src + 1024);
         }
       };
-      int32_t idx_cur = index_at(0), idx_n1 = index_at(1), idx_n2 = index_at(2);
+      int32_t idx_cur = index_at(0, slot), idx_n1 = index_at(1, slot), idx_n2 = index_at(2, slot);
+      int32_t pidx_cur = kAsync && sub == 1 ? index_at(0, slot ^ 32) : -1;
       issue(idx_cur);
       if constexpr (kPrefetch) prefetch_row(idx_n1);
       for (int b = 0; b < nb; ++b) {
         const int buf = b & 1;
-        const int32_t idx_n3 = index_at(b + 3);
+        const int32_t idx_n3 = index_at(b + 3, slot);
+        const int32_t pidx_next = kAsync && sub == 1 ? index_at(b + 1, slot ^ 32) : -1;
         producer_wait(b);
         const uint32_t base = uint32_t(slot) * 16u;
 #pragma unroll
         for (int k = 0; k < kPer; ++k) {
           const uint32_t off = base + uint32_t(sub + 4 * k) * 64u * 16u;
-          *reinterpret_cast<uint4*>(sm.kv[buf] + off) = r[k];
-          StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, r[k]);
+          if constexpr (kAsync) {
+            StAsyncV4((buf ? kv_local[1] : kv_local[0]) + off, r[k],
+                      buf ? ready_local[1] : ready_local[0]);
+            StAsyncV4((buf ? kv_peer[1] : kv_peer[0]) + off, r[k],
+                      buf ? peer_ready[1] : peer_ready[0]);
+          } else {
+            *reinterpret_cast<uint4*>(sm.kv[buf] + off) = r[k];
+            StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, r[k]);
+          }
         }
-        if (sub == 0) {
-          sm.valid[buf][slot] = idx_cur >= 0 ? 1 : 0;
-          StClusterU8(buf ? valid_peer[1] : valid_peer[0], idx_cur >= 0 ? 1u : 0u);
+        if constexpr (kAsync) {
+          if (sub == 0) sm.valid[buf][slot] = idx_cur >= 0 ? 1 : 0;
+          if (sub == 1) sm.valid[buf][slot ^ 32] = pidx_cur >= 0 ? 1 : 0;
+          pidx_cur = pidx_next;
+        } else {
+          if (sub == 0) {
+            sm.valid[buf][slot] = idx_cur >= 0 ? 1 : 0;
+            StClusterU8(buf ? valid_peer[1] : valid_peer[0], idx_cur >= 0 ? 1u : 0u);
+          }
+          ptx::FenceProxyAsync();
+          FenceProxyAsyncCluster();
         }
-        ptx::FenceProxyAsync();
-        FenceProxyAsyncCluster();
         producer_publish(b);
         issue(idx_n1);
         if constexpr (kPrefetch) prefetch_row(idx_n2);
@@ -876,11 +942,20 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
                                    MapaShared(ptx::SmemAddr(sm.kv[1]), peer)};
       const uint32_t valid_peer[2] = {MapaShared(ptx::SmemAddr(&sm.valid[0][slot]), peer),
                                       MapaShared(ptx::SmemAddr(&sm.valid[1][slot]), peer)};
+      const uint32_t kv_local[2] = {ptx::SmemAddr(sm.kv[0]), ptx::SmemAddr(sm.kv[1])};
+      const uint32_t ready_local[2] = {ptx::SmemAddr(&sm.k_ready[0]),
+                                       ptx::SmemAddr(&sm.k_ready[1])};
       // Chunk `chunk` of this thread's slot, into both CTAs' buffer `buf`.
       auto store2 = [&](int buf, int chunk, const uint4 v) {
         const uint32_t off = uint32_t(chunk * 64 + slot) * 16u;
-        *reinterpret_cast<uint4*>(sm.kv[buf] + off) = v;
-        StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, v);
+        if constexpr (kAsync) {
+          StAsyncV4((buf ? kv_local[1] : kv_local[0]) + off, v,
+                    buf ? ready_local[1] : ready_local[0]);
+          StAsyncV4((buf ? kv_peer[1] : kv_peer[0]) + off, v, buf ? peer_ready[1] : peer_ready[0]);
+        } else {
+          *reinterpret_cast<uint4*>(sm.kv[buf] + off) = v;
+          StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, v);
+        }
       };
       // Block b from `cur` (loaded one step earlier); issues block b+1 into `nxt`.
       auto step = [&](int b, PairRegs& cur, PairRegs& nxt) {
@@ -890,6 +965,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         // with it: page of b+3, index of b+4.
         const int32_t pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
         const int32_t idx_next = g.Index(b + (kPrefetch ? 4 : 3));
+        const int32_t pidx_next = kAsync && g.sub == 1 ? g.IndexPeer(b + 1) : -1;
         producer_wait(b);
         if (g_idx_cur >= 0) {
 #pragma unroll
@@ -910,12 +986,18 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           store2(buf, kR / 8 + sub, z);
           store2(buf, kR / 8 + sub + 4, z);
         }
-        if (sub == 0) {
-          sm.valid[buf][slot] = g_idx_cur >= 0 ? 1 : 0;
-          StClusterU8(buf ? valid_peer[1] : valid_peer[0], g_idx_cur >= 0 ? 1u : 0u);
+        if constexpr (kAsync) {
+          if (sub == 0) sm.valid[buf][slot] = g_idx_cur >= 0 ? 1 : 0;
+          if (sub == 1) sm.valid[buf][slot ^ 32] = g_pidx_cur >= 0 ? 1 : 0;
+          g_pidx_cur = pidx_next;
+        } else {
+          if (sub == 0) {
+            sm.valid[buf][slot] = g_idx_cur >= 0 ? 1 : 0;
+            StClusterU8(buf ? valid_peer[1] : valid_peer[0], g_idx_cur >= 0 ? 1u : 0u);
+          }
+          ptx::FenceProxyAsync();
+          FenceProxyAsyncCluster();
         }
-        ptx::FenceProxyAsync();
-        FenceProxyAsyncCluster();
         producer_publish(b);
         g_idx_cur = g_idx_n1;
         g_idx_n1 = g_idx_n2;
