@@ -113,6 +113,7 @@ const Variant kVariants[] = {
     {"wgmma-pair-early-pf", kc::SparseMlaImpl::kWgmmaPair, 5, false},
     {"wgmma-pair-async", kc::SparseMlaImpl::kWgmmaPair, 6, false},
     {"wgmma-pair-async-e-pf", kc::SparseMlaImpl::kWgmmaPair, 7, false},
+    {"wgmma-pair-persist", kc::SparseMlaImpl::kWgmmaPair, 9, false},
     {"auto", kc::SparseMlaImpl::kAuto, 0, false},
     {"wgmma-plain", kc::SparseMlaImpl::kWgmma, 3, false},
     {"wgmma-late", kc::SparseMlaImpl::kWgmma, 4, false},
@@ -128,6 +129,7 @@ const Variant kVariants[] = {
     {"pair-no-producer", kc::SparseMlaImpl::kWgmmaPair, 1, true},
     {"pair-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 2, true},
     {"pair-e-pf-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 8, true},
+    {"pair-async-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 10, true},
 };
 
 struct Cache {
@@ -293,6 +295,7 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
       {"wgmma-bf16-rows", kc::SparseMlaImpl::kWgmma, 0, false},
       {"pair-bf16-rows", kc::SparseMlaImpl::kWgmmaPair, 0, false},
       {"pair-bf16-rows-r1pf", kc::SparseMlaImpl::kWgmmaPair, 4, false},
+      {"pair-bf16-rows-persist", kc::SparseMlaImpl::kWgmmaPair, 9, false},
       {"pair-bf16-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 2, true},
   };
   bool any = false;

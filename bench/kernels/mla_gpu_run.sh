@@ -10,7 +10,7 @@
 # on the development machine; they need only libcudart). Every step keeps going
 # after a failure; steps are skipped once $BUDGET_S (default 150) seconds have
 # passed. Logs and JSON go to $OUT (default ./gpu-out): mla_run.log,
-# mla_bench.json, mla_bench_old.json, mla_bench_topk*.json, ncu.tgz. Usage:
+# mla_bench_{A,B,C}.json, mla_bench_old.json, mla_bench_topk*.json, ncu.tgz. Usage:
 #   [BIN=dir] [OUT=dir] [NCU=1] bash bench/kernels/mla_gpu_run.sh
 set -x
 OUT=${OUT:-$PWD/gpu-out}
@@ -30,7 +30,7 @@ hung=0
 for f in Rejects WgmmaPairHeadsAndEdges Bf16Rows SingleToken SparseAttentionMatchesCpu \
          WgmmaHeadsAndEdges WgmmaSchedules CacheWrite Upconvert; do
   left "test $f" || continue
-  lim=${TEST_S:-25}
+  lim=${TEST_S:-40}
   [ $hung -eq 1 ] && lim=8
   timeout -k 2 $lim "$T_MLA" "$f"
   rc=$?
@@ -38,15 +38,23 @@ for f in Rejects WgmmaPairHeadsAndEdges Bf16Rows SingleToken SparseAttentionMatc
   [ $rc -ge 124 ] && hung=1
 done
 
-# 2. Every variant, decode and prefill (FP8 records; prefill also bf16 rows).
-V=wgmma,wgmma-pair,wgmma-pair-early,wgmma-pair-prefetch,wgmma-pair-early-pf,wgmma-pair-async
-V=$V,wgmma-pair-async-e-pf,auto,pair-no-producer,pair-no-consumer,pair-e-pf-no-consumer
-V=$V,wgmma-bf16-rows,pair-bf16-rows,pair-bf16-rows-r1pf,pair-bf16-no-consumer
-# A hang in the tests drops the new (async) variants, so the rest still runs.
-[ $hung -eq 1 ] && V=wgmma,wgmma-pair,wgmma-pair-early,wgmma-pair-prefetch,wgmma-pair-early-pf,pair-no-producer,pair-e-pf-no-consumer,wgmma-bf16-rows,pair-bf16-rows-r1pf
+# 2. Every variant, decode and prefill (FP8 records; prefill also bf16 rows), in
+# three processes (each under its own limit, so a hang in one group leaves the
+# others): A the variants measured before, B the st.async hand-over (and the
+# default, kAuto), C the persistent kernels. Each group includes kWgmma (the
+# agreement reference).
 SB="stdbuf -oL"; command -v stdbuf > /dev/null || SB=
-left bench && timeout -k 3 ${BENCH_S:-40} $SB "$B_MLA" --json "$OUT/mla_bench.json" --variants $V
-echo "bench rc=$? at ${SECONDS}s"
+GA=wgmma,wgmma-pair,wgmma-pair-early-pf,pair-no-producer,pair-e-pf-no-consumer,wgmma-bf16-rows,pair-bf16-rows-r1pf
+GB=wgmma,wgmma-pair-async,wgmma-pair-async-e-pf,auto,pair-no-consumer,pair-bf16-rows,pair-bf16-no-consumer
+GC=wgmma,wgmma-pair-persist,pair-bf16-rows-persist
+for g in A B C; do
+  eval V=\$G$g
+  left "bench $g" || continue
+  timeout -k 3 ${BENCH_S:-30} $SB "$B_MLA" --json "$OUT/mla_bench_$g.json" --variants $V
+  rc=$?
+  echo "bench $g rc=$rc at ${SECONDS}s"
+  [ $g = B ] && rcB=$rc
+done
 
 # 3. A/B: the previous build (the pair kernel as measured before), same session.
 if [ -x "$BIN/old/pd_mla_bench" ] && left bench-old; then
@@ -57,15 +65,14 @@ fi
 
 # 4. Decode top-k sweep of the pair kernel: per-block vs per-CTA (Q staging, output) cost.
 for k in 512 128; do
-  [ $hung -eq 1 ] && break
   left "topk $k" || continue
-  timeout -k 3 15 "$B_MLA" --json "$OUT/mla_bench_topk$k.json" --cases decode --topk $k \
-    --variants wgmma-pair-early-pf,auto,pair-no-producer,pair-no-consumer
+  timeout -k 3 15 $SB "$B_MLA" --json "$OUT/mla_bench_topk$k.json" --cases decode --topk $k \
+    --variants wgmma-pair-early-pf,auto,wgmma-pair-persist,pair-no-producer,pair-no-consumer
   echo "topk $k rc=$? at ${SECONDS}s"
 done
 
 # 5. Nsight Compute on the default kernel's decode (kAuto), and its producer alone.
-if [ "${NCU:-0}" = 1 ] && [ $hung -eq 0 ] && command -v ncu > /dev/null; then
+if [ "${NCU:-0}" = 1 ] && [ "${rcB:-1}" = 0 ] && command -v ncu > /dev/null; then
   mkdir -p /tmp/ncu
   for v in auto pair-no-consumer; do
     left "ncu $v" || continue

@@ -14,6 +14,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -364,23 +365,22 @@ constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=
                                                      /*named=*/false};
 // The pair kernel's default (experiment 0 and the timing-only 2): st.async
 // hand-over, early gather start, L2 prefetch ahead of the loads (bf16 rows:
-// st.async and prefetch).
-constexpr bool kPairAsync = true, kPairEarly = true, kPairPrefetch = true;
+// st.async and prefetch); persistent (experiment 9) not by default.
+constexpr bool kPairAsync = true, kPairEarly = true, kPairPrefetch = true, kPairPersist = false;
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
-          bool kPair = false, bool kEarly = false, bool kAsync = false>
+          bool kPair = false, bool kEarly = false, bool kAsync = false, bool kPersist = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
   auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16,
-                                                    kPair, kEarly, kAsync>;
+                                                    kPair, kEarly, kAsync, kPersist>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
-  const int64_t ctas = p.num_queries * (p.heads / mla_internal::kRows);
+  int64_t ctas = p.num_queries * (p.heads / mla_internal::kRows);
   if constexpr (kPair) {
     // Clusters of 2 along x: head blocks 2k and 2k+1 of one token (heads / 64 is even).
     cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(unsigned(ctas));
     config.blockDim = dim3(mla_internal::kThreads);
     config.dynamicSmemBytes = sizeof(Smem);
     config.stream = stream;
@@ -391,6 +391,19 @@ cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
     attribute[0].val.clusterDim.z = 1;
     config.attrs = attribute;
     config.numAttrs = 1;
+    if constexpr (kPersist) {
+      // As many clusters as fit at once (one CTA per SM), each looping over
+      // the pairs c, c + G, ... (at most one cluster per pair).
+      static int max_clusters = -1;
+      if (max_clusters < 0) {
+        config.gridDim = dim3(2);
+        const cudaError_t occ = cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config);
+        if (occ != cudaSuccess) return occ;
+        if (max_clusters < 1) return cudaErrorInvalidConfiguration;
+      }
+      ctas = 2 * std::min<int64_t>(ctas / 2, max_clusters);
+    }
+    config.gridDim = dim3(unsigned(ctas));
     const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, p);
     if (launched != cudaSuccess) return launched;
   } else {
@@ -431,15 +444,17 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
   if (p.experiment < 0 || p.experiment > 10 || (mma_sync && p.experiment != 0) ||
-      (pair && p.experiment > 8)) {
+      (pair && p.experiment > 10)) {
     return Invalid(error,
-                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, or 1..8 with kWgmmaPair");
+                   "sparse MLA: experiment must be 0, 1..10 with kWgmma or kWgmmaPair");
   }
   if (p.bf16_rows != nullptr &&
-      (mma_sync || (p.experiment != 0 && !(pair && (p.experiment == 2 || p.experiment == 4))))) {
+      (mma_sync || (p.experiment != 0 &&
+                    !(pair && (p.experiment == 2 || p.experiment == 4 || p.experiment == 7 ||
+                               p.experiment == 9))))) {
     return Invalid(error,
                    "sparse MLA: bf16_rows needs impl kAuto, kWgmma or kWgmmaPair and experiment 0 "
-                   "(kWgmmaPair: also 2 or 4)");
+                   "(kWgmmaPair: also 2, 4, 7 or 9)");
   }
   if (p.num_queries == 0) return cudaSuccess;
   if (p.q_abs == nullptr || p.q_pe == nullptr || p.out == nullptr ||
@@ -454,11 +469,18 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
     if (!Aligned16(p.bf16_rows)) return Invalid(error, "sparse MLA: bf16_rows must be 16-byte aligned");
     if (pair) {
       using namespace mla_internal;
-      constexpr bool kP = kPairPrefetch, kA = kPairAsync;
+      constexpr bool kP = kPairPrefetch, kA = kPairAsync, kS = kPairPersist;
       switch (p.experiment) {
-        case 2: return LaunchWgmma<kVariantNoConsumer, false, kP, false, true, true, false, kA>(p, stream);
+        case 2:
+          return LaunchWgmma<kVariantNoConsumer, false, kP, false, true, true, false, kA, kS>(p,
+                                                                                             stream);
         case 4: return LaunchWgmma<kVariantFull, false, true, false, true, true>(p, stream);
-        default: return LaunchWgmma<kVariantFull, false, kP, false, true, true, false, kA>(p, stream);
+        case 7: return LaunchWgmma<kVariantFull, false, true, false, true, true, false, true>(p, stream);
+        case 9:
+          return LaunchWgmma<kVariantFull, false, true, false, true, true, false, true, true>(p,
+                                                                                          stream);
+        default:
+          return LaunchWgmma<kVariantFull, false, kP, false, true, true, false, kA, kS>(p, stream);
       }
     }
     return LaunchWgmma<mla_internal::kVariantFull, false, false, kDefaultSchedule.named, true>(
@@ -466,17 +488,22 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   }
   if (pair) {
     using namespace mla_internal;
-    constexpr bool kP = kPairPrefetch, kE = kPairEarly, kA = kPairAsync;
+    constexpr bool kP = kPairPrefetch, kE = kPairEarly, kA = kPairAsync, kS = kPairPersist;
     switch (p.experiment) {
       case 1: return LaunchWgmma<kVariantNoProducer, false, false, false, false, true>(p, stream);
-      case 2: return LaunchWgmma<kVariantNoConsumer, false, kP, false, false, true, kE, kA>(p, stream);
+      case 2:
+        return LaunchWgmma<kVariantNoConsumer, false, kP, false, false, true, kE, kA, kS>(p, stream);
       case 3: return LaunchWgmma<kVariantFull, false, false, false, false, true, true>(p, stream);
       case 4: return LaunchWgmma<kVariantFull, false, true, false, false, true>(p, stream);
       case 5: return LaunchWgmma<kVariantFull, false, true, false, false, true, true>(p, stream);
       case 6: return LaunchWgmma<kVariantFull, false, false, false, false, true, false, true>(p, stream);
       case 7: return LaunchWgmma<kVariantFull, false, true, false, false, true, true, true>(p, stream);
       case 8: return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true>(p, stream);
-      default: return LaunchWgmma<kVariantFull, false, kP, false, false, true, kE, kA>(p, stream);
+      case 9:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, true, true>(p, stream);
+      case 10:
+        return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true, true>(p, stream);
+      default: return LaunchWgmma<kVariantFull, false, kP, false, false, true, kE, kA, kS>(p, stream);
     }
   }
   if (!mma_sync) {

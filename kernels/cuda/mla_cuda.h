@@ -66,7 +66,7 @@ struct SparseMlaParams {
   // cache's num_tokens still bounds the indices). 16-byte aligned.
   const uint16_t* bf16_rows = nullptr;      // [rows, kv_lora_rank + rope_dim] bf16
   const int64_t* bf16_row_start = nullptr;  // [num_seqs]; nullptr = every sequence at row 0
-  // Benchmark-only (kWgmma: 0-10; kWgmmaPair: 0-8; kAuto with a non-zero
+  // Benchmark-only (kWgmma: 0-10; kWgmmaPair: 0-10; kAuto with a non-zero
   // experiment means kWgmma); 0 = the default schedule. Timing only (results
   // meaningless): 1 / 9 = the producer only signals (no gather or
   // dequantisation: the consumers' time), 2 / 10 = the consumers only release
@@ -79,9 +79,11 @@ struct SparseMlaParams {
   // prefetch of the records (bf16 rows: the rows) ahead of their loads, 5 = 3 +
   // 4, all three with the round-1 hand-over (st.shared::cluster, proxy fences,
   // cluster-scope release / acquire); 6 the st.async hand-over alone, 7 st.async +
-  // early + prefetch (the default), 8 timing only: 5's producer alone. With
-  // bf16_rows: 0, and with kWgmmaPair also 2 and 4 (4: the round-1 hand-over
-  // with the prefetch).
+  // early + prefetch (the default), 8 timing only: 5's producer alone, 9 = 7
+  // persistent (as many clusters as fit, each looping over token pairs), 10
+  // timing only: 7's producer alone. With bf16_rows: 0, and with kWgmmaPair
+  // also 2, 4 (the round-1 hand-over with the prefetch), 7 (= 0) and 9
+  // (persistent).
   int experiment = 0;
 };
 cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream,

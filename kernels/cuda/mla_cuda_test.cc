@@ -359,10 +359,11 @@ TEST(CudaMla, WgmmaHeadsAndEdges) {
 // partly filled) / 65 / 2048, out-of-range holes, a token with no valid index,
 // many tokens over several sequences, odd token counts; its default schedule,
 // the early gather start (experiment 3), the L2 prefetch ahead of the loads
-// (4), both (5), the st.async hand-over (6), with early + prefetch (7); kAuto (which picks it at 128 heads).
+// (4), both (5), the st.async hand-over (6), with early + prefetch (7), persistent
+// (9; many items per cluster in the last cases); kAuto (which picks it at 128 heads).
 TEST(CudaMla, WgmmaPairHeadsAndEdges) {
   SKIP_WITHOUT_GPU();
-  for (int e : {0, 3, 4, 5, 6, 7}) {
+  for (int e : {0, 3, 4, 5, 6, 7, 9}) {
     AttnCase ac;
     ac.impl = SparseMlaImpl::kWgmmaPair;
     ac.experiment = e;
@@ -381,6 +382,11 @@ TEST(CudaMla, WgmmaPairHeadsAndEdges) {
     ac.lens = {1000, 2000, 64, 1};
     ac.qcount = {40, 30, 21, 3};
     RunAttention(ac, 208u + uint32_t(e));
+    // More pairs (188) than clusters at once: the persistent kernels loop over
+    // items, with an odd block count (3) so buffer parities alternate.
+    ac.heads = 256;
+    ac.topk = 129;
+    RunAttention(ac, 209u + uint32_t(e));
   }
   AttnCase ac;
   ac.impl = SparseMlaImpl::kAuto;
@@ -427,7 +433,7 @@ TEST(CudaMla, Bf16RowsMatchCpu) {
   // pairs per token), many tokens; kAuto picks it at 128 heads.
   ac.heads = 128;
   ac.impl = SparseMlaImpl::kWgmmaPair;
-  for (int e : {0, 4}) {
+  for (int e : {0, 4, 7, 9}) {
     ac.experiment = e;
     ac.heads = 128;
     ac.lens = {3000, 500, 70};
@@ -444,6 +450,9 @@ TEST(CudaMla, Bf16RowsMatchCpu) {
     ac.lens = {1000, 2000, 64, 1};
     ac.qcount = {40, 30, 21, 3};
     RunAttention(ac, 48u + uint32_t(e));
+    ac.heads = 256;  // 188 pairs: the persistent default loops, odd block count
+    ac.topk = 129;
+    RunAttention(ac, 50u + uint32_t(e));
   }
   ac.impl = SparseMlaImpl::kAuto;
   ac.experiment = 0;
@@ -619,6 +628,9 @@ TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 4);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 6);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 7);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 9);
+  SingleToken(true, SparseMlaImpl::kWgmmaPair, 128, 7);
+  SingleToken(true, SparseMlaImpl::kWgmmaPair, 256, 9);
   SingleToken(false, SparseMlaImpl::kAuto, 128);
   SingleToken(true, SparseMlaImpl::kWgmmaPair, 128);
   SingleToken(true, SparseMlaImpl::kWgmmaPair, 256, 4);
@@ -650,7 +662,7 @@ TEST(CudaMla, RejectsBadParameters) {
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("multiple of 128") != std::string::npos) << why;
   p.heads = 128;
-  p.experiment = 9;
+  p.experiment = 11;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
   // bf16 rows: only experiments 0, 2 and 4 of the pair kernel, 0 of kWgmma.

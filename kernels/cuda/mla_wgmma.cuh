@@ -55,6 +55,7 @@ inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
 // replace the k_ready / k_free mbarriers.
 inline constexpr int kBarPReady = 1, kBarPFree = 2, kBarFinal = 3;
 inline constexpr int kBarReady0 = 4, kBarFree0 = 6;  // + buffer
+inline constexpr int kBarQ = 8;  // persistent: WG0 + WG1 staged the next item's Q
 
 // Benchmark-only variants (SparseMlaParams::experiment); results are garbage.
 inline constexpr int kVariantFull = 0;
@@ -66,7 +67,7 @@ struct Smem {
   uint8_t kv[2][kTileBytes];       // block tokens (bf16): chunk c of slot j at (c * 64 + j) * 16
   uint8_t p[kBlk / 8 * kRows * 16];  // P (bf16): tokens 8c..8c+7 of head h at (c * 64 + h) * 16
   float o_scale[kRows];            // WG0 -> WG1: exp2(m_old - m_new) of the current block
-  float row_l[kRows];              // final softmax sums (WG0 -> WG1)
+  float row_l[2][kRows];           // final softmax sums (WG0 -> WG1), by item parity
   float row_m[kRows];
   uint8_t valid[2][kBlk];          // slot j of buffer b holds a valid token
   uint64_t k_ready[2];             // producer -> consumers (128 arrivals)
@@ -311,6 +312,42 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 
 // --------------------------------------------------------------------- kernel
 
+// Q (fp32) of 64 heads h0.. of token t -> the bf16 tile q, by kNT threads
+// (index i0 in 0..kNT-1); chunk-major so that a warp's stores are contiguous;
+// passes of 6 chunks per thread with every load of a pass issued first.
+template <int kNT, int kPer = 6>
+__device__ __forceinline__ void StageQ(const SparseMlaParams& p, uint8_t* q, int64_t t, int h0,
+                                       int i0) {
+  constexpr int kPasses = kChunks * kRows / (kNT * kPer);
+  static_assert(kChunks * kRows % (kNT * kPer) == 0, "Q staging passes");
+  const int H = p.heads;
+  // Opaque: keeps the compiler from hoisting the per-chunk offsets out of a
+  // persistent item loop (they would stay live across it).
+  asm volatile("" : "+r"(i0));
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    float4 qv[kPer][2];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int i = i0 + (pass * kPer + k) * kNT;
+      const int c = i / kRows, h = i % kRows;
+      const int64_t qh = t * H + h0 + h;
+      const float* src =
+          c < kR / 8 ? p.q_abs + qh * kR + 8 * c : p.q_pe + qh * kRope + 8 * (c - kR / 8);
+      qv[k][0] = __ldg(reinterpret_cast<const float4*>(src));
+      qv[k][1] = __ldg(reinterpret_cast<const float4*>(src) + 1);
+    }
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int i = i0 + (pass * kPer + k) * kNT;
+      const float4 a = qv[k][0], b = qv[k][1];
+      *reinterpret_cast<uint4*>(q + i * 16) =
+          make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y),
+                     PackBf16x2(b.z, b.w));
+    }
+  }
+}
+
 // The pair producer's registers for one token slot of one block: 16 bytes of
 // each 64 of the record's e4m3 values (column `sub`), the 4 scales, a quarter
 // of k_pe.
@@ -433,7 +470,7 @@ struct Schedule {
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair,
-          bool kEarly, bool kAsync>
+          bool kEarly, bool kAsync, bool kPersist>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
   static_assert(!kBf16 || ((kVariant == kVariantFull || (kPair && kVariant == kVariantNoConsumer)) &&
                             !kLate),
@@ -442,12 +479,23 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   static_assert(!kEarly || (kPair && !kBf16), "early gather start: pair over FP8 records only");
   static_assert(!kAsync || (kPair && kVariant != kVariantNoProducer),
                 "st.async hand-over: pair, with a producer");
+  static_assert(!kPersist || (kPair && kAsync), "persistent: pair with the st.async hand-over");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
   const int head_blocks = p.heads / kRows;
-  const int64_t t = blockIdx.x / head_blocks;
-  const int h0 = int(blockIdx.x % head_blocks) * kRows;
+  // Work items: CTA-equivalents x = token x / head_blocks, heads from
+  // (x % head_blocks) * 64. One per CTA (x = blockIdx.x), or, persistent, the
+  // cluster c of G handles the pairs c, c + G, ... (x = 2 pair + rank).
+  // (At most 2^31 - 1 items: LaunchSparseMla's check; x + x_stride fits 32 bits.)
+  const uint32_t n_items = uint32_t(p.num_queries * head_blocks);
+  uint32_t x0 = blockIdx.x, x_stride = n_items;
+  if constexpr (kPersist) {
+    x0 = 2 * (blockIdx.x / 2) + ClusterRank();
+    x_stride = 2 * (gridDim.x / 2);
+  }
+  const int64_t t = x0 / head_blocks;
+  const int h0 = int(x0 % head_blocks) * kRows;
   const int H = p.heads;
   const int nb = (p.topk + kBlk - 1) / kBlk;
 
@@ -474,32 +522,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     if (tid >= 256) gather_indices(PairGather(p, t, nb, tid));
   }
 
-  // Q (fp32) -> bf16 tile; chunk-major so that a warp's stores are contiguous.
-  // 12 chunks per thread, in two passes of 6 with every load issued first.
-  static_assert(kChunks * kRows % (2 * kThreads) == 0, "Q staging passes");
-  constexpr int kQPass = kChunks * kRows / (2 * kThreads);
-#pragma unroll
-  for (int pass = 0; pass < 2; ++pass) {
-    float4 qv[kQPass][2];
-#pragma unroll
-    for (int k = 0; k < kQPass; ++k) {
-      const int i = tid + (pass * kQPass + k) * kThreads;
-      const int c = i / kRows, h = i % kRows;
-      const int64_t qh = t * H + h0 + h;
-      const float* src =
-          c < kR / 8 ? p.q_abs + qh * kR + 8 * c : p.q_pe + qh * kRope + 8 * (c - kR / 8);
-      qv[k][0] = __ldg(reinterpret_cast<const float4*>(src));
-      qv[k][1] = __ldg(reinterpret_cast<const float4*>(src) + 1);
-    }
-#pragma unroll
-    for (int k = 0; k < kQPass; ++k) {
-      const int i = tid + (pass * kQPass + k) * kThreads;
-      const float4 a = qv[k][0], b = qv[k][1];
-      *reinterpret_cast<uint4*>(sm.q + i * 16) =
-          make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y),
-                     PackBf16x2(b.z, b.w));
-    }
-  }
+  // The first item's Q, by every thread (later items' by the producer).
+  StageQ<kThreads>(p, sm.q, t, h0, tid);
   if (tid == 0) {
     constexpr uint32_t kCtas = kPair ? 2 : 1;
     // kAsync: one arrival per local producer warp (the data counts as bytes).
@@ -567,17 +591,32 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   if (wg == 0) {
     // ------------------------------------------------ WG0: Q K^T, softmax, P V left
     RegAlloc<kRegsWg0>();
+    const float sl2 = p.softmax_scale * 1.4426950408889634f;
+    const uint64_t dq = NoSwizzleDesc(ptx::SmemAddr(sm.q), 1024, 128);
+    // Items (one unless persistent); block b of item `it` is block it * nb + b
+    // of the CTA's sequence (buffer and barrier phases).
+    int it = 0;
+#pragma unroll 1
+    for (uint32_t x = x0; x < n_items; x += x_stride, ++it) {
+    const int64_t t = x / uint32_t(head_blocks);  // this item's token and heads
+    const int h0 = int(x % uint32_t(head_blocks)) * kRows;
+    // Persistent, later items: WG0 and WG1 stage the item's Q (both are past
+    // the last item's reads of it: WG0's Q K^T, and WG1 never reads it).
+    if (kPersist && it > 0) {
+      StageQ<256>(p, sm.q, t, h0, tid);
+      ptx::FenceProxyAsync();  // Q is read by wgmma
+      NamedSync(kBarQ, 256);
+    }
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
     float m0 = -1e30f, m1 = -1e30f, l0 = 0.0f, l1 = 0.0f;  // base-2 running max / sum
-    const float sl2 = p.softmax_scale * 1.4426950408889634f;
-    const uint64_t dq = NoSwizzleDesc(ptx::SmemAddr(sm.q), 1024, 128);
     for (int b = 0; b < nb; ++b) {
-      const int buf = b & 1;
-      consumer_wait(b);
+      const int gb = it * nb + b;
+      const int buf = gb & 1;
+      consumer_wait(gb);
       if constexpr (kVariant == kVariantNoConsumer) {
-        consumer_release(b);
+        consumer_release(gb);
       } else {
         const uint32_t kv_addr = ptx::SmemAddr(sm.kv[buf]);
         const uint64_t dk = NoSwizzleDesc(kv_addr, 1024, 128);
@@ -644,7 +683,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         }
 
         // Hand P and the rescale factors to WG1 (once it has finished the last block's).
-        if (b > 0) NamedSync(kBarPFree, 256);
+        if (b > 0 || it > 0) NamedSync(kBarPFree, 256);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0) * 16 + 4 * c4) = pr[2 * i];
@@ -673,7 +712,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         FenceRegs(o);
 #pragma unroll
         for (int i = 0; i < 16; ++i) FenceReg(pr[i]);  // read by the wgmma until the wait
-        consumer_release(b);
+        consumer_release(gb);
       }
     }
     if (kLate && kVariant != kVariantNoConsumer && nb > 0) NamedArrive(kBarPReady, 256);
@@ -684,8 +723,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
     }
     if (c4 == 0) {
-      sm.row_l[r0] = l0;
-      sm.row_l[r0 + 8] = l1;
+      sm.row_l[it & 1][r0] = l0;  // by item parity: WG1 may still read the last item's
+      sm.row_l[it & 1][r0 + 8] = l1;
       sm.row_m[r0] = m0;
       sm.row_m[r0 + 8] = m1;
     }
@@ -703,18 +742,31 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       p.lse[t * H + h0 + r0] = l0 > 0.0f ? m0 * kLn2 + logf(l0) : kNegInf;
       p.lse[t * H + h0 + r0 + 8] = l1 > 0.0f ? m1 * kLn2 + logf(l1) : kNegInf;
     }
+      if constexpr (!kPersist) break;  // one item
+    }  // items
   } else if (wg == 1) {
     // ------------------------------------------------------- WG1: P V right
     RegDealloc<kRegsWg1>();
+    const uint64_t dp = NoSwizzleDesc(ptx::SmemAddr(sm.p), 1024, 128);
+    int it = 0;
+#pragma unroll 1
+    for (uint32_t x = x0; x < n_items; x += x_stride, ++it) {
+    const int64_t t = x / uint32_t(head_blocks);  // this item's token and heads
+    const int h0 = int(x % uint32_t(head_blocks)) * kRows;
+    if (kPersist && it > 0) {  // with WG0: this item's Q
+      StageQ<256>(p, sm.q, t, h0, tid);
+      ptx::FenceProxyAsync();
+      NamedSync(kBarQ, 256);
+    }
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-    const uint64_t dp = NoSwizzleDesc(ptx::SmemAddr(sm.p), 1024, 128);
     for (int b = 0; b < nb; ++b) {
-      const int buf = b & 1;
+      const int gb = it * nb + b;
+      const int buf = gb & 1;
       if constexpr (kVariant == kVariantNoConsumer) {
-        consumer_wait(b);
-        consumer_release(b);
+        consumer_wait(gb);
+        consumer_release(gb);
       } else {
         NamedSync(kBarPReady, 256);
         if constexpr (kAsync) ptx::FenceProxyAsync();  // as WG0's after its k_ready wait
@@ -739,12 +791,12 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         ptx::WgmmaCommit();
         ptx::WgmmaWait<0>();
         FenceRegs(o);
-        consumer_release(b);
-        if (b + 1 < nb) NamedArrive(kBarPFree, 256);
+        consumer_release(gb);
+        if (b + 1 < nb || x + x_stride < n_items) NamedArrive(kBarPFree, 256);
       }
     }
     NamedSync(kBarFinal, 256);
-    const float l0 = sm.row_l[r0], l1 = sm.row_l[r0 + 8];
+    const float l0 = sm.row_l[it & 1][r0], l1 = sm.row_l[it & 1][r0 + 8];
     const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
     float* oa = p.out + (t * H + h0 + r0) * kR + 256 + 2 * c4;
     float* ob = oa + 8 * kR;
@@ -753,6 +805,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       *reinterpret_cast<float2*>(oa + 8 * i) = make_float2(o[4 * i] * i0, o[4 * i + 1] * i0);
       *reinterpret_cast<float2*>(ob + 8 * i) = make_float2(o[4 * i + 2] * i1, o[4 * i + 3] * i1);
     }
+      if constexpr (!kPersist) break;  // one item
+    }  // items
   } else {
     // ---------------------------------------- producer: gather + dequantise
     // Thread pt owns token slots slot0 and slot0 + 32 of every block, 16 bytes
@@ -847,12 +901,21 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
                                    MapaShared(ptx::SmemAddr(sm.kv[1]), peer)};
       const uint32_t valid_peer[2] = {MapaShared(ptx::SmemAddr(&sm.valid[0][slot]), peer),
                                       MapaShared(ptx::SmemAddr(&sm.valid[1][slot]), peer)};
-      const int64_t row0 = p.bf16_row_start != nullptr ? p.bf16_row_start[seq] : 0;
-      const uint8_t* rows = reinterpret_cast<const uint8_t*>(p.bf16_rows + row0 * kW);
+      // Per item (persistent: every item of the cluster).
+      const uint8_t* rows = nullptr;
+      const int32_t* it_idx = idx_row;
+      int64_t it_ntok = ntok;
+      auto set_item = [&](int64_t t_it) {
+        const int s_it = p.query_seq != nullptr ? p.query_seq[t_it] : 0;
+        it_ntok = p.cache.num_tokens[s_it];
+        it_idx = p.indices + t_it * p.topk;
+        const int64_t row0 = p.bf16_row_start != nullptr ? p.bf16_row_start[s_it] : 0;
+        rows = reinterpret_cast<const uint8_t*>(p.bf16_rows + row0 * kW);
+      };
       auto index_at = [&](int b, int s) -> int32_t {
         const int i = b * kBlk + s;
-        const int32_t idx = b < nb && i < p.topk ? __ldg(idx_row + i) : -1;
-        return idx >= 0 && idx < ntok ? idx : -1;
+        const int32_t idx = b < nb && i < p.topk ? __ldg(it_idx + i) : -1;
+        return idx >= 0 && idx < it_ntok ? idx : -1;
       };
       const uint32_t kv_local[2] = {ptx::SmemAddr(sm.kv[0]), ptx::SmemAddr(sm.kv[1])};
       const uint32_t ready_local[2] = {ptx::SmemAddr(&sm.k_ready[0]),
@@ -878,15 +941,20 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           if (sub == 0) PrefetchL2(src + 1024);
         }
       };
+      int it = 0;
+  #pragma unroll 1
+    for (uint32_t x = x0; x < n_items; x += x_stride, ++it) {
+      set_item(x / uint32_t(head_blocks));
       int32_t idx_cur = index_at(0, slot), idx_n1 = index_at(1, slot), idx_n2 = index_at(2, slot);
       int32_t pidx_cur = kAsync && sub == 1 ? index_at(0, slot ^ 32) : -1;
       issue(idx_cur);
       if constexpr (kPrefetch) prefetch_row(idx_n1);
       for (int b = 0; b < nb; ++b) {
-        const int buf = b & 1;
+        const int gb = it * nb + b;
+        const int buf = gb & 1;
         const int32_t idx_n3 = index_at(b + 3, slot);
         const int32_t pidx_next = kAsync && sub == 1 ? index_at(b + 1, slot ^ 32) : -1;
-        producer_wait(b);
+        producer_wait(gb);
         const uint32_t base = uint32_t(slot) * 16u;
 #pragma unroll
         for (int k = 0; k < kPer; ++k) {
@@ -913,13 +981,15 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           ptx::FenceProxyAsync();
           FenceProxyAsyncCluster();
         }
-        producer_publish(b);
+        producer_publish(gb);
         issue(idx_n1);
         if constexpr (kPrefetch) prefetch_row(idx_n2);
         idx_cur = idx_n1;
         idx_n1 = idx_n2;
         idx_n2 = idx_n3;
       }
+        if constexpr (!kPersist) break;  // one item
+      }  // items
       ClusterSync();  // no remote store or arrival into the peer after it exits
       return;
     }
@@ -931,12 +1001,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       // kPrefetch: block b+3's records are prefetched into L2 at step b (two
       // steps before their loads), the chain one block longer (index b+4 ->
       // page b+3).
-      const PairGather g(p, t, nb, tid);
-      if constexpr (!kEarly) gather_indices(g);
-      PairRegs ra, rb;
-      g.Issue(ra, g_idx_cur, g_pg_cur);
-      if constexpr (kPrefetch) g.Prefetch(g_idx_n2, g_pg_n2);
-      const int slot = g.slot;
+      const int slot = int(ClusterRank()) * 32 + (pt >> 5) * 8 + (lane & 7);  // = PairGather's
       const uint32_t peer = ClusterRank() ^ 1u;
       const uint32_t kv_peer[2] = {MapaShared(ptx::SmemAddr(sm.kv[0]), peer),
                                    MapaShared(ptx::SmemAddr(sm.kv[1]), peer)};
@@ -957,16 +1022,26 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, v);
         }
       };
+      // Items (one unless persistent); the chain restarts at every item.
+      int it = 0;
+  #pragma unroll 1
+    for (uint32_t x = x0; x < n_items; x += x_stride, ++it) {
+      const PairGather g(p, x / uint32_t(head_blocks), nb, tid);
+      if (!kEarly || it > 0) gather_indices(g);
+      PairRegs ra, rb;
+      g.Issue(ra, g_idx_cur, g_pg_cur);
+      if constexpr (kPrefetch) g.Prefetch(g_idx_n2, g_pg_n2);
       // Block b from `cur` (loaded one step earlier); issues block b+1 into `nxt`.
       auto step = [&](int b, PairRegs& cur, PairRegs& nxt) {
-        const int buf = b & 1;
+        const int gb = it * nb + b;
+        const int buf = gb & 1;
         g.Issue(nxt, g_idx_n1, g_pg_n1);
         // Without kPrefetch: pg_next = page of b+2, idx_next = index of b+3;
         // with it: page of b+3, index of b+4.
         const int32_t pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
         const int32_t idx_next = g.Index(b + (kPrefetch ? 4 : 3));
         const int32_t pidx_next = kAsync && g.sub == 1 ? g.IndexPeer(b + 1) : -1;
-        producer_wait(b);
+        producer_wait(gb);
         if (g_idx_cur >= 0) {
 #pragma unroll
           for (int gi = 0; gi < 8; ++gi) {
@@ -998,7 +1073,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           ptx::FenceProxyAsync();
           FenceProxyAsyncCluster();
         }
-        producer_publish(b);
+        producer_publish(gb);
         g_idx_cur = g_idx_n1;
         g_idx_n1 = g_idx_n2;
         if constexpr (kPrefetch) {
@@ -1016,6 +1091,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         step(b, ra, rb);
         if (b + 1 < nb) step(b + 1, rb, ra);
       }
+        if constexpr (!kPersist) break;  // one item
+      }  // items
       ClusterSync();  // no remote store or arrival into the peer after it exits
       return;
     }
