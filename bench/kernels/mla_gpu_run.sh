@@ -88,5 +88,16 @@ if [ "${NCU:-0}" = 1 ] && [ "${rcB:-1}" = 0 ] && command -v ncu > /dev/null; the
   done
   tar czf "$OUT/ncu.tgz" -C /tmp ncu && ls -la "$OUT/ncu.tgz"
 fi
+# 6. Where the persistent kernels spill (SASS local stores / loads per kernel), if cuobjdump is there.
+CUOBJ=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null)
+if [ -n "$CUOBJ" ]; then
+  mkdir -p /tmp/ncu
+  "$CUOBJ" -sass "$B_MLA" 2>/dev/null | awk '/Function :/{f=$3} /STL|LDL/{n[f]++} END{for (k in n) print n[k], k}' \
+    > /tmp/ncu/spills.txt
+  "$CUOBJ" -sass "$B_MLA" 2>/dev/null | awk '/Function :/{f=$3; keep=(f ~ /Lb1ELb1ELb1ELb1EE/)} keep' \
+    > /tmp/ncu/persist.sass
+  cat /tmp/ncu/spills.txt
+  tar czf "$OUT/ncu.tgz" -C /tmp ncu
+fi
 nvidia-smi --query-gpu=clocks.sm,temperature.gpu,power.draw --format=csv || true
 date -u
