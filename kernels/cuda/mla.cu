@@ -363,10 +363,12 @@ bool LayoutOk(const KvLayout& l) {
 // schedules are benchmark variants until measured faster.
 constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false,
                                                      /*named=*/false};
-// The pair kernel's default (experiment 0 and the timing-only 2): st.async
-// hand-over, early gather start, L2 prefetch ahead of the loads (bf16 rows:
-// st.async and prefetch); persistent (experiment 9) not by default.
-constexpr bool kPairAsync = true, kPairEarly = true, kPairPrefetch = true, kPairPersist = false;
+// The pair kernel's default (experiment 0 and the timing-only 2): early gather
+// start + L2 prefetch ahead of the loads, the round-1 hand-over (= experiment
+// 5; bf16 rows: prefetch, = experiment 4): the fastest measured on the H200
+// (docs/perf.md; the st.async hand-over, 6 / 7, and the persistent kernel, 9,
+// measured slower).
+constexpr bool kPairAsync = false, kPairEarly = true, kPairPrefetch = true, kPairPersist = false;
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
           bool kPair = false, bool kEarly = false, bool kAsync = false, bool kPersist = false>
@@ -465,7 +467,11 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   if (!Aligned16(p.q_abs) || !Aligned16(p.q_pe) || !Aligned16(p.out)) {
     return Invalid(error, "sparse MLA: q_abs, q_pe and out must be 16-byte aligned");
   }
-  if (p.bf16_rows != nullptr) {
+  // kAuto with the pair kernel ignores bf16_rows: the same tiles (the
+  // up-conversion is exact), and over the FP8 records the pair kernel measured
+  // faster (prefill 6.81 vs 8.05 ms, docs/perf.md).
+  const bool use_rows = p.bf16_rows != nullptr && !(pair && !pair_asked);
+  if (use_rows) {
     if (!Aligned16(p.bf16_rows)) return Invalid(error, "sparse MLA: bf16_rows must be 16-byte aligned");
     if (pair) {
       using namespace mla_internal;

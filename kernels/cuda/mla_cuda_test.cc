@@ -430,7 +430,8 @@ TEST(CudaMla, Bf16RowsMatchCpu) {
   // The pair kernel over bf16 rows (each CTA copies half of every block into
   // both CTAs' buffers), with and without the L2 prefetch (experiment 4):
   // top-k 1 (only rank 0's half holds a token), 33, 257, 2048, 256 heads (two
-  // pairs per token), many tokens; kAuto picks it at 128 heads.
+  // pairs per token), many tokens; kAuto, which ignores the rows at 128 heads
+  // (the FP8 pair kernel: same tiles, faster).
   ac.heads = 128;
   ac.impl = SparseMlaImpl::kWgmmaPair;
   for (int e : {0, 4, 7, 9}) {

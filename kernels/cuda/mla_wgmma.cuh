@@ -1,6 +1,7 @@
 // Sparse MLA attention for Hopper (sm_90a): warp-specialised, wgmma (bf16 in,
 // fp32 accumulate). Internal to kernels/cuda; instantiated and launched by
-// mla.cu (LaunchSparseMla with SparseMlaImpl::kWgmma).
+// mla.cu (LaunchSparseMla with SparseMlaImpl::kWgmma, and kWgmmaPair: the
+// kPair switch below, kAuto's choice at heads % 128 == 0).
 //
 // One CTA per (query token, 64 heads), 384 threads in three warpgroups; the
 // selected tokens are processed 64 at a time (a "block") through two shared
@@ -459,7 +460,11 @@ struct PairGather {
 // arrive); k_ready counts the 4 local producer warps (warp 0 also expects the
 // 73728 bytes), each CTA writes all 64 valid flags itself (the peer's slots
 // from their indices), waits are CTA-scope (no L1 invalidation) and the
-// consumers fence the async proxy after their k_ready wait.
+// consumers fence the async proxy after their k_ready wait. Measured slower
+// than the st.shared::cluster hand-over on the H200 (docs/perf.md): the
+// 16-byte st.async land later than plain stores. kPersist (pair + kAsync):
+// as many clusters as fit, each looping over token pairs (measured slower too,
+// being built on kAsync). Both are benchmark experiments, not defaults.
 struct Schedule {
   bool late;
   bool prefetch;
