@@ -114,6 +114,8 @@ const Variant kVariants[] = {
     {"wgmma-pair-async", kc::SparseMlaImpl::kWgmmaPair, 6, false},
     {"wgmma-pair-async-e-pf", kc::SparseMlaImpl::kWgmmaPair, 7, false},
     {"wgmma-pair-persist", kc::SparseMlaImpl::kWgmmaPair, 9, false},
+    {"wgmma-pair-light", kc::SparseMlaImpl::kWgmmaPair, 11, false},
+    {"wgmma-pair-light-persist", kc::SparseMlaImpl::kWgmmaPair, 13, false},
     {"auto", kc::SparseMlaImpl::kAuto, 0, false},
     {"wgmma-plain", kc::SparseMlaImpl::kWgmma, 3, false},
     {"wgmma-late", kc::SparseMlaImpl::kWgmma, 4, false},
@@ -130,6 +132,7 @@ const Variant kVariants[] = {
     {"pair-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 2, true},
     {"pair-e-pf-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 8, true},
     {"pair-async-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 10, true},
+    {"pair-light-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 12, true},
 };
 
 struct Cache {

@@ -40,20 +40,21 @@ done
 
 # 2. Every variant, decode and prefill (FP8 records; prefill also bf16 rows), in
 # three processes (each under its own limit, so a hang in one group leaves the
-# others): A the variants measured before, B the st.async hand-over (and the
-# default, kAuto), C the persistent kernels. Each group includes kWgmma (the
-# agreement reference).
+# others): A the default (kAuto = pair experiment 5) and the bf16 rows, B the
+# st.async hand-over and the persistent kernel over it, C the CTA-scope buffer
+# waits (11-13, not yet measured). Each group includes kWgmma (the agreement
+# reference).
 SB="stdbuf -oL"; command -v stdbuf > /dev/null || SB=
-GA=wgmma,wgmma-pair,wgmma-pair-early-pf,pair-no-producer,pair-e-pf-no-consumer,wgmma-bf16-rows,pair-bf16-rows-r1pf
-GB=wgmma,wgmma-pair-async,wgmma-pair-async-e-pf,auto,pair-no-consumer,pair-bf16-rows,pair-bf16-no-consumer
-GC=wgmma,wgmma-pair-persist,pair-bf16-rows-persist
+GA=wgmma,auto,wgmma-pair-early-pf,pair-no-producer,pair-no-consumer,wgmma-bf16-rows,pair-bf16-rows
+GB=wgmma,wgmma-pair-async,wgmma-pair-async-e-pf,pair-async-no-consumer,wgmma-pair-persist,pair-bf16-rows-persist
+GC=wgmma,wgmma-pair-light,pair-light-no-consumer,wgmma-pair-light-persist
 for g in A B C; do
   eval V=\$G$g
   left "bench $g" || continue
   timeout -k 3 ${BENCH_S:-30} $SB "$B_MLA" --json "$OUT/mla_bench_$g.json" --variants $V
   rc=$?
   echo "bench $g rc=$rc at ${SECONDS}s"
-  [ $g = B ] && rcB=$rc
+  [ $g = A ] && rcA=$rc
 done
 
 # 3. A/B: the previous build (the pair kernel as measured before), same session.
@@ -67,12 +68,12 @@ fi
 for k in 512 128; do
   left "topk $k" || continue
   timeout -k 3 15 $SB "$B_MLA" --json "$OUT/mla_bench_topk$k.json" --cases decode --topk $k \
-    --variants wgmma-pair-early-pf,auto,wgmma-pair-persist,pair-no-producer,pair-no-consumer
+    --variants auto,wgmma-pair-persist,wgmma-pair-light,wgmma-pair-light-persist,pair-no-producer,pair-no-consumer
   echo "topk $k rc=$? at ${SECONDS}s"
 done
 
 # 5. Nsight Compute on the default kernel's decode (kAuto), and its producer alone.
-if [ "${NCU:-0}" = 1 ] && [ "${rcB:-1}" = 0 ] && command -v ncu > /dev/null; then
+if [ "${NCU:-0}" = 1 ] && [ "${rcA:-1}" = 0 ] && command -v ncu > /dev/null; then
   mkdir -p /tmp/ncu
   for v in auto pair-no-consumer; do
     left "ncu $v" || continue

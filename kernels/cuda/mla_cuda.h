@@ -69,7 +69,7 @@ struct SparseMlaParams {
   // Measured no faster than the FP8 records (docs/perf.md). 16-byte aligned.
   const uint16_t* bf16_rows = nullptr;      // [rows, kv_lora_rank + rope_dim] bf16
   const int64_t* bf16_row_start = nullptr;  // [num_seqs]; nullptr = every sequence at row 0
-  // Benchmark-only (kWgmma: 0-10; kWgmmaPair: 0-10; kAuto with a non-zero
+  // Benchmark-only (kWgmma: 0-10; kWgmmaPair: 0-13; kAuto with a non-zero
   // experiment means kWgmma); 0 = the default schedule. Timing only (results
   // meaningless): 1 / 9 = the producer only signals (no gather or
   // dequantisation: the consumers' time), 2 / 10 = the consumers only release
@@ -84,7 +84,9 @@ struct SparseMlaParams {
   // cluster-scope release / acquire; 5 is the default); 6 the st.async
   // hand-over alone, 7 st.async + early + prefetch, 8 timing only: 5's producer
   // alone, 9 = 7 persistent (as many clusters as fit, each looping over token
-  // pairs), 10 timing only: 7's producer alone. With bf16_rows: 0, and with
+  // pairs), 10 timing only: 7's producer alone, 11 = 5 with CTA-scope buffer
+  // waits and releases (not yet measured), 12 timing only: 11's producer
+  // alone, 13 = 11 persistent. With bf16_rows: 0, and with
   // kWgmmaPair also 2, 4 (= 0: the round-1 hand-over with the prefetch), 7
   // (st.async + prefetch) and 9 (7 persistent).
   int experiment = 0;

@@ -360,10 +360,11 @@ TEST(CudaMla, WgmmaHeadsAndEdges) {
 // many tokens over several sequences, odd token counts; its default schedule,
 // the early gather start (experiment 3), the L2 prefetch ahead of the loads
 // (4), both (5), the st.async hand-over (6), with early + prefetch (7), persistent
-// (9; many items per cluster in the last cases); kAuto (which picks it at 128 heads).
+// (9), CTA-scope buffer waits (11) and persistent (13) (many items per
+// cluster in the last cases); kAuto (which picks it at 128 heads).
 TEST(CudaMla, WgmmaPairHeadsAndEdges) {
   SKIP_WITHOUT_GPU();
-  for (int e : {0, 3, 4, 5, 6, 7, 9}) {
+  for (int e : {0, 3, 4, 5, 6, 7, 9, 11, 13}) {
     AttnCase ac;
     ac.impl = SparseMlaImpl::kWgmmaPair;
     ac.experiment = e;
@@ -630,6 +631,8 @@ TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 6);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 7);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 9);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 11);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 13);
   SingleToken(true, SparseMlaImpl::kWgmmaPair, 128, 7);
   SingleToken(true, SparseMlaImpl::kWgmmaPair, 256, 9);
   SingleToken(false, SparseMlaImpl::kAuto, 128);
@@ -663,10 +666,10 @@ TEST(CudaMla, RejectsBadParameters) {
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("multiple of 128") != std::string::npos) << why;
   p.heads = 128;
-  p.experiment = 11;
+  p.experiment = 14;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
-  // bf16 rows: only experiments 0, 2 and 4 of the pair kernel, 0 of kWgmma.
+  // bf16 rows: only experiments 0, 2, 4, 7 and 9 of the pair kernel, 0 of kWgmma.
   p.bf16_rows = reinterpret_cast<const uint16_t*>(uintptr_t(256));
   p.experiment = 3;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);

@@ -465,6 +465,11 @@ struct PairGather {
 // 16-byte st.async land later than plain stores. kPersist (pair + kAsync):
 // as many clusters as fit, each looping over token pairs (measured slower too,
 // being built on kAsync). Both are benchmark experiments, not defaults.
+// kLight (pair, st.shared hand-over; not yet measured): only the buffer
+// releases become CTA-scope: the producer's k_free wait without acquire.cluster
+// (whose L1 invalidation waited for its own record loads in flight) and the
+// consumers' remote arrivals with the default semantics; the data path keeps
+// st.shared::cluster, the proxy fences and the release.cluster arrival.
 struct Schedule {
   bool late;
   bool prefetch;
@@ -475,7 +480,7 @@ struct Schedule {
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair,
-          bool kEarly, bool kAsync, bool kPersist>
+          bool kEarly, bool kAsync, bool kPersist, bool kLight>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
   static_assert(!kBf16 || ((kVariant == kVariantFull || (kPair && kVariant == kVariantNoConsumer)) &&
                             !kLate),
@@ -484,7 +489,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   static_assert(!kEarly || (kPair && !kBf16), "early gather start: pair over FP8 records only");
   static_assert(!kAsync || (kPair && kVariant != kVariantNoProducer),
                 "st.async hand-over: pair, with a producer");
-  static_assert(!kPersist || (kPair && kAsync), "persistent: pair with the st.async hand-over");
+  static_assert(!kPersist || kPair, "persistent: pair only");
+  static_assert(!kLight || (kPair && !kAsync), "CTA-scope buffer waits: pair, st.shared hand-over");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -584,7 +590,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   auto consumer_release = [&](int b) {
     if constexpr (kNamed) {
       if (b + 2 < nb) NamedArrive(kBarFree0 + (b & 1), 384);
-    } else if constexpr (kAsync) {
+    } else if constexpr (kAsync || kLight) {
       MbarArrive(&sm.k_free[b & 1]);
       MbarArriveRemote((b & 1) ? peer_free[1] : peer_free[0]);
     } else {
@@ -838,7 +844,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     auto producer_wait = [&](int b) {
       if constexpr (kNamed) {
         if (b >= 2) NamedSync(kBarFree0 + (b & 1), 384);
-      } else if constexpr (kAsync) {
+      } else if constexpr (kAsync || kLight) {
         MbarWait(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);  // no CCTL: loads stay in flight
       } else if constexpr (kPair) {
         MbarWaitCluster(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);
