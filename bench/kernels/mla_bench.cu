@@ -2,16 +2,21 @@
 // 128, 2 query tokens, 128 heads, top-2048, FP8 cache) and prefill (4096 tokens
 // of one 64K-token sequence), against FlashMLA's published H800 figures (410 /
 // 640 TFLOPS), plus the cache write. Prints a table, writes JSON (--json PATH).
+// --cases picks decode and/or prefill, --topk another top-k (the per-block vs
+// per-CTA cost split comes from a sweep of it).
 // FLOPs count 2 * H * topk * (576 + 512) per query token (FlashMLA's convention).
 // Variants per case: the wgmma kernel (default schedule, then each schedule
 // explicitly: plain, late P hand-over, L2 prefetch, named barriers and their
 // combinations), the first (mma.sync) kernel, and timing-only wgmma variants
 // that leave one side out (no producer: the consumers' time on zeroed buffers;
 // no consumer: the gather + dequantisation alone), with the default and the
-// named + prefetch schedule; the wgmma and mma.sync outputs of the same inputs are
+// named + prefetch schedule; the cluster-of-2 kernel (kWgmmaPair: the two CTAs of
+// a token share each block's gather and dequantisation) and its timing-only
+// variants; the wgmma, wgmma-pair and mma.sync outputs of the same inputs are
 // compared (relative L2) so a fast but wrong kernel shows up here too.
 // Prefill also runs over bf16 rows up-converted from the cache (the issue's
-// prefill path), timing the up-conversion of the whole context separately.
+// prefill path; kWgmma and the pair kernel), timing the up-conversion of the
+// whole context separately.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -62,6 +67,12 @@ __global__ void FillIndices(int32_t* idx, int64_t T, int topk, int64_t base, int
 
 std::vector<Row> g_rows;
 std::string g_variants;  // --variants: comma-separated kernel names; empty = all
+std::string g_cases = "decode,prefill";  // --cases
+int g_topk = 2048;                       // --topk
+
+bool InList(const std::string& list_csv, const std::string& name) {
+  return ("," + list_csv + ",").find("," + name + ",") != std::string::npos;
+}
 
 bool Selected(const std::string& name) {
   if (g_variants.empty()) return true;
@@ -96,6 +107,16 @@ struct Variant {
 };
 const Variant kVariants[] = {
     {"wgmma", kc::SparseMlaImpl::kWgmma, 0, false},
+    {"wgmma-pair", kc::SparseMlaImpl::kWgmmaPair, 0, false},
+    {"wgmma-pair-early", kc::SparseMlaImpl::kWgmmaPair, 3, false},
+    {"wgmma-pair-prefetch", kc::SparseMlaImpl::kWgmmaPair, 4, false},
+    {"wgmma-pair-early-pf", kc::SparseMlaImpl::kWgmmaPair, 5, false},
+    {"wgmma-pair-async", kc::SparseMlaImpl::kWgmmaPair, 6, false},
+    {"wgmma-pair-async-e-pf", kc::SparseMlaImpl::kWgmmaPair, 7, false},
+    {"wgmma-pair-persist", kc::SparseMlaImpl::kWgmmaPair, 9, false},
+    {"wgmma-pair-light", kc::SparseMlaImpl::kWgmmaPair, 11, false},
+    {"wgmma-pair-light-persist", kc::SparseMlaImpl::kWgmmaPair, 13, false},
+    {"auto", kc::SparseMlaImpl::kAuto, 0, false},
     {"wgmma-plain", kc::SparseMlaImpl::kWgmma, 3, false},
     {"wgmma-late", kc::SparseMlaImpl::kWgmma, 4, false},
     {"wgmma-prefetch", kc::SparseMlaImpl::kWgmma, 5, false},
@@ -107,6 +128,11 @@ const Variant kVariants[] = {
     {"wgmma-no-consumer", kc::SparseMlaImpl::kWgmma, 2, true},
     {"named-pf-no-producer", kc::SparseMlaImpl::kWgmma, 9, true},
     {"named-pf-no-consumer", kc::SparseMlaImpl::kWgmma, 10, true},
+    {"pair-no-producer", kc::SparseMlaImpl::kWgmmaPair, 1, true},
+    {"pair-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 2, true},
+    {"pair-e-pf-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 8, true},
+    {"pair-async-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 10, true},
+    {"pair-light-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 12, true},
 };
 
 struct Cache {
@@ -158,7 +184,7 @@ struct Cache {
 
 void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool causal,
                double anchor_tflops, int reps) {
-  const int H = 128, topk = 2048;
+  const int H = 128, topk = g_topk;
   Cache cache(seqs, ctx);
   const int64_t T = int64_t(seqs) * tokens_per_seq;
   DeviceBuffer<float> qa(size_t(T) * H * 512), qp(size_t(T) * H * 64), out(size_t(T) * H * 512),
@@ -226,29 +252,58 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
                          .N("anchor_flashmla_h800_tflops", anchor_tflops)
                          .N("record_bytes", bytes));
   }
-  // Agreement of the two real kernels on the same inputs.
+  // Agreement of the real kernels on the same inputs (each against kWgmma).
   DeviceBuffer<float> out2(size_t(T) * H * 512);
   DeviceBuffer<double> sums(2);
-  if (!Selected("wgmma") || !Selected("mma.sync")) return;
-  p.indices = idx[0].get();
+  for (const Variant& v : kVariants) {
+    if (v.timing_only || v.impl == kc::SparseMlaImpl::kWgmma || !Selected("wgmma") ||
+        !Selected(v.name)) {
+      continue;
+    }
+    const bool is_pair = v.impl == kc::SparseMlaImpl::kWgmmaPair;
+    p.indices = idx[0].get();
+    p.impl = kc::SparseMlaImpl::kWgmma;
+    p.experiment = 0;
+    p.out = out.get();
+    PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+    p.impl = v.impl;
+    p.experiment = v.experiment;
+    p.out = out2.get();
+    PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+    PD_BENCH_CUDA(cudaMemset(sums.get(), 0, sums.bytes()));
+    DiffSums<<<528, 256>>>(out.get(), out2.get(), T * H * 512, sums.get());
+    PD_BENCH_CUDA(cudaDeviceSynchronize());
+    const std::vector<double> hs = sums.Download();
+    const double rel = std::sqrt(hs[0] / std::max(hs[1], 1e-300));
+    std::printf("%-8s wgmma vs %s: relative L2 difference %.3g%s\n", name, v.name, rel,
+                is_pair ? " (same arithmetic: 0 expected)" : " (both bf16 q/p)");
+    g_rows.push_back(Row()
+                         .S("bench", std::string("sparse_mla_") + name + "_agreement")
+                         .S("kernel", v.name)
+                         .N("rel_l2_vs_wgmma", rel));
+  }
   p.experiment = 0;
-  p.impl = kc::SparseMlaImpl::kWgmma;
-  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
-  p.impl = kc::SparseMlaImpl::kMmaSync;
-  p.out = out2.get();
-  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
-  PD_BENCH_CUDA(cudaMemset(sums.get(), 0, sums.bytes()));
-  DiffSums<<<528, 256>>>(out.get(), out2.get(), T * H * 512, sums.get());
-  PD_BENCH_CUDA(cudaDeviceSynchronize());
-  const std::vector<double> hs = sums.Download();
-  const double rel = std::sqrt(hs[0] / std::max(hs[1], 1e-300));
-  std::printf("%-8s wgmma vs mma.sync: relative L2 difference %.3g (both bf16 q/p)\n", name, rel);
-  g_rows.push_back(Row()
-                       .S("bench", std::string("sparse_mla_") + name + "_agreement")
-                       .N("rel_l2_wgmma_vs_mma_sync", rel));
-  if (!causal || !Selected("wgmma-bf16-rows")) return;
+  p.out = out.get();
   // Prefill over up-converted bf16 rows: the up-conversion of the whole
-  // context, then the attention over the rows; compared with the FP8 path.
+  // context, then the attention over the rows (kWgmma; the pair kernel, with
+  // and without the L2 prefetch, and its producer alone); each real variant is
+  // compared with the FP8 path (0 expected: the up-conversion is exact).
+  struct Bf16Variant {
+    const char* name;
+    kc::SparseMlaImpl impl;
+    int experiment;
+    bool timing_only;
+  };
+  const Bf16Variant bf16_variants[] = {
+      {"wgmma-bf16-rows", kc::SparseMlaImpl::kWgmma, 0, false},
+      {"pair-bf16-rows", kc::SparseMlaImpl::kWgmmaPair, 0, false},
+      {"pair-bf16-rows-r1pf", kc::SparseMlaImpl::kWgmmaPair, 4, false},
+      {"pair-bf16-rows-persist", kc::SparseMlaImpl::kWgmmaPair, 9, false},
+      {"pair-bf16-no-consumer", kc::SparseMlaImpl::kWgmmaPair, 2, true},
+  };
+  bool any = false;
+  for (const Bf16Variant& v : bf16_variants) any = any || Selected(v.name);
+  if (!causal || !any) return;
   DeviceBuffer<uint16_t> rows(size_t(seqs) * size_t(ctx) * 576);
   PD_BENCH_CUDA(rows.error());
   std::vector<int64_t> hstart(static_cast<size_t>(seqs));
@@ -263,56 +318,67 @@ void Attention(const char* name, int seqs, int64_t ctx, int tokens_per_seq, bool
   const std::vector<double> up_all =
       TimeMs([&](int) { PD_BENCH_CUDA(kc::LaunchUpconvertMlaCache(u, 0)); }, 2, reps);
   const double up_ms = Median(up_all);
-  p.impl = kc::SparseMlaImpl::kWgmma;
-  p.experiment = 0;
-  p.out = out2.get();
-  p.bf16_rows = rows.get();
-  p.bf16_row_start = start.get();
-  const std::vector<double> all = TimeMs(
-      [&](int i) {
-        p.indices = idx[size_t(i % 2)].get();
-        PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
-      },
-      2, reps);
-  const double ms = Median(all);
-  p.indices = idx[0].get();
-  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
-  PD_BENCH_CUDA(cudaMemset(sums.get(), 0, sums.bytes()));
-  p.impl = kc::SparseMlaImpl::kWgmma;
-  p.out = out.get();
-  p.bf16_rows = nullptr;
-  p.bf16_row_start = nullptr;
-  PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
-  DiffSums<<<528, 256>>>(out2.get(), out.get(), T * H * 512, sums.get());
-  PD_BENCH_CUDA(cudaDeviceSynchronize());
-  const std::vector<double> hs2 = sums.Download();
-  const double rel2 = std::sqrt(hs2[0] / std::max(hs2[1], 1e-300));
   const double up_bytes = double(seqs) * double(ctx) * (656.0 + 1152.0);
-  std::printf("%-8s %-20s T=%-6lld H=%d topk=%d ctx=%lldK  %8.3f ms (min %.3f, max %.3f)  %6.1f "
-              "TFLOPS (anchor %3.0f, 75%% = %3.0f); + up-conversion of %lld tokens %.3f ms (%.0f "
-              "GB/s) = %.3f ms, %.1f TFLOPS; vs the FP8 path: relative L2 difference %.3g\n",
-              name, "wgmma-bf16-rows", (long long)T, H, topk, (long long)(ctx / 1024), ms,
-              all.front(), all.back(), flops / (ms * 1e-3) / 1e12, anchor_tflops,
-              0.75 * anchor_tflops, (long long)(int64_t(seqs) * ctx), up_ms,
-              up_bytes / (up_ms * 1e-3) / 1e9, ms + up_ms, flops / ((ms + up_ms) * 1e-3) / 1e12,
-              rel2);
-  g_rows.push_back(Row()
-                       .S("bench", std::string("sparse_mla_") + name)
-                       .S("kernel", "wgmma-bf16-rows")
-                       .N("timing_only", 0)
-                       .N("query_tokens", double(T))
-                       .N("heads", H)
-                       .N("topk", topk)
-                       .N("context", double(ctx))
-                       .N("ms", ms)
-                       .N("ms_min", all.front())
-                       .N("ms_max", all.back())
-                       .N("runs", double(reps))
-                       .N("tflops", flops / (ms * 1e-3) / 1e12)
-                       .N("upconvert_ms", up_ms)
-                       .N("tflops_with_upconvert", flops / ((ms + up_ms) * 1e-3) / 1e12)
-                       .N("rel_l2_vs_fp8_path", rel2)
-                       .N("anchor_flashmla_h800_tflops", anchor_tflops));
+  std::printf("%-8s up-conversion of %lld tokens %.3f ms (%.0f GB/s)\n", name,
+              (long long)(int64_t(seqs) * ctx), up_ms, up_bytes / (up_ms * 1e-3) / 1e9);
+  for (const Bf16Variant& v : bf16_variants) {
+    if (!Selected(v.name)) continue;
+    p.impl = v.impl;
+    p.experiment = v.experiment;
+    p.out = out2.get();
+    p.bf16_rows = rows.get();
+    p.bf16_row_start = start.get();
+    const std::vector<double> all = TimeMs(
+        [&](int i) {
+          p.indices = idx[size_t(i % 2)].get();
+          PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+        },
+        2, reps);
+    const double ms = Median(all);
+    double rel2 = -1.0;
+    if (!v.timing_only) {
+      p.indices = idx[0].get();
+      PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+      PD_BENCH_CUDA(cudaMemset(sums.get(), 0, sums.bytes()));
+      p.impl = kc::SparseMlaImpl::kWgmma;
+      p.experiment = 0;
+      p.out = out.get();
+      p.bf16_rows = nullptr;
+      p.bf16_row_start = nullptr;
+      PD_BENCH_CUDA(kc::LaunchSparseMla(p, 0));
+      DiffSums<<<528, 256>>>(out2.get(), out.get(), T * H * 512, sums.get());
+      PD_BENCH_CUDA(cudaDeviceSynchronize());
+      const std::vector<double> hs2 = sums.Download();
+      rel2 = std::sqrt(hs2[0] / std::max(hs2[1], 1e-300));
+    }
+    p.bf16_rows = nullptr;
+    p.bf16_row_start = nullptr;
+    p.out = out.get();
+    std::printf("%-8s %-20s T=%-6lld H=%d topk=%d ctx=%lldK  %8.3f ms (min %.3f, max %.3f)  %6.1f "
+                "TFLOPS%s (anchor %3.0f, 75%% = %3.0f); + up-conversion %.3f ms = %.1f TFLOPS; vs "
+                "the FP8 path: relative L2 difference %.3g\n",
+                name, v.name, (long long)T, H, topk, (long long)(ctx / 1024), ms, all.front(),
+                all.back(), flops / (ms * 1e-3) / 1e12, v.timing_only ? " [timing only]" : "",
+                anchor_tflops, 0.75 * anchor_tflops, up_ms,
+                flops / ((ms + up_ms) * 1e-3) / 1e12, rel2);
+    g_rows.push_back(Row()
+                         .S("bench", std::string("sparse_mla_") + name)
+                         .S("kernel", v.name)
+                         .N("timing_only", v.timing_only ? 1 : 0)
+                         .N("query_tokens", double(T))
+                         .N("heads", H)
+                         .N("topk", topk)
+                         .N("context", double(ctx))
+                         .N("ms", ms)
+                         .N("ms_min", all.front())
+                         .N("ms_max", all.back())
+                         .N("runs", double(reps))
+                         .N("tflops", flops / (ms * 1e-3) / 1e12)
+                         .N("upconvert_ms", up_ms)
+                         .N("tflops_with_upconvert", flops / ((ms + up_ms) * 1e-3) / 1e12)
+                         .N("rel_l2_vs_fp8_path", rel2)
+                         .N("anchor_flashmla_h800_tflops", anchor_tflops));
+  }
 }
 
 void CacheWrite(int64_t T, int reps) {
@@ -357,16 +423,27 @@ int main(int argc, char** argv) {
       json = argv[++i];
     } else if (std::string(argv[i]) == "--variants" && i + 1 < argc) {
       g_variants = argv[++i];
+    } else if (std::string(argv[i]) == "--cases" && i + 1 < argc) {
+      g_cases = argv[++i];
+    } else if (std::string(argv[i]) == "--topk" && i + 1 < argc) {
+      g_topk = std::atoi(argv[++i]);
+      if (g_topk < 1) {
+        std::fprintf(stderr, "--topk must be a positive integer\n");
+        return 2;
+      }
     } else {
-      std::fprintf(stderr, "usage: %s [--json PATH] [--variants NAME,NAME,...]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--json PATH] [--variants NAME,NAME,...] [--cases decode,prefill] "
+                   "[--topk N (default 2048)]\n",
+                   argv[0]);
       return 2;
     }
   }
   cudaDeviceProp prop{};
   PD_BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::printf("device %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-  Attention("decode", 128, 32768, 2, false, 410.0, 20);
-  Attention("prefill", 1, 65536, 4096, true, 640.0, 10);
+  if (InList(g_cases, "decode")) Attention("decode", 128, 32768, 2, false, 410.0, 20);
+  if (InList(g_cases, "prefill")) Attention("prefill", 1, 65536, 4096, true, 640.0, 10);
   if (Selected("cache-write")) CacheWrite(65536, 20);
   std::map<std::string, std::string> meta = {{"device", prop.name}, {"command", argv[0]}};
   if (!WriteJson(json, meta, g_rows)) return 1;

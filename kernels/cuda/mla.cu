@@ -14,6 +14,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -362,16 +363,55 @@ bool LayoutOk(const KvLayout& l) {
 // schedules are benchmark variants until measured faster.
 constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false,
                                                      /*named=*/false};
+// The pair kernel's default (experiment 0 and the timing-only 2): early gather
+// start + L2 prefetch ahead of the loads, the round-1 hand-over (= experiment
+// 5; bf16 rows: prefetch, = experiment 4): the fastest measured on the H200
+// (docs/perf.md; the st.async hand-over, 6 / 7, and the persistent kernel, 9,
+// measured slower).
+constexpr bool kPairAsync = false, kPairEarly = true, kPairPrefetch = true, kPairPersist = false;
 
-template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false>
+template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
+          bool kPair = false, bool kEarly = false, bool kAsync = false, bool kPersist = false,
+          bool kLight = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
-  auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16>;
+  auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16,
+                                                    kPair, kEarly, kAsync, kPersist, kLight>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
-  const int64_t ctas = p.num_queries * (p.heads / mla_internal::kRows);
-  kernel<<<unsigned(ctas), mla_internal::kThreads, sizeof(Smem), stream>>>(p);
+  int64_t ctas = p.num_queries * (p.heads / mla_internal::kRows);
+  if constexpr (kPair) {
+    // Clusters of 2 along x: head blocks 2k and 2k+1 of one token (heads / 64 is even).
+    cudaLaunchConfig_t config = {};
+    config.blockDim = dim3(mla_internal::kThreads);
+    config.dynamicSmemBytes = sizeof(Smem);
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = 2;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    if constexpr (kPersist) {
+      // As many clusters as fit at once (one CTA per SM), each looping over
+      // the pairs c, c + G, ... (at most one cluster per pair).
+      static int max_clusters = -1;
+      if (max_clusters < 0) {
+        config.gridDim = dim3(2);
+        const cudaError_t occ = cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config);
+        if (occ != cudaSuccess) return occ;
+        if (max_clusters < 1) return cudaErrorInvalidConfiguration;
+      }
+      ctas = 2 * std::min<int64_t>(ctas / 2, max_clusters);
+    }
+    config.gridDim = dim3(unsigned(ctas));
+    const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, p);
+    if (launched != cudaSuccess) return launched;
+  } else {
+    kernel<<<unsigned(ctas), mla_internal::kThreads, sizeof(Smem), stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -388,17 +428,35 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   }
   if (p.topk < 0) return Invalid(error, "sparse MLA: topk must be >= 0");
   const bool mma_sync = p.impl == SparseMlaImpl::kMmaSync;
-  if (!mma_sync && p.impl != SparseMlaImpl::kAuto && p.impl != SparseMlaImpl::kWgmma) {
+  const bool pair_asked = p.impl == SparseMlaImpl::kWgmmaPair;
+  if (!mma_sync && !pair_asked && p.impl != SparseMlaImpl::kAuto &&
+      p.impl != SparseMlaImpl::kWgmma) {
     return Invalid(error, "sparse MLA: unknown impl");
   }
+  if (pair_asked && p.heads % (2 * kHB) != 0) {
+    return Invalid(error, "sparse MLA: impl kWgmmaPair needs heads to be a multiple of 128");
+  }
+  // kAuto: the pair kernel where it applies (heads a multiple of 128, no
+  // benchmark experiment), else kWgmma.
+  const bool pair = pair_asked || (p.impl == SparseMlaImpl::kAuto && p.experiment == 0 &&
+                                   p.heads % (2 * kHB) == 0);
   if (p.num_queries < 0 || (mma_sync && p.num_queries > 65535) ||
       p.num_queries * (p.heads / kHB) > int64_t(0x7fffffff)) {
     return Invalid(error,
                    "sparse MLA: num_queries must be >= 0, at most 65535 per launch for kMmaSync, "
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
-  if (p.experiment < 0 || p.experiment > 10 || (mma_sync && p.experiment != 0)) {
-    return Invalid(error, "sparse MLA: experiment must be 0, or 1..10 with kWgmma");
+  if (p.experiment < 0 || p.experiment > (pair ? 13 : 10) || (mma_sync && p.experiment != 0)) {
+    return Invalid(error,
+                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, 1..13 with kWgmmaPair");
+  }
+  if (p.bf16_rows != nullptr &&
+      (mma_sync || (p.experiment != 0 &&
+                    !(pair && (p.experiment == 2 || p.experiment == 4 || p.experiment == 7 ||
+                               p.experiment == 9))))) {
+    return Invalid(error,
+                   "sparse MLA: bf16_rows needs impl kAuto, kWgmma or kWgmmaPair and experiment 0 "
+                   "(kWgmmaPair: also 2, 4, 7 or 9)");
   }
   if (p.num_queries == 0) return cudaSuccess;
   if (p.q_abs == nullptr || p.q_pe == nullptr || p.out == nullptr ||
@@ -409,13 +467,61 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
   if (!Aligned16(p.q_abs) || !Aligned16(p.q_pe) || !Aligned16(p.out)) {
     return Invalid(error, "sparse MLA: q_abs, q_pe and out must be 16-byte aligned");
   }
-  if (p.bf16_rows != nullptr) {
-    if (mma_sync || p.experiment != 0) {
-      return Invalid(error, "sparse MLA: bf16_rows needs impl kWgmma (or kAuto) and experiment 0");
-    }
+  // kAuto with the pair kernel ignores bf16_rows: the same tiles (the
+  // up-conversion is exact), and over the FP8 records the pair kernel measured
+  // faster (prefill 6.81 vs 8.05 ms, docs/perf.md).
+  const bool use_rows = p.bf16_rows != nullptr && !(pair && !pair_asked);
+  if (use_rows) {
     if (!Aligned16(p.bf16_rows)) return Invalid(error, "sparse MLA: bf16_rows must be 16-byte aligned");
+    if (pair) {
+      using namespace mla_internal;
+      constexpr bool kP = kPairPrefetch, kA = kPairAsync, kS = kPairPersist;
+      switch (p.experiment) {
+        case 2:
+          return LaunchWgmma<kVariantNoConsumer, false, kP, false, true, true, false, kA, kS>(p,
+                                                                                             stream);
+        case 4: return LaunchWgmma<kVariantFull, false, true, false, true, true>(p, stream);
+        case 7: return LaunchWgmma<kVariantFull, false, true, false, true, true, false, true>(p, stream);
+        case 9:
+          return LaunchWgmma<kVariantFull, false, true, false, true, true, false, true, true>(p,
+                                                                                          stream);
+        default:
+          return LaunchWgmma<kVariantFull, false, kP, false, true, true, false, kA, kS>(p, stream);
+      }
+    }
     return LaunchWgmma<mla_internal::kVariantFull, false, false, kDefaultSchedule.named, true>(
         p, stream);
+  }
+  if (pair) {
+    using namespace mla_internal;
+    constexpr bool kP = kPairPrefetch, kE = kPairEarly, kA = kPairAsync, kS = kPairPersist;
+    switch (p.experiment) {
+      case 1: return LaunchWgmma<kVariantNoProducer, false, false, false, false, true>(p, stream);
+      case 2:
+        return LaunchWgmma<kVariantNoConsumer, false, kP, false, false, true, kE, kA, kS>(p, stream);
+      case 3: return LaunchWgmma<kVariantFull, false, false, false, false, true, true>(p, stream);
+      case 4: return LaunchWgmma<kVariantFull, false, true, false, false, true>(p, stream);
+      case 5: return LaunchWgmma<kVariantFull, false, true, false, false, true, true>(p, stream);
+      case 6: return LaunchWgmma<kVariantFull, false, false, false, false, true, false, true>(p, stream);
+      case 7: return LaunchWgmma<kVariantFull, false, true, false, false, true, true, true>(p, stream);
+      case 8: return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true>(p, stream);
+      case 9:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, true, true>(p, stream);
+      case 10:
+        return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true, true>(p, stream);
+      // Not yet measured: 5 with CTA-scope buffer waits (11), its producer alone
+      // (12), 11 persistent (13).
+      case 11:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true>(
+            p, stream);
+      case 12:
+        return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true, false, false,
+                           true>(p, stream);
+      case 13:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true>(
+            p, stream);
+      default: return LaunchWgmma<kVariantFull, false, kP, false, false, true, kE, kA, kS>(p, stream);
+    }
   }
   if (!mma_sync) {
     using namespace mla_internal;

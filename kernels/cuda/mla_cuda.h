@@ -26,9 +26,16 @@ struct MlaCacheBatch {
 
 // Kernel choice for LaunchSparseMla.
 enum class SparseMlaImpl : int {
-  kAuto = 0,     // kWgmma
+  // kWgmmaPair where heads is a multiple of 128 and experiment is 0 (over the
+  // FP8 records even if bf16_rows is set: faster, same result), else kWgmma.
+  kAuto = 0,
   kWgmma = 1,    // Hopper: warp-specialised gather/dequantise + wgmma, 64 heads per CTA
   kMmaSync = 2,  // the first version: mma.sync m16n8k16, 64 heads per CTA, no pipelining
+  // kWgmma with the two CTAs of a token's 64-head blocks 2k, 2k+1 in a cluster
+  // of 2 sharing each block's gather and dequantisation (each CTA gathers half
+  // the tokens and writes both CTAs' shared memory); heads a multiple of 128;
+  // with bf16_rows each CTA copies half of every block's rows into both CTAs.
+  kWgmmaPair = 3,
 };
 
 // Sparse attention for T query tokens x H heads (decode: a batch of requests
@@ -53,20 +60,35 @@ struct SparseMlaParams {
   float* out = nullptr;                  // [T, H, kv_lora_rank] fp32
   float* lse = nullptr;                  // optional [T, H] natural-log sum-exp of the scaled logits
   SparseMlaImpl impl = SparseMlaImpl::kAuto;
-  // Optional, for prefill (kWgmma): the sequences' latents up-converted to
-  // bf16 rows by LaunchUpconvertMlaCache; token i of sequence s is row
-  // bf16_row_start[s] + i. The kernel then copies these 1152-byte rows with
-  // cp.async instead of gathering and dequantising the 656-byte records (the
-  // cache's num_tokens still bounds the indices). 16-byte aligned.
+  // Optional, for prefill (kWgmma, kWgmmaPair; kAuto uses them only where it
+  // picks kWgmma): the sequences' latents up-converted to bf16 rows by
+  // LaunchUpconvertMlaCache; token i of sequence s is row bf16_row_start[s] + i.
+  // The kernel then copies these 1152-byte rows (kWgmma: cp.async; kWgmmaPair:
+  // through registers into both CTAs) instead of gathering and dequantising
+  // the 656-byte records (the cache's num_tokens still bounds the indices).
+  // Measured no faster than the FP8 records (docs/perf.md). 16-byte aligned.
   const uint16_t* bf16_rows = nullptr;      // [rows, kv_lora_rank + rope_dim] bf16
   const int64_t* bf16_row_start = nullptr;  // [num_seqs]; nullptr = every sequence at row 0
-  // Benchmark-only (kWgmma); 0 = the default schedule. Timing only (results
+  // Benchmark-only (kWgmma: 0-10; kWgmmaPair: 0-13; kAuto with a non-zero
+  // experiment means kWgmma); 0 = the default schedule. Timing only (results
   // meaningless): 1 / 9 = the producer only signals (no gather or
   // dequantisation: the consumers' time), 2 / 10 = the consumers only release
   // buffers (the producer's time), with the default / the named + prefetch
-  // schedule. Explicit schedules (valid results; mla_wgmma.cuh, Schedule):
-  // 3 plain (mbarriers; the default), 4 late P hand-over, 5 L2 prefetch,
-  // 6 named barriers, 7 named + prefetch, 8 named + prefetch + late.
+  // schedule (kWgmmaPair: 1 / 2 of the pair kernel). Explicit kWgmma schedules
+  // (valid results; mla_wgmma.cuh, Schedule): 3 plain (mbarriers; the
+  // default), 4 late P hand-over, 5 L2 prefetch, 6 named barriers, 7 named +
+  // prefetch, 8 named + prefetch + late. kWgmmaPair (valid results): 3 the
+  // producer issues block 0's gather before the Q staging ("early"), 4 L2
+  // prefetch of the records (bf16 rows: the rows) ahead of their loads, 5 = 3 +
+  // 4, all three with the round-1 hand-over (st.shared::cluster, proxy fences,
+  // cluster-scope release / acquire; 5 is the default); 6 the st.async
+  // hand-over alone, 7 st.async + early + prefetch, 8 timing only: 5's producer
+  // alone, 9 = 7 persistent (as many clusters as fit, each looping over token
+  // pairs), 10 timing only: 7's producer alone, 11 = 5 with CTA-scope buffer
+  // waits and releases (not yet measured), 12 timing only: 11's producer
+  // alone, 13 = 11 persistent. With bf16_rows: 0, and with
+  // kWgmmaPair also 2, 4 (= 0: the round-1 hand-over with the prefetch), 7
+  // (st.async + prefetch) and 9 (7 persistent).
   int experiment = 0;
 };
 cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream,

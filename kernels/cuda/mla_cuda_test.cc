@@ -2,8 +2,8 @@
 // (cpu::WriteMlaCache, cpu::SparseMlaAttention, cpu::ReadMlaToken) on random
 // inputs: paged caches in shuffled pages, two sequences, -1 holes and
 // out-of-range indices, a token with no valid index, top-k larger than the
-// context and not a multiple of the 64-token block, 64 / 128 / 192 heads, both
-// implementations (kWgmma with each of its schedules, kMmaSync), and single-token
+// context and not a multiple of the 64-token block, 64 / 128 / 192 / 256 heads,
+// every implementation (kWgmma with each of its schedules, kWgmmaPair, kMmaSync), and single-token
 // attention that must reproduce the dequantised cache bit for bit (scales from
 // 2^-20 to 2^18). Label "gpu".
 #include <cuda_runtime.h>
@@ -149,7 +149,10 @@ struct AttnCase {
 };
 
 const char* ImplName(SparseMlaImpl impl) {
-  return impl == SparseMlaImpl::kMmaSync ? "mma.sync" : "wgmma";
+  return impl == SparseMlaImpl::kMmaSync     ? "mma.sync"
+         : impl == SparseMlaImpl::kWgmmaPair ? "wgmma-pair"
+         : impl == SparseMlaImpl::kAuto      ? "auto"
+                                             : "wgmma";
 }
 
 // Up-converts every sequence of `hm` (device copies d_pool, d_pt, d_lens) to
@@ -315,7 +318,8 @@ void RunAttention(const AttnCase& ac, uint32_t seed) {
 
 TEST(CudaMla, SparseAttentionMatchesCpu) {
   SKIP_WITHOUT_GPU();
-  for (SparseMlaImpl impl : {SparseMlaImpl::kWgmma, SparseMlaImpl::kMmaSync}) {
+  for (SparseMlaImpl impl :
+       {SparseMlaImpl::kWgmma, SparseMlaImpl::kWgmmaPair, SparseMlaImpl::kMmaSync}) {
     AttnCase ac;
     ac.impl = impl;
     for (int topk : {2048, 300, 37}) {
@@ -350,6 +354,48 @@ TEST(CudaMla, WgmmaHeadsAndEdges) {
   RunAttention(ac, 8u);
 }
 
+// The cluster-of-2 kernel's edges: 128 heads (one pair per token) and 256 (two
+// pairs), top-k 1 (only rank 0 gathers a valid token) / 33 (rank 1's half
+// partly filled) / 65 / 2048, out-of-range holes, a token with no valid index,
+// many tokens over several sequences, odd token counts; its default schedule,
+// the early gather start (experiment 3), the L2 prefetch ahead of the loads
+// (4), both (5), the st.async hand-over (6), with early + prefetch (7), persistent
+// (9), CTA-scope buffer waits (11) and persistent (13) (many items per
+// cluster in the last cases); kAuto (which picks it at 128 heads).
+TEST(CudaMla, WgmmaPairHeadsAndEdges) {
+  SKIP_WITHOUT_GPU();
+  for (int e : {0, 3, 4, 5, 6, 7, 9, 11, 13}) {
+    AttnCase ac;
+    ac.impl = SparseMlaImpl::kWgmmaPair;
+    ac.experiment = e;
+    ac.out_of_range = true;
+    for (int topk : {1, 33, 65, 2048}) {
+      ac.topk = topk;
+      RunAttention(ac, 200u + uint32_t(topk) + uint32_t(e));
+    }
+    ac.heads = 256;
+    ac.topk = 129;
+    ac.lens = {3000, 90, 700};
+    ac.qcount = {9, 4, 6};
+    RunAttention(ac, 207u + uint32_t(e));
+    ac.heads = 128;
+    ac.topk = 512;
+    ac.lens = {1000, 2000, 64, 1};
+    ac.qcount = {40, 30, 21, 3};
+    RunAttention(ac, 208u + uint32_t(e));
+    // More pairs (188) than clusters at once: the persistent kernels loop over
+    // items, with an odd block count (3) so buffer parities alternate.
+    ac.heads = 256;
+    ac.topk = 129;
+    RunAttention(ac, 209u + uint32_t(e));
+  }
+  AttnCase ac;
+  ac.impl = SparseMlaImpl::kAuto;
+  ac.out_of_range = true;
+  ac.topk = 700;
+  RunAttention(ac, 210u);
+}
+
 // The alternative schedules of the wgmma kernel compute the same function.
 TEST(CudaMla, WgmmaSchedules) {
   SKIP_WITHOUT_GPU();
@@ -382,6 +428,38 @@ TEST(CudaMla, Bf16RowsMatchCpu) {
   ac.heads = 64;
   ac.topk = 300;
   RunAttention(ac, 45u);
+  // The pair kernel over bf16 rows (each CTA copies half of every block into
+  // both CTAs' buffers), with and without the L2 prefetch (experiment 4):
+  // top-k 1 (only rank 0's half holds a token), 33, 257, 2048, 256 heads (two
+  // pairs per token), many tokens; kAuto, which ignores the rows at 128 heads
+  // (the FP8 pair kernel: same tiles, faster).
+  ac.heads = 128;
+  ac.impl = SparseMlaImpl::kWgmmaPair;
+  for (int e : {0, 4, 7, 9}) {
+    ac.experiment = e;
+    ac.heads = 128;
+    ac.lens = {3000, 500, 70};
+    ac.qcount = {6, 5, 3};
+    for (int topk : {1, 33, 257, 2048}) {
+      ac.topk = topk;
+      RunAttention(ac, 46u + uint32_t(topk) + uint32_t(e));
+    }
+    ac.heads = 256;
+    ac.topk = 129;
+    RunAttention(ac, 47u + uint32_t(e));
+    ac.heads = 128;
+    ac.topk = 512;
+    ac.lens = {1000, 2000, 64, 1};
+    ac.qcount = {40, 30, 21, 3};
+    RunAttention(ac, 48u + uint32_t(e));
+    ac.heads = 256;  // 188 pairs: the persistent default loops, odd block count
+    ac.topk = 129;
+    RunAttention(ac, 50u + uint32_t(e));
+  }
+  ac.impl = SparseMlaImpl::kAuto;
+  ac.experiment = 0;
+  ac.topk = 700;
+  RunAttention(ac, 49u);
 }
 
 // LaunchUpconvertMlaCache writes cpu::ReadMlaToken's values, rounded to bf16
@@ -433,7 +511,7 @@ TEST(CudaMla, UpconvertIsExact) {
 // e4m3 value times a power of two exactly), for every head; lse must equal the
 // scaled logit. The cache spans scales 2^-20..2^18 (both dequantisation paths),
 // all-zero groups and e4m3 subnormals.
-void SingleToken(bool bf16_rows) {
+void SingleToken(bool bf16_rows, SparseMlaImpl impl, int H, int experiment = 0) {
   std::mt19937 rng(11);
   const int64_t n = 700;
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -447,7 +525,7 @@ void SingleToken(bool bf16_rows) {
     // A wide spread inside the group puts small values on e4m3 subnormals.
     return m * nd(g) * (d % 5 == 0 ? 1e-3f : 1.0f);
   });
-  const int H = 64, topk = 130;
+  const int topk = 130;
   const int64_t T = n;
   std::vector<int32_t> perm(static_cast<size_t>(n));
   std::iota(perm.begin(), perm.end(), 0);
@@ -483,7 +561,8 @@ void SingleToken(bool bf16_rows) {
   p.softmax_scale = scale;
   p.out = d_out.get();
   p.lse = d_lse.get();
-  p.impl = SparseMlaImpl::kWgmma;
+  p.impl = impl;
+  p.experiment = experiment;
   DeviceRows rows;
   if (bf16_rows) {
     rows = Upconvert(hm, d_pool.get(), d_pt.get(), d_lens.get());
@@ -533,9 +612,9 @@ void SingleToken(bool bf16_rows) {
       worst_lse = std::max(worst_lse, std::fabs(g_lse[size_t(qh)] - logit) / (1.0 + mag));
     }
   }
-  std::printf("  single-token%s: %zu mismatching values, %zu groups with scale > 2^15 read, "
-              "lse relative error %.3g\n", bf16_rows ? " (bf16 rows)" : "", mismatches, big_scale_tokens,
-              worst_lse);
+  std::printf("  single-token %s (experiment %d) H=%d%s: %zu mismatching values, %zu groups "
+              "with scale > 2^15 read, lse relative error %.3g\n", ImplName(impl), experiment, H,
+              bf16_rows ? " (bf16 rows)" : "", mismatches, big_scale_tokens, worst_lse);
   std::fflush(stdout);
   EXPECT_EQ(mismatches, 0u);
   EXPECT_GT(big_scale_tokens, 0u);
@@ -544,8 +623,21 @@ void SingleToken(bool bf16_rows) {
 
 TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
   SKIP_WITHOUT_GPU();
-  SingleToken(false);
-  SingleToken(true);
+  SingleToken(false, SparseMlaImpl::kWgmma, 64);
+  SingleToken(true, SparseMlaImpl::kWgmma, 64);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 3);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 4);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 6);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 7);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 9);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 11);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 13);
+  SingleToken(true, SparseMlaImpl::kWgmmaPair, 128, 7);
+  SingleToken(true, SparseMlaImpl::kWgmmaPair, 256, 9);
+  SingleToken(false, SparseMlaImpl::kAuto, 128);
+  SingleToken(true, SparseMlaImpl::kWgmmaPair, 128);
+  SingleToken(true, SparseMlaImpl::kWgmmaPair, 256, 4);
 }
 
 TEST(CudaMla, RejectsBadParameters) {
@@ -569,6 +661,26 @@ TEST(CudaMla, RejectsBadParameters) {
   p.impl = static_cast<SparseMlaImpl>(9);
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("impl") != std::string::npos) << why;
+  p.impl = SparseMlaImpl::kWgmmaPair;
+  p.heads = 192;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("multiple of 128") != std::string::npos) << why;
+  p.heads = 128;
+  p.experiment = 14;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
+  // bf16 rows: only experiments 0, 2, 4, 7 and 9 of the pair kernel, 0 of kWgmma.
+  p.bf16_rows = reinterpret_cast<const uint16_t*>(uintptr_t(256));
+  p.experiment = 3;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("bf16_rows") != std::string::npos) << why;
+  p.impl = SparseMlaImpl::kWgmma;
+  p.experiment = 4;
+  EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
+  EXPECT_TRUE(std::string(why).find("bf16_rows") != std::string::npos) << why;
+  p.bf16_rows = nullptr;
+  p.impl = SparseMlaImpl::kWgmmaPair;
+  p.experiment = 0;
   p.impl = SparseMlaImpl::kMmaSync;
   p.num_queries = 70000;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);

@@ -1,6 +1,7 @@
 // Sparse MLA attention for Hopper (sm_90a): warp-specialised, wgmma (bf16 in,
 // fp32 accumulate). Internal to kernels/cuda; instantiated and launched by
-// mla.cu (LaunchSparseMla with SparseMlaImpl::kWgmma).
+// mla.cu (LaunchSparseMla with SparseMlaImpl::kWgmma, and kWgmmaPair: the
+// kPair switch below, kAuto's choice at heads % 128 == 0).
 //
 // One CTA per (query token, 64 heads), 384 threads in three warpgroups; the
 // selected tokens are processed 64 at a time (a "block") through two shared
@@ -55,6 +56,7 @@ inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
 // replace the k_ready / k_free mbarriers.
 inline constexpr int kBarPReady = 1, kBarPFree = 2, kBarFinal = 3;
 inline constexpr int kBarReady0 = 4, kBarFree0 = 6;  // + buffer
+inline constexpr int kBarQ = 8;  // persistent: WG0 + WG1 staged the next item's Q
 
 // Benchmark-only variants (SparseMlaParams::experiment); results are garbage.
 inline constexpr int kVariantFull = 0;
@@ -66,7 +68,7 @@ struct Smem {
   uint8_t kv[2][kTileBytes];       // block tokens (bf16): chunk c of slot j at (c * 64 + j) * 16
   uint8_t p[kBlk / 8 * kRows * 16];  // P (bf16): tokens 8c..8c+7 of head h at (c * 64 + h) * 16
   float o_scale[kRows];            // WG0 -> WG1: exp2(m_old - m_new) of the current block
-  float row_l[kRows];              // final softmax sums (WG0 -> WG1)
+  float row_l[2][kRows];           // final softmax sums (WG0 -> WG1), by item parity
   float row_m[kRows];
   uint8_t valid[2][kBlk];          // slot j of buffer b holds a valid token
   uint64_t k_ready[2];             // producer -> consumers (128 arrivals)
@@ -96,6 +98,85 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// ------------------------------------------------ cluster (pair) helpers
+// The rank of this CTA in its cluster.
+__device__ __forceinline__ uint32_t ClusterRank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The shared::cluster address of the variable at shared::cta address `addr`
+// in the CTA of rank `rank` of this cluster.
+__device__ __forceinline__ uint32_t MapaShared(uint32_t addr, uint32_t rank) {
+  uint32_t d;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(d) : "r"(addr), "r"(rank));
+  return d;
+}
+__device__ __forceinline__ void StClusterV4(uint32_t addr, const uint4 v) {
+  asm volatile("st.shared::cluster.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x),
+               "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+__device__ __forceinline__ void StClusterU8(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared::cluster.u8 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+// Arrives (release at cluster scope) on the mbarrier at shared::cluster
+// address `addr` (this CTA's or another's of the cluster).
+__device__ __forceinline__ void MbarArriveCluster(uint32_t addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(addr)
+               : "memory");
+}
+// MbarWait with acquire at cluster scope: for barriers that CTAs of the
+// cluster arrive on remotely.
+__device__ __forceinline__ void MbarWaitCluster(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "MLA_WAIT_CL:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra MLA_WAIT_CL;\n}\n" ::"r"(ptx::SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// Asynchronous 16-byte store to shared::cluster address `addr` (this CTA's or
+// the peer's), completing 16 bytes (complete_tx, release at cluster scope) on
+// the mbarrier at shared::cluster address `mbar` of the same CTA as `addr`. No
+// fence: the waiter sees the data once the barrier's phase completes.
+__device__ __forceinline__ void StAsyncV4(uint32_t addr, const uint4 v, uint32_t mbar) {
+  asm volatile(
+      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, "
+      "[%5];\n" ::"r"(addr),
+      "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(mbar)
+      : "memory");
+}
+// Arrives on this CTA's mbarrier and raises its expected transaction bytes.
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   ptx::SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// Arrives on an mbarrier at a shared::cluster address with the default
+// semantics (release at CTA scope; a buffer release: nothing written to publish).
+__device__ __forceinline__ void MbarArriveRemote(uint32_t addr) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(addr) : "memory");
+}
+// Makes this CTA's mbarrier initialisations visible to the cluster.
+__device__ __forceinline__ void FenceMbarInitCluster() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Orders this thread's generic-proxy writes to shared::cluster memory (its
+// own CTA's and other CTAs') before later async-proxy (wgmma) reads.
+__device__ __forceinline__ void FenceProxyAsyncCluster() {
+  asm volatile("fence.proxy.async.shared::cluster;\n" ::: "memory");
+}
+// Every thread of every CTA of the cluster (also a CTA-wide barrier).
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
+}
+
 __device__ __forceinline__ void NamedSync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
@@ -232,6 +313,112 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 
 // --------------------------------------------------------------------- kernel
 
+// Q (fp32) of 64 heads h0.. of token t -> the bf16 tile q, by kNT threads
+// (index i0 in 0..kNT-1); chunk-major so that a warp's stores are contiguous;
+// passes of 6 chunks per thread with every load of a pass issued first.
+template <int kNT, int kPer = 6>
+__device__ __forceinline__ void StageQ(const SparseMlaParams& p, uint8_t* q, int64_t t, int h0,
+                                       int i0) {
+  constexpr int kPasses = kChunks * kRows / (kNT * kPer);
+  static_assert(kChunks * kRows % (kNT * kPer) == 0, "Q staging passes");
+  const int H = p.heads;
+  // Opaque: keeps the compiler from hoisting the per-chunk offsets out of a
+  // persistent item loop (they would stay live across it).
+  asm volatile("" : "+r"(i0));
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    float4 qv[kPer][2];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int i = i0 + (pass * kPer + k) * kNT;
+      const int c = i / kRows, h = i % kRows;
+      const int64_t qh = t * H + h0 + h;
+      const float* src =
+          c < kR / 8 ? p.q_abs + qh * kR + 8 * c : p.q_pe + qh * kRope + 8 * (c - kR / 8);
+      qv[k][0] = __ldg(reinterpret_cast<const float4*>(src));
+      qv[k][1] = __ldg(reinterpret_cast<const float4*>(src) + 1);
+    }
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int i = i0 + (pass * kPer + k) * kNT;
+      const float4 a = qv[k][0], b = qv[k][1];
+      *reinterpret_cast<uint4*>(q + i * 16) =
+          make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y),
+                     PackBf16x2(b.z, b.w));
+    }
+  }
+}
+
+// The pair producer's registers for one token slot of one block: 16 bytes of
+// each 64 of the record's e4m3 values (column `sub`), the 4 scales, a quarter
+// of k_pe.
+struct PairRegs {
+  uint4 raw[8];
+  float4 sc;
+  uint4 pe[2];
+};
+
+// The pair producer thread's gather chain: token slot `slot` of every block
+// of query token t: index -> page -> record.
+struct PairGather {
+  const uint8_t* pool;
+  const int32_t* ptab;     // the sequence's page-table row
+  const int32_t* idx_row;  // indices[t, :]
+  int64_t ntok;
+  int topk, nb, slot, sub;
+
+  __device__ __forceinline__ PairGather(const SparseMlaParams& p, int64_t t, int blocks, int tid)
+      : pool(p.cache.pool), idx_row(p.indices + t * p.topk), topk(p.topk), nb(blocks) {
+    const int seq = p.query_seq != nullptr ? p.query_seq[t] : 0;
+    ntok = p.cache.num_tokens[seq];
+    ptab = p.cache.page_table + seq * p.cache.page_table_stride;
+    const int pt = tid - 2 * 128, lane = tid & 31;
+    slot = int(ClusterRank()) * 32 + (pt >> 5) * 8 + (lane & 7);
+    sub = lane >> 3;
+  }
+  // The slot's index in block b; -1 outside top-k, for -1 and for >= the
+  // sequence's length.
+  __device__ __forceinline__ int32_t Index(int b) const {
+    const int i = b * kBlk + slot;
+    const int32_t idx = b < nb && i < topk ? __ldg(idx_row + i) : -1;
+    return idx >= 0 && idx < ntok ? idx : -1;
+  }
+  // The same for the peer's slot (slot ^ 32), whose valid flag this thread
+  // writes with kAsync.
+  __device__ __forceinline__ int32_t IndexPeer(int b) const {
+    const int i = b * kBlk + (slot ^ 32);
+    const int32_t idx = b < nb && i < topk ? __ldg(idx_row + i) : -1;
+    return idx >= 0 && idx < ntok ? idx : -1;
+  }
+  __device__ __forceinline__ int32_t Page(int32_t idx) const {
+    return idx >= 0 ? __ldg(ptab + (idx >> 6)) : 0;
+  }
+  // Issues the loads of token idx's record (nothing for idx < 0).
+  __device__ __forceinline__ void Issue(PairRegs& r, int32_t idx, int32_t page) const {
+    if (idx >= 0) {
+      const uint8_t* rec = pool + size_t(page) * (size_t(kPageTokens) * kRecordBytes) +
+                           size_t(idx & 63) * kRecordBytes;
+#pragma unroll
+      for (int gi = 0; gi < 8; ++gi) {
+        r.raw[gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
+      }
+      r.sc = __ldg(reinterpret_cast<const float4*>(rec + kR));
+      r.pe[0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
+      r.pe[1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
+    }
+  }
+  // Prefetches token idx's record into L2 (every 128-byte line of it: offsets
+  // 0..640 and its last byte, over the token's 4 threads).
+  __device__ __forceinline__ void Prefetch(int32_t idx, int32_t page) const {
+    if (idx >= 0) {
+      const uint8_t* rec = pool + size_t(page) * (size_t(kPageTokens) * kRecordBytes) +
+                           size_t(idx & 63) * kRecordBytes;
+      PrefetchL2(rec + 128 * sub);
+      if (sub < 3) PrefetchL2(rec + (sub == 0 ? 512 : sub == 1 ? 640 : kRecordBytes - 1));
+    }
+  }
+};
+
 // Compile-time schedule of the kernel.
 //   late: WG0 hands block b's P to WG1 only after issuing block b+1's Q K^T, so
 //     the tensor pipe runs WG1's P V of block b while WG0 does block b+1's
@@ -246,6 +433,43 @@ __device__ __forceinline__ void StoreChunk(uint8_t* tile, int chunk, int row, co
 // late), makes the producer copy up-converted bf16 rows with cp.async
 // (nothing to dequantise; block b+1's copies fly while the consumers work on
 // block b) instead of gathering and dequantising the FP8 records.
+// A fifth, kPair (SparseMlaImpl::kWgmmaPair; plain mbarriers, neither late
+// nor named): the two CTAs of a token's
+// 64-head blocks 2k and 2k+1 form a cluster of 2 and share each block's
+// gather and dequantisation. The producer of rank r gathers slots
+// [32 r, 32 r + 32) of every block (one token per thread: 4 threads x 16 of
+// every 64 bytes), dequantises them and stores the bf16 chunks into both
+// CTAs' buffers (st.shared::cluster for the peer's), and arrives on both
+// CTAs' k_ready; consumers arrive on both CTAs' k_free (each producer writes
+// into both buffers, so it waits for both CTAs' releases). Every barrier
+// phase thus counts 128 + 128 producer arrivals (k_ready) and 256 + 256
+// consumer arrivals (k_free). The producer also keeps block b+1's record
+// loads in flight (in registers) while it waits for block b's buffer and
+// dequantises block b. Both CTAs pass a cluster barrier after the barrier
+// initialisation (before any remote arrival) and before exiting (after the
+// last remote store or arrival into the peer). With kPrefetch the pair
+// producer also prefetches block b+3's records into L2 at block b; with kBf16
+// it copies its 32 rows of every block through registers into both CTAs'
+// buffers (no dequantisation), kPrefetch prefetching block b+2's rows. kEarly
+// (pair over FP8 only) issues the first index and page loads before the Q
+// staging. kAsync (pair): the producers write the tiles of both CTAs with
+// st.async (completion counted in bytes on the target CTA's k_ready) instead
+// of st.shared[::cluster] + proxy fences + release.cluster arrivals, whose
+// fences waited for the producer's own record loads in flight (ncu, run 1:
+// CCTL.IVALL of the acquire.cluster wait and ERRBAR of the release.cluster
+// arrive); k_ready counts the 4 local producer warps (warp 0 also expects the
+// 73728 bytes), each CTA writes all 64 valid flags itself (the peer's slots
+// from their indices), waits are CTA-scope (no L1 invalidation) and the
+// consumers fence the async proxy after their k_ready wait. Measured slower
+// than the st.shared::cluster hand-over on the H200 (docs/perf.md): the
+// 16-byte st.async land later than plain stores. kPersist (pair + kAsync):
+// as many clusters as fit, each looping over token pairs (measured slower too,
+// being built on kAsync). Both are benchmark experiments, not defaults.
+// kLight (pair, st.shared hand-over; not yet measured): only the buffer
+// releases become CTA-scope: the producer's k_free wait without acquire.cluster
+// (whose L1 invalidation waited for its own record loads in flight) and the
+// consumers' remote arrivals with the default semantics; the data path keeps
+// st.shared::cluster, the proxy fences and the release.cluster arrival.
 struct Schedule {
   bool late;
   bool prefetch;
@@ -255,52 +479,78 @@ struct Schedule {
 // Grid: num_queries * (heads / 64) CTAs, CTA x = query token x / (heads / 64),
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
-template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16>
+template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair,
+          bool kEarly, bool kAsync, bool kPersist, bool kLight>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
-  static_assert(!kBf16 || (kVariant == kVariantFull && !kLate), "bf16 rows: full, not late");
+  static_assert(!kBf16 || ((kVariant == kVariantFull || (kPair && kVariant == kVariantNoConsumer)) &&
+                            !kLate),
+                "bf16 rows: full (pair: also the producer alone), not late");
+  static_assert(!kPair || (!kLate && !kNamed), "pair: mbarrier schedule, no late hand-over");
+  static_assert(!kEarly || (kPair && !kBf16), "early gather start: pair over FP8 records only");
+  static_assert(!kAsync || (kPair && kVariant != kVariantNoProducer),
+                "st.async hand-over: pair, with a producer");
+  static_assert(!kPersist || kPair, "persistent: pair only");
+  static_assert(!kLight || (kPair && !kAsync), "CTA-scope buffer waits: pair, st.shared hand-over");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
   const int head_blocks = p.heads / kRows;
-  const int64_t t = blockIdx.x / head_blocks;
-  const int h0 = int(blockIdx.x % head_blocks) * kRows;
+  // Work items: CTA-equivalents x = token x / head_blocks, heads from
+  // (x % head_blocks) * 64. One per CTA (x = blockIdx.x), or, persistent, the
+  // cluster c of G handles the pairs c, c + G, ... (x = 2 pair + rank).
+  // (At most 2^31 - 1 items: LaunchSparseMla's check; x + x_stride fits 32 bits.)
+  const uint32_t n_items = uint32_t(p.num_queries * head_blocks);
+  uint32_t x0 = blockIdx.x, x_stride = n_items;
+  if constexpr (kPersist) {
+    x0 = 2 * (blockIdx.x / 2) + ClusterRank();
+    x_stride = 2 * (gridDim.x / 2);
+  }
+  const int64_t t = x0 / head_blocks;
+  const int h0 = int(x0 % head_blocks) * kRows;
   const int H = p.heads;
   const int nb = (p.topk + kBlk - 1) / kBlk;
 
-  // Q (fp32) -> bf16 tile; chunk-major so that a warp's stores are contiguous.
-  // 12 chunks per thread, in two passes of 6 with every load issued first.
-  static_assert(kChunks * kRows % (2 * kThreads) == 0, "Q staging passes");
-  constexpr int kQPass = kChunks * kRows / (2 * kThreads);
-#pragma unroll
-  for (int pass = 0; pass < 2; ++pass) {
-    float4 qv[kQPass][2];
-#pragma unroll
-    for (int k = 0; k < kQPass; ++k) {
-      const int i = tid + (pass * kQPass + k) * kThreads;
-      const int c = i / kRows, h = i % kRows;
-      const int64_t qh = t * H + h0 + h;
-      const float* src =
-          c < kR / 8 ? p.q_abs + qh * kR + 8 * c : p.q_pe + qh * kRope + 8 * (c - kR / 8);
-      qv[k][0] = __ldg(reinterpret_cast<const float4*>(src));
-      qv[k][1] = __ldg(reinterpret_cast<const float4*>(src) + 1);
-    }
-#pragma unroll
-    for (int k = 0; k < kQPass; ++k) {
-      const int i = tid + (pass * kQPass + k) * kThreads;
-      const float4 a = qv[k][0], b = qv[k][1];
-      *reinterpret_cast<uint4*>(sm.q + i * 16) =
-          make_uint4(PackBf16x2(a.x, a.y), PackBf16x2(a.z, a.w), PackBf16x2(b.x, b.y),
-                     PackBf16x2(b.z, b.w));
-    }
+  // The pair producer's gather chain over FP8 records (threads 256..383): the
+  // indices of blocks 0-2 and the pages of blocks 0-1 (gather_indices; with
+  // kPrefetch also block 3's index and block 2's page), then block 0's record
+  // loads; with kEarly the index and page loads are issued before the Q
+  // staging (their two dependent round trips overlap it), otherwise at the
+  // start of the producer's loop.
+  constexpr bool kPairGather = kPair && !kBf16 && kVariant != kVariantNoProducer;
+  int32_t g_idx_cur = -1, g_idx_n1 = -1, g_idx_n2 = -1, g_idx_n3 = -1, g_pg_cur = 0, g_pg_n1 = 0,
+          g_pg_n2 = 0, g_pidx_cur = -1;
+  auto gather_indices = [&](const PairGather& g) {
+    if constexpr (kAsync) g_pidx_cur = g.sub == 1 ? g.IndexPeer(0) : -1;
+    g_idx_cur = g.Index(0);
+    g_idx_n1 = g.Index(1);
+    g_idx_n2 = g.Index(2);
+    if constexpr (kPrefetch) g_idx_n3 = g.Index(3);
+    g_pg_cur = g.Page(g_idx_cur);
+    g_pg_n1 = g.Page(g_idx_n1);
+    if constexpr (kPrefetch) g_pg_n2 = g.Page(g_idx_n2);
+  };
+  if constexpr (kPairGather && kEarly) {
+    if (tid >= 256) gather_indices(PairGather(p, t, nb, tid));
   }
+
+  // The first item's Q, by every thread (later items' by the producer).
+  StageQ<kThreads>(p, sm.q, t, h0, tid);
   if (tid == 0) {
-    MbarInit(&sm.k_ready[0], 128);
-    MbarInit(&sm.k_ready[1], 128);
-    MbarInit(&sm.k_free[0], 256);
-    MbarInit(&sm.k_free[1], 256);
+    constexpr uint32_t kCtas = kPair ? 2 : 1;
+    // kAsync: one arrival per local producer warp (the data counts as bytes).
+    constexpr uint32_t kReadyCount = kAsync ? 4 : 128 * kCtas;
+    MbarInit(&sm.k_ready[0], kReadyCount);
+    MbarInit(&sm.k_ready[1], kReadyCount);
+    MbarInit(&sm.k_free[0], 256 * kCtas);
+    MbarInit(&sm.k_free[1], 256 * kCtas);
+    if constexpr (kPair) FenceMbarInitCluster();
   }
   ptx::FenceProxyAsync();  // Q is read by wgmma
-  __syncthreads();
+  if constexpr (kPair) {
+    ClusterSync();  // the peer's barriers are initialised before any remote arrival
+  } else {
+    __syncthreads();
+  }
 
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int lane = tid & 31, g = lane >> 2, c4 = lane & 3;
@@ -315,9 +565,24 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   // for the data itself. Named: every released block except the last two is
   // waited on by the producer, so arrivals and waits pair up.
   constexpr int kReadyThreads = kVariant == kVariantNoConsumer ? 384 : 256;
+  // Pair: the peer CTA's k_free barriers (consumers release into both CTAs).
+  uint32_t peer_free[2] = {0u, 0u};
+  if constexpr (kPair) {
+    const uint32_t peer = ClusterRank() ^ 1u;
+    peer_free[0] = MapaShared(ptx::SmemAddr(&sm.k_free[0]), peer);
+    peer_free[1] = MapaShared(ptx::SmemAddr(&sm.k_free[1]), peer);
+  }
   auto consumer_wait = [&](int b) {
     if constexpr (kNamed) {
       NamedSync(kBarReady0 + (b & 1), kReadyThreads);
+    } else if constexpr (kAsync) {
+      // The data came through st.async (both CTAs' producers) and the valid
+      // flags from the local producer (released by its arrivals); the wgmma
+      // reads go through the async proxy.
+      MbarWait(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
+      ptx::FenceProxyAsync();
+    } else if constexpr (kPair) {
+      MbarWaitCluster(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
     } else {
       MbarWait(&sm.k_ready[b & 1], uint32_t(b >> 1) & 1u);
     }
@@ -325,25 +590,44 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   auto consumer_release = [&](int b) {
     if constexpr (kNamed) {
       if (b + 2 < nb) NamedArrive(kBarFree0 + (b & 1), 384);
+    } else if constexpr (kAsync || kLight) {
+      MbarArrive(&sm.k_free[b & 1]);
+      MbarArriveRemote((b & 1) ? peer_free[1] : peer_free[0]);
     } else {
       MbarArrive(&sm.k_free[b & 1]);
+      if constexpr (kPair) MbarArriveCluster((b & 1) ? peer_free[1] : peer_free[0]);
     }
   };
 
   if (wg == 0) {
     // ------------------------------------------------ WG0: Q K^T, softmax, P V left
     RegAlloc<kRegsWg0>();
+    const float sl2 = p.softmax_scale * 1.4426950408889634f;
+    const uint64_t dq = NoSwizzleDesc(ptx::SmemAddr(sm.q), 1024, 128);
+    // Items (one unless persistent); block b of item `it` is block it * nb + b
+    // of the CTA's sequence (buffer and barrier phases).
+    int it = 0;
+#pragma unroll 1
+    for (uint32_t x = x0; x < n_items; x += x_stride, ++it) {
+    const int64_t t = x / uint32_t(head_blocks);  // this item's token and heads
+    const int h0 = int(x % uint32_t(head_blocks)) * kRows;
+    // Persistent, later items: WG0 and WG1 stage the item's Q (both are past
+    // the last item's reads of it: WG0's Q K^T, and WG1 never reads it).
+    if (kPersist && it > 0) {
+      StageQ<256>(p, sm.q, t, h0, tid);
+      ptx::FenceProxyAsync();  // Q is read by wgmma
+      NamedSync(kBarQ, 256);
+    }
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
     float m0 = -1e30f, m1 = -1e30f, l0 = 0.0f, l1 = 0.0f;  // base-2 running max / sum
-    const float sl2 = p.softmax_scale * 1.4426950408889634f;
-    const uint64_t dq = NoSwizzleDesc(ptx::SmemAddr(sm.q), 1024, 128);
     for (int b = 0; b < nb; ++b) {
-      const int buf = b & 1;
-      consumer_wait(b);
+      const int gb = it * nb + b;
+      const int buf = gb & 1;
+      consumer_wait(gb);
       if constexpr (kVariant == kVariantNoConsumer) {
-        consumer_release(b);
+        consumer_release(gb);
       } else {
         const uint32_t kv_addr = ptx::SmemAddr(sm.kv[buf]);
         const uint64_t dk = NoSwizzleDesc(kv_addr, 1024, 128);
@@ -410,7 +694,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         }
 
         // Hand P and the rescale factors to WG1 (once it has finished the last block's).
-        if (b > 0) NamedSync(kBarPFree, 256);
+        if (b > 0 || it > 0) NamedSync(kBarPFree, 256);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0) * 16 + 4 * c4) = pr[2 * i];
@@ -439,7 +723,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         FenceRegs(o);
 #pragma unroll
         for (int i = 0; i < 16; ++i) FenceReg(pr[i]);  // read by the wgmma until the wait
-        consumer_release(b);
+        consumer_release(gb);
       }
     }
     if (kLate && kVariant != kVariantNoConsumer && nb > 0) NamedArrive(kBarPReady, 256);
@@ -450,8 +734,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
     }
     if (c4 == 0) {
-      sm.row_l[r0] = l0;
-      sm.row_l[r0 + 8] = l1;
+      sm.row_l[it & 1][r0] = l0;  // by item parity: WG1 may still read the last item's
+      sm.row_l[it & 1][r0 + 8] = l1;
       sm.row_m[r0] = m0;
       sm.row_m[r0 + 8] = m1;
     }
@@ -469,20 +753,34 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       p.lse[t * H + h0 + r0] = l0 > 0.0f ? m0 * kLn2 + logf(l0) : kNegInf;
       p.lse[t * H + h0 + r0 + 8] = l1 > 0.0f ? m1 * kLn2 + logf(l1) : kNegInf;
     }
+      if constexpr (!kPersist) break;  // one item
+    }  // items
   } else if (wg == 1) {
     // ------------------------------------------------------- WG1: P V right
     RegDealloc<kRegsWg1>();
+    const uint64_t dp = NoSwizzleDesc(ptx::SmemAddr(sm.p), 1024, 128);
+    int it = 0;
+#pragma unroll 1
+    for (uint32_t x = x0; x < n_items; x += x_stride, ++it) {
+    const int64_t t = x / uint32_t(head_blocks);  // this item's token and heads
+    const int h0 = int(x % uint32_t(head_blocks)) * kRows;
+    if (kPersist && it > 0) {  // with WG0: this item's Q
+      StageQ<256>(p, sm.q, t, h0, tid);
+      ptx::FenceProxyAsync();
+      NamedSync(kBarQ, 256);
+    }
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-    const uint64_t dp = NoSwizzleDesc(ptx::SmemAddr(sm.p), 1024, 128);
     for (int b = 0; b < nb; ++b) {
-      const int buf = b & 1;
+      const int gb = it * nb + b;
+      const int buf = gb & 1;
       if constexpr (kVariant == kVariantNoConsumer) {
-        consumer_wait(b);
-        consumer_release(b);
+        consumer_wait(gb);
+        consumer_release(gb);
       } else {
         NamedSync(kBarPReady, 256);
+        if constexpr (kAsync) ptx::FenceProxyAsync();  // as WG0's after its k_ready wait
         const float f0 = sm.o_scale[r0], f1 = sm.o_scale[r0 + 8];
         if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
 #pragma unroll
@@ -504,12 +802,12 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         ptx::WgmmaCommit();
         ptx::WgmmaWait<0>();
         FenceRegs(o);
-        consumer_release(b);
-        if (b + 1 < nb) NamedArrive(kBarPFree, 256);
+        consumer_release(gb);
+        if (b + 1 < nb || x + x_stride < n_items) NamedArrive(kBarPFree, 256);
       }
     }
     NamedSync(kBarFinal, 256);
-    const float l0 = sm.row_l[r0], l1 = sm.row_l[r0 + 8];
+    const float l0 = sm.row_l[it & 1][r0], l1 = sm.row_l[it & 1][r0 + 8];
     const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
     float* oa = p.out + (t * H + h0 + r0) * kR + 256 + 2 * c4;
     float* ob = oa + 8 * kR;
@@ -518,6 +816,8 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       *reinterpret_cast<float2*>(oa + 8 * i) = make_float2(o[4 * i] * i0, o[4 * i + 1] * i0);
       *reinterpret_cast<float2*>(ob + 8 * i) = make_float2(o[4 * i + 2] * i1, o[4 * i + 3] * i1);
     }
+      if constexpr (!kPersist) break;  // one item
+    }  // items
   } else {
     // ---------------------------------------- producer: gather + dequantise
     // Thread pt owns token slots slot0 and slot0 + 32 of every block, 16 bytes
@@ -534,9 +834,20 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     const int32_t* ptab = p.cache.page_table + seq * p.cache.page_table_stride;
     const int32_t* idx_row = p.indices + t * p.topk;
     const size_t page_bytes = size_t(kPageTokens) * kRecordBytes;
+    // Pair: the peer CTA's rank, k_ready barriers, buffers and valid flags.
+    uint32_t peer_ready[2] = {0u, 0u};
+    if constexpr (kPair) {
+      const uint32_t peer = ClusterRank() ^ 1u;
+      peer_ready[0] = MapaShared(ptx::SmemAddr(&sm.k_ready[0]), peer);
+      peer_ready[1] = MapaShared(ptx::SmemAddr(&sm.k_ready[1]), peer);
+    }
     auto producer_wait = [&](int b) {
       if constexpr (kNamed) {
         if (b >= 2) NamedSync(kBarFree0 + (b & 1), 384);
+      } else if constexpr (kAsync || kLight) {
+        MbarWait(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);  // no CCTL: loads stay in flight
+      } else if constexpr (kPair) {
+        MbarWaitCluster(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);
       } else {
         MbarWait(&sm.k_free[b & 1], (uint32_t(b >> 1) & 1u) ^ 1u);
       }
@@ -544,8 +855,20 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     auto producer_publish = [&](int b) {
       if constexpr (kNamed) {
         NamedArrive(kBarReady0 + (b & 1), kReadyThreads);
+      } else if constexpr (kAsync) {
+        // One arrival per producer warp after its lanes' valid flags; warp 0
+        // also expects the block's bytes (both halves, st.async from both CTAs).
+        __syncwarp();
+        if (lane == 0) {
+          if (pt < 32) {
+            MbarArriveExpectTx(&sm.k_ready[b & 1], uint32_t(kBlk * kChunks * 16));
+          } else {
+            MbarArrive(&sm.k_ready[b & 1]);
+          }
+        }
       } else {
         MbarArrive(&sm.k_ready[b & 1]);
+        if constexpr (kPair) MbarArriveCluster((b & 1) ? peer_ready[1] : peer_ready[0]);
       }
     };
     if constexpr (kVariant == kVariantNoProducer) {
@@ -576,6 +899,214 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
         if (sub < 3) PrefetchL2(rec + (sub == 0 ? 512 : sub == 1 ? 640 : kRecordBytes - 1));
       }
     };
+    if constexpr (kPair && kBf16) {
+      // Pair over up-converted bf16 rows: thread pt copies chunks sub + 4k
+      // (k = 0..17) of slot `slot` of every block (the 4 threads of a slot read
+      // 64 contiguous bytes per k) through registers into both CTAs' buffers.
+      // Block b+1's loads are issued right after block b is published (they
+      // fly while the thread waits for block b+1's buffer); kPrefetch also
+      // prefetches block b+2's rows into L2 then.
+      const int slot = int(ClusterRank()) * 32 + (pt >> 5) * 8 + (lane & 7);
+      const uint32_t peer = ClusterRank() ^ 1u;
+      const uint32_t kv_peer[2] = {MapaShared(ptx::SmemAddr(sm.kv[0]), peer),
+                                   MapaShared(ptx::SmemAddr(sm.kv[1]), peer)};
+      const uint32_t valid_peer[2] = {MapaShared(ptx::SmemAddr(&sm.valid[0][slot]), peer),
+                                      MapaShared(ptx::SmemAddr(&sm.valid[1][slot]), peer)};
+      // Per item (persistent: every item of the cluster).
+      const uint8_t* rows = nullptr;
+      const int32_t* it_idx = idx_row;
+      int64_t it_ntok = ntok;
+      auto set_item = [&](int64_t t_it) {
+        const int s_it = p.query_seq != nullptr ? p.query_seq[t_it] : 0;
+        it_ntok = p.cache.num_tokens[s_it];
+        it_idx = p.indices + t_it * p.topk;
+        const int64_t row0 = p.bf16_row_start != nullptr ? p.bf16_row_start[s_it] : 0;
+        rows = reinterpret_cast<const uint8_t*>(p.bf16_rows + row0 * kW);
+      };
+      auto index_at = [&](int b, int s) -> int32_t {
+        const int i = b * kBlk + s;
+        const int32_t idx = b < nb && i < p.topk ? __ldg(it_idx + i) : -1;
+        return idx >= 0 && idx < it_ntok ? idx : -1;
+      };
+      const uint32_t kv_local[2] = {ptx::SmemAddr(sm.kv[0]), ptx::SmemAddr(sm.kv[1])};
+      const uint32_t ready_local[2] = {ptx::SmemAddr(&sm.k_ready[0]),
+                                       ptx::SmemAddr(&sm.k_ready[1])};
+      constexpr int kPer = kChunks / 4;  // 18
+      uint4 r[kPer];
+      auto issue = [&](int32_t idx) {
+        if (idx >= 0) {
+          const uint8_t* src = rows + int64_t(idx) * (kW * 2) + 16 * sub;
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) r[k] = __ldg(reinterpret_cast<const uint4*>(src + 64 * k));
+        } else {
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) r[k] = make_uint4(0u, 0u, 0u, 0u);
+        }
+      };
+      // The row's 9 lines (1152 bytes from a 128-byte aligned row start).
+      auto prefetch_row = [&](int32_t idx) {
+        if (idx >= 0) {
+          const uint8_t* src = rows + int64_t(idx) * (kW * 2);
+          PrefetchL2(src + 128 * sub);
+          PrefetchL2(src + 128 * (sub + 4));
+          if (sub == 0) PrefetchL2(src + 1024);
+        }
+      };
+      int it = 0;
+  #pragma unroll 1
+    for (uint32_t x = x0; x < n_items; x += x_stride, ++it) {
+      set_item(x / uint32_t(head_blocks));
+      int32_t idx_cur = index_at(0, slot), idx_n1 = index_at(1, slot), idx_n2 = index_at(2, slot);
+      int32_t pidx_cur = kAsync && sub == 1 ? index_at(0, slot ^ 32) : -1;
+      issue(idx_cur);
+      if constexpr (kPrefetch) prefetch_row(idx_n1);
+      for (int b = 0; b < nb; ++b) {
+        const int gb = it * nb + b;
+        const int buf = gb & 1;
+        const int32_t idx_n3 = index_at(b + 3, slot);
+        const int32_t pidx_next = kAsync && sub == 1 ? index_at(b + 1, slot ^ 32) : -1;
+        producer_wait(gb);
+        const uint32_t base = uint32_t(slot) * 16u;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const uint32_t off = base + uint32_t(sub + 4 * k) * 64u * 16u;
+          if constexpr (kAsync) {
+            StAsyncV4((buf ? kv_local[1] : kv_local[0]) + off, r[k],
+                      buf ? ready_local[1] : ready_local[0]);
+            StAsyncV4((buf ? kv_peer[1] : kv_peer[0]) + off, r[k],
+                      buf ? peer_ready[1] : peer_ready[0]);
+          } else {
+            *reinterpret_cast<uint4*>(sm.kv[buf] + off) = r[k];
+            StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, r[k]);
+          }
+        }
+        if constexpr (kAsync) {
+          if (sub == 0) sm.valid[buf][slot] = idx_cur >= 0 ? 1 : 0;
+          if (sub == 1) sm.valid[buf][slot ^ 32] = pidx_cur >= 0 ? 1 : 0;
+          pidx_cur = pidx_next;
+        } else {
+          if (sub == 0) {
+            sm.valid[buf][slot] = idx_cur >= 0 ? 1 : 0;
+            StClusterU8(buf ? valid_peer[1] : valid_peer[0], idx_cur >= 0 ? 1u : 0u);
+          }
+          ptx::FenceProxyAsync();
+          FenceProxyAsyncCluster();
+        }
+        producer_publish(gb);
+        issue(idx_n1);
+        if constexpr (kPrefetch) prefetch_row(idx_n2);
+        idx_cur = idx_n1;
+        idx_n1 = idx_n2;
+        idx_n2 = idx_n3;
+      }
+        if constexpr (!kPersist) break;  // one item
+      }  // items
+      ClusterSync();  // no remote store or arrival into the peer after it exits
+      return;
+    }
+    if constexpr (kPairGather) {
+      // Thread pt gathers slot `slot` of every block (PairGather). The chain
+      // index (block b+2) -> page (b+1) -> record (b+1) runs ahead: block b+1's
+      // record loads are in flight while block b's buffer is waited for and
+      // block b is dequantised (two register sets, roles swapped per block).
+      // kPrefetch: block b+3's records are prefetched into L2 at step b (two
+      // steps before their loads), the chain one block longer (index b+4 ->
+      // page b+3).
+      const int slot = int(ClusterRank()) * 32 + (pt >> 5) * 8 + (lane & 7);  // = PairGather's
+      const uint32_t peer = ClusterRank() ^ 1u;
+      const uint32_t kv_peer[2] = {MapaShared(ptx::SmemAddr(sm.kv[0]), peer),
+                                   MapaShared(ptx::SmemAddr(sm.kv[1]), peer)};
+      const uint32_t valid_peer[2] = {MapaShared(ptx::SmemAddr(&sm.valid[0][slot]), peer),
+                                      MapaShared(ptx::SmemAddr(&sm.valid[1][slot]), peer)};
+      const uint32_t kv_local[2] = {ptx::SmemAddr(sm.kv[0]), ptx::SmemAddr(sm.kv[1])};
+      const uint32_t ready_local[2] = {ptx::SmemAddr(&sm.k_ready[0]),
+                                       ptx::SmemAddr(&sm.k_ready[1])};
+      // Chunk `chunk` of this thread's slot, into both CTAs' buffer `buf`.
+      auto store2 = [&](int buf, int chunk, const uint4 v) {
+        const uint32_t off = uint32_t(chunk * 64 + slot) * 16u;
+        if constexpr (kAsync) {
+          StAsyncV4((buf ? kv_local[1] : kv_local[0]) + off, v,
+                    buf ? ready_local[1] : ready_local[0]);
+          StAsyncV4((buf ? kv_peer[1] : kv_peer[0]) + off, v, buf ? peer_ready[1] : peer_ready[0]);
+        } else {
+          *reinterpret_cast<uint4*>(sm.kv[buf] + off) = v;
+          StClusterV4((buf ? kv_peer[1] : kv_peer[0]) + off, v);
+        }
+      };
+      // Items (one unless persistent); the chain restarts at every item.
+      int it = 0;
+  #pragma unroll 1
+    for (uint32_t x = x0; x < n_items; x += x_stride, ++it) {
+      const PairGather g(p, x / uint32_t(head_blocks), nb, tid);
+      if (!kEarly || it > 0) gather_indices(g);
+      PairRegs ra, rb;
+      g.Issue(ra, g_idx_cur, g_pg_cur);
+      if constexpr (kPrefetch) g.Prefetch(g_idx_n2, g_pg_n2);
+      // Block b from `cur` (loaded one step earlier); issues block b+1 into `nxt`.
+      auto step = [&](int b, PairRegs& cur, PairRegs& nxt) {
+        const int gb = it * nb + b;
+        const int buf = gb & 1;
+        g.Issue(nxt, g_idx_n1, g_pg_n1);
+        // Without kPrefetch: pg_next = page of b+2, idx_next = index of b+3;
+        // with it: page of b+3, index of b+4.
+        const int32_t pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
+        const int32_t idx_next = g.Index(b + (kPrefetch ? 4 : 3));
+        const int32_t pidx_next = kAsync && g.sub == 1 ? g.IndexPeer(b + 1) : -1;
+        producer_wait(gb);
+        if (g_idx_cur >= 0) {
+#pragma unroll
+          for (int gi = 0; gi < 8; ++gi) {
+            const float sgi = gi < 2 ? cur.sc.x : gi < 4 ? cur.sc.y : gi < 6 ? cur.sc.z : cur.sc.w;
+            uint4 lo, hi;
+            Dequant16(cur.raw[gi], sgi, lo, hi);
+            store2(buf, 8 * gi + 2 * sub, lo);
+            store2(buf, 8 * gi + 2 * sub + 1, hi);
+          }
+          store2(buf, kR / 8 + sub, cur.pe[0]);
+          store2(buf, kR / 8 + sub + 4, cur.pe[1]);
+        } else {
+          // Zeros: the slot's P is 0 and must not meet NaN bit patterns in V.
+          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+          for (int c = 0; c < 16; ++c) store2(buf, 8 * (c >> 1) + 2 * sub + (c & 1), z);
+          store2(buf, kR / 8 + sub, z);
+          store2(buf, kR / 8 + sub + 4, z);
+        }
+        if constexpr (kAsync) {
+          if (sub == 0) sm.valid[buf][slot] = g_idx_cur >= 0 ? 1 : 0;
+          if (sub == 1) sm.valid[buf][slot ^ 32] = g_pidx_cur >= 0 ? 1 : 0;
+          g_pidx_cur = pidx_next;
+        } else {
+          if (sub == 0) {
+            sm.valid[buf][slot] = g_idx_cur >= 0 ? 1 : 0;
+            StClusterU8(buf ? valid_peer[1] : valid_peer[0], g_idx_cur >= 0 ? 1u : 0u);
+          }
+          ptx::FenceProxyAsync();
+          FenceProxyAsyncCluster();
+        }
+        producer_publish(gb);
+        g_idx_cur = g_idx_n1;
+        g_idx_n1 = g_idx_n2;
+        if constexpr (kPrefetch) {
+          g.Prefetch(g_idx_n3, pg_next);
+          g_pg_n1 = g_pg_n2;
+          g_pg_n2 = pg_next;
+          g_idx_n2 = g_idx_n3;
+          g_idx_n3 = idx_next;
+        } else {
+          g_pg_n1 = pg_next;
+          g_idx_n2 = idx_next;
+        }
+      };
+      for (int b = 0; b < nb; b += 2) {
+        step(b, ra, rb);
+        if (b + 1 < nb) step(b + 1, rb, ra);
+      }
+        if constexpr (!kPersist) break;  // one item
+      }  // items
+      ClusterSync();  // no remote store or arrival into the peer after it exits
+      return;
+    }
     if constexpr (kBf16) {
       // Up-converted rows: thread pt copies chunks [36 h, 36 h + 36) (h = pt / 64)
       // of slot j = pt % 64; a warp's copies of one chunk are 32 consecutive
@@ -696,6 +1227,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       }
     }
   }
+  if constexpr (kPair) ClusterSync();  // every role but the pair producer's gather (above)
 }
 
 }  // namespace pd::kernels::cuda::mla_internal
