@@ -580,7 +580,9 @@ void Experiments(const Options& opt) {
     // code (bit 6); "CTA-wide final": round 4's final selection, one query at
     // a time by the whole CTA (bit 7; dense always selects so); "CTA barrier
     // each stage": round 4's barrier schedule (bit 8; the default synchronises
-    // each warpgroup with itself and the CTA every 4 stages). "no
+    // each warpgroup with itself and the CTA every 4 stages); "cp.async
+    // stages": round 5's key copies by every thread (bit 9; the default since
+    // round 6 loads them by TMA from one thread per warpgroup). "no
     // insertion" leaves every seeded query short of k keys, so with seeding it
     // also rescans them.
     const Variant vs[] = {{"v1", 1, 0},
@@ -590,6 +592,7 @@ void Experiments(const Options& opt) {
                           {"v2 slot branch", 2, 64},
                           {"v2 CTA-wide final", 2, 128},
                           {"v2 CTA barrier each stage", 2, 256},
+                          {"v2 cp.async stages", 2, 512},
                           {"v2 no epilogue", 2, 1},
                           {"v2 no insertion", 2, 2},
                           {"v2 double-buf", 2, 8}};

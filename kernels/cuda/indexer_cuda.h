@@ -99,7 +99,10 @@ struct SelectParams {
   // time (round 4's; the default with fewer than 64 rows per query is one
   // warp per query), bit 8 synchronises the whole CTA at every stage (round
   // 4; the default since round 5 synchronises each warpgroup with itself and
-  // the CTA every 4 stages). Bits 2-8 give the same results as 0.
+  // the CTA every 4 stages), bit 9 (512) copies the key stages of the full
+  // pass over contiguous keys with cp.async in every thread (round 5; the
+  // default since round 6 loads them by TMA from one thread per warpgroup).
+  // Bits 2-9 give the same results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

@@ -259,8 +259,9 @@ struct SelectCase {
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
-// heads) and checks every row against cpu::SelectTokens.
-void RunSelectCase(const SelectCase& sc, uint32_t seed) {
+// heads) and checks every row against cpu::SelectTokens; the GPU rows go to
+// *rows when given.
+void RunSelectCase(const SelectCase& sc, uint32_t seed, std::vector<int32_t>* rows = nullptr) {
   std::mt19937 rng(seed);
   const HostBatch hb = MakeBatch(rng, sc.lens, sc.summary_block);
   HostQueries hq = MakeQueries(rng, sc.positions);
@@ -353,6 +354,7 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   }
   // Boundary swaps are rounding ties: at most 0.5% of the selected keys.
   EXPECT_LE(swaps * 200, std::max(total, 200)) << swaps << " swaps of " << total;
+  if (rows != nullptr) *rows = gpu;
   std::printf("  %lld queries, %d selected, %d boundary swaps, splits %d\n", (long long)T, total,
               swaps, plan.splits);
 }
@@ -703,6 +705,67 @@ TEST(CudaSelect, BarrierSchedules) {
     c.splits = 1;
     c.expect_seeded = true;
     RunSelectCase(c, 130 + uint32_t(experiment));
+  }
+}
+
+// Round 6: the full pass over contiguous keys loads its stages by TMA (one
+// producer thread per warpgroup, full / empty mbarriers; the default) or by
+// cp.async in every thread (experiment bit 512, round 5's). Both must select
+// exactly the same keys (the scores are the same bits): dense (two queries
+// per CTA, seeded; one 64-head query per CTA; small top-k with many
+// compactions), MISA with 8 / 16 / 32 routed heads, forced splits (ranges
+// ending inside a page, the last stage with one live page), every seeded query
+// rescanned (bit 5: a second TMA pass after the final selection reused the
+// stages), the CTA barrier at every stage (bit 8), no seeding (bit 4).
+TEST(CudaSelect, TmaStagesMatchCpAsyncStages) {
+  SKIP_WITHOUT_GPU();
+  struct V {
+    bool misa;
+    int h, topk, splits, experiment;
+    int64_t len;
+    int tail;
+    bool sorted;
+  };
+  const V vs[] = {{false, 8, 2048, 1, 0, 13001, 6, true},
+                  {false, 8, 300, 1, 16, 9037, 3, true},
+                  {false, 8, 2048, 3, 0, 7001, 1, true},
+                  {true, 8, 2048, 1, 0, 15011, 21, true},
+                  {true, 8, 2048, 1, 32, 15011, 21, true},
+                  {true, 8, 2048, 1, 256, 10001, 17, true},
+                  {true, 16, 1000, 2, 0, 12345, 13, true},
+                  {true, 32, 2048, 3, 32, 17077, 9, true},
+                  {true, 8, 512, 5, 0, 4099, 40, true}};
+  uint32_t seed = 200;
+  for (const V& v : vs) {
+    std::vector<int32_t> rows[2];
+    for (int tma_off = 0; tma_off < 2; ++tma_off) {
+      SelectCase c;
+      c.misa = v.misa;
+      c.h = v.h;
+      c.lens = {v.len};
+      auto pos = Tail(v.len, v.tail);
+      for (int64_t p : {int64_t(63), int64_t(64), int64_t(1500), v.len / 2 + 1}) pos.push_back(p);
+      c.positions = {pos};
+      c.topk = v.topk;
+      c.sorted = v.sorted;
+      c.splits = v.splits;
+      c.experiment = v.experiment | (tma_off ? 512 : 0);
+      RunSelectCase(c, seed, &rows[tma_off]);
+    }
+    ASSERT_EQ(rows[0].size(), rows[1].size());
+    int diff = 0;
+    for (size_t i = 0; i < rows[0].size(); ++i) diff += rows[0][i] != rows[1][i] ? 1 : 0;
+    EXPECT_EQ(diff, 0) << "TMA vs cp.async stages, case " << (seed - 200);
+    ++seed;
+  }
+  // One 64-head query per sequence (the 64-row tile), sequences of odd sizes.
+  for (int tma_off = 0; tma_off < 2; ++tma_off) {
+    SelectCase c;
+    c.lens = {5001, 130, 9999};
+    c.positions = {{5000}, {129}, {9998}};
+    c.sorted = true;
+    c.experiment = tma_off ? 512 : 0;
+    RunSelectCase(c, 250 + uint32_t(tma_off));
   }
 }
 
