@@ -582,7 +582,9 @@ void Experiments(const Options& opt) {
     // each stage": round 4's barrier schedule (bit 8; the default synchronises
     // each warpgroup with itself and the CTA every 4 stages); "cp.async
     // stages": round 5's key copies by every thread (bit 9; the default since
-    // round 6 loads them by TMA from one thread per warpgroup). "no
+    // round 6 loads them by TMA from one thread per warpgroup); "half tiles":
+    // bit 10, two N = 64 MMAs per stage, the epilogue starting on the first
+    // half while the second is in flight. "no
     // insertion" leaves every seeded query short of k keys, so with seeding it
     // also rescans them.
     const Variant vs[] = {{"v1", 1, 0},
@@ -593,6 +595,7 @@ void Experiments(const Options& opt) {
                           {"v2 CTA-wide final", 2, 128},
                           {"v2 CTA barrier each stage", 2, 256},
                           {"v2 cp.async stages", 2, 512},
+                          {"v2 half tiles", 2, 1024},
                           {"v2 no epilogue", 2, 1},
                           {"v2 no insertion", 2, 2},
                           {"v2 double-buf", 2, 8}};

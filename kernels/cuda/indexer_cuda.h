@@ -101,8 +101,10 @@ struct SelectParams {
   // 4; the default since round 5 synchronises each warpgroup with itself and
   // the CTA every 4 stages), bit 9 (512) copies the key stages of the full
   // pass over contiguous keys with cp.async in every thread (round 5; the
-  // default since round 6 loads them by TMA from one thread per warpgroup).
-  // Bits 2-9 give the same results as 0.
+  // default since round 6 loads them by TMA from one thread per warpgroup),
+  // bit 10 (1024) splits each stage's MMA of the 128-row tile into two N = 64
+  // halves and starts the epilogue on the first (TMA pass only). Bits 2-10
+  // give the same results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

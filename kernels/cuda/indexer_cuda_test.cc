@@ -710,8 +710,10 @@ TEST(CudaSelect, BarrierSchedules) {
 
 // Round 6: the full pass over contiguous keys loads its stages by TMA (one
 // producer thread per warpgroup, full / empty mbarriers; the default) or by
-// cp.async in every thread (experiment bit 512, round 5's). Both must select
-// exactly the same keys (the scores are the same bits): dense (two queries
+// cp.async in every thread (experiment bit 512, round 5's), and the TMA pass
+// with the half-tile schedule (bit 1024: two N = 64 MMAs, the epilogue starts
+// on the first half). All must select exactly the same keys (the scores are
+// the same bits): dense (two queries
 // per CTA, seeded; one 64-head query per CTA; small top-k with many
 // compactions), MISA with 8 / 16 / 32 routed heads, forced splits (ranges
 // ending inside a page, the last stage with one live page), every seeded query
@@ -737,8 +739,8 @@ TEST(CudaSelect, TmaStagesMatchCpAsyncStages) {
                   {true, 8, 512, 5, 0, 4099, 40, true}};
   uint32_t seed = 200;
   for (const V& v : vs) {
-    std::vector<int32_t> rows[2];
-    for (int tma_off = 0; tma_off < 2; ++tma_off) {
+    std::vector<int32_t> rows[3];
+    for (int variant = 0; variant < 3; ++variant) {
       SelectCase c;
       c.misa = v.misa;
       c.h = v.h;
@@ -749,23 +751,26 @@ TEST(CudaSelect, TmaStagesMatchCpAsyncStages) {
       c.topk = v.topk;
       c.sorted = v.sorted;
       c.splits = v.splits;
-      c.experiment = v.experiment | (tma_off ? 512 : 0);
-      RunSelectCase(c, seed, &rows[tma_off]);
+      c.experiment = v.experiment | (variant == 1 ? 512 : (variant == 2 ? 1024 : 0));
+      RunSelectCase(c, seed, &rows[variant]);
     }
-    ASSERT_EQ(rows[0].size(), rows[1].size());
-    int diff = 0;
-    for (size_t i = 0; i < rows[0].size(); ++i) diff += rows[0][i] != rows[1][i] ? 1 : 0;
-    EXPECT_EQ(diff, 0) << "TMA vs cp.async stages, case " << (seed - 200);
+    for (int variant = 1; variant < 3; ++variant) {
+      ASSERT_EQ(rows[0].size(), rows[variant].size());
+      int diff = 0;
+      for (size_t i = 0; i < rows[0].size(); ++i) diff += rows[0][i] != rows[variant][i] ? 1 : 0;
+      EXPECT_EQ(diff, 0) << "TMA vs " << (variant == 1 ? "cp.async stages" : "half tiles")
+                         << ", case " << (seed - 200);
+    }
     ++seed;
   }
   // One 64-head query per sequence (the 64-row tile), sequences of odd sizes.
-  for (int tma_off = 0; tma_off < 2; ++tma_off) {
+  for (int experiment : {0, 512, 1024}) {
     SelectCase c;
     c.lens = {5001, 130, 9999};
     c.positions = {{5000}, {129}, {9998}};
     c.sorted = true;
-    c.experiment = tma_off ? 512 : 0;
-    RunSelectCase(c, 250 + uint32_t(tma_off));
+    c.experiment = experiment;
+    RunSelectCase(c, 250 + uint32_t(experiment));
   }
 }
 

@@ -769,6 +769,29 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
     }
     ptx::WgmmaCommit();
   };
+  // Half-tile schedule (round 6, R = 128): the same product as two N = 64
+  // MMAs of B rows [0, 64) and [64, 128) into acc[0, 32) and acc[32, 64), one
+  // commit group each; column r of the N = 128 tile is column r % 64 of half
+  // r / 64 and lands in the same register, so the epilogue reads the same
+  // values, and it starts on the first half while the second is in flight.
+  auto issue_mma_halves = [&](float (&acc)[ACC], int stage) {
+    if constexpr (R == 128) {
+      const uint32_t da = desc_a_lo0 + uint32_t(stage) * uint32_t((kKeys * 128) >> 4);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float (&d)[32] = *reinterpret_cast<float(*)[32]>(&acc[32 * hf]);
+        const uint32_t db = desc_b_lo0 + uint32_t(hf) * uint32_t((64 * 128) >> 4);
+        ptx::WgmmaM64N64K32E4M3Zero(d, ptx::Sw128DescFromLo(da), ptx::Sw128DescFromLo(db));
+#pragma unroll
+        for (int kk = 1; kk < 4; ++kk) {
+          ptx::WgmmaM64N64K32E4M3(d, ptx::Sw128DescFromLo(da + 2 * kk), ptx::Sw128DescFromLo(db + 2 * kk),
+                                  1);
+        }
+        ptx::WgmmaCommit();
+      }
+    }
+  };
 
   // A partition whose fill exceeds need_at after a stage is compacted at the
   // next CTA-wide step (a stage adds at most 16 keys to it). Warpgroup
@@ -784,8 +807,20 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
   // see ThresholdScore); a warp inserts the passing keys' raw entries with one
   // ballot per score slot, and checks its partitions for overflow once per
   // stage (a stage adds at most 16 keys per query to a warp's partition).
-  auto epilogue = [&](const float (&acc)[ACC], int stage, int it) {
-    if (a.experiment & 1) return;  // benchmark-only: no epilogue at all
+  // mid_wait (half-tile schedule): the second half of acc is waited for
+  // before its first column is read.
+  auto epilogue = [&](float (&acc)[ACC], int stage, int it, bool mid_wait) {
+    auto mid = [&]() {
+      if (mid_wait) {
+        ptx::WgmmaWait<0>();
+#pragma unroll
+        for (int i = ACC / 2; i < ACC; ++i) ptx::FenceOperand(acc[i]);
+      }
+    };
+    if (a.experiment & 1) {  // benchmark-only: no epilogue at all
+      mid();
+      return;
+    }
     float w[LC];
 #pragma unroll
     for (int m = 0; m < LC; m += 4) {
@@ -796,26 +831,41 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
       w[m + 3] = t4.w;
     }
     // In-thread head sums: s[h][ql] for key rows g8 + 8h, in NP independent
-    // chains (a 32-long chain of dependent FMAs stalls on its latency).
+    // chains (a 32-long chain of dependent FMAs stalls on its latency); chain
+    // p of (h, ql) takes the query's columns mm = p, p + NP, ... in order. The
+    // columns are visited in order, and mid() runs before the first column of
+    // the second half (local columns LC / 2 on: the second N = 64 MMA of the
+    // half-tile schedule, which may still be in flight until then).
+    float v[2][QL][NP];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int ql = 0; ql < QL; ++ql) {
+#pragma unroll
+        for (int p = 0; p < NP; ++p) v[h][ql][p] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < LC; ++m) {
+      if (m == LC / 2) mid();
+      const int ql = m / CPQ, mm = m % CPQ;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        v[h][ql][mm % NP] =
+            fmaf(fmaxf(acc[4 * (m >> 1) + 2 * h + (m & 1)], 0.0f), w[m], v[h][ql][mm % NP]);
+      }
+    }
     float s[2][QL];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int ql = 0; ql < QL; ++ql) {
-        float v[NP];
-#pragma unroll
-        for (int p = 0; p < NP; ++p) v[p] = 0.0f;
-#pragma unroll
-        for (int mm = 0; mm < CPQ; ++mm) {
-          const int m = ql * CPQ + mm;
-          v[mm % NP] = fmaf(fmaxf(acc[4 * (m >> 1) + 2 * h + (m & 1)], 0.0f), w[m], v[mm % NP]);
-        }
         if constexpr (NP == 4) {
-          s[h][ql] = (v[0] + v[1]) + (v[2] + v[3]);
+          s[h][ql] = (v[h][ql][0] + v[h][ql][1]) + (v[h][ql][2] + v[h][ql][3]);
         } else if constexpr (NP == 2) {
-          s[h][ql] = v[0] + v[1];
+          s[h][ql] = v[h][ql][0] + v[h][ql][1];
         } else {
-          s[h][ql] = v[0];
+          s[h][ql] = v[h][ql][0];
         }
       }
     }
@@ -1017,7 +1067,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
       issue_mma(acc0, st);
       ptx::WgmmaWait<0>();
       retire(acc0);
-      epilogue(acc0, st, s);
+      epilogue(acc0, st, s, false);
       st = st + 1 == kStages ? 0 : st + 1;
       ld = ld + 1 == kStages ? 0 : ld + 1;
     }
@@ -1038,6 +1088,9 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
   // tensor map cannot describe): the cp.async stages above.
   constexpr bool kTmaCapable = !kDB && !kKeyList;
   const bool use_tma = kTmaCapable && (a.experiment & 512) == 0;
+  // Experiment bit 10 (1024): the half-tile schedule (issue_mma_halves) in
+  // the TMA pass of the 128-row tile.
+  const bool halves = R == 128 && (a.experiment & 1024) != 0;
   bool mbar_live = false;  // the mbarriers hold objects (inval before re-init)
   auto run_pass_tma = [&](int n) {
     set_limits(false);
@@ -1094,10 +1147,18 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
         produce(s + kPrefetch, ld);
       }
       ptx::MbarWait(full0 + 8u * uint32_t(st), fph);
-      issue_mma(acc0, st);
-      ptx::WgmmaWait<0>();
-      retire(acc0);
-      epilogue(acc0, st, s);
+      if (halves) {
+        issue_mma_halves(acc0, st);
+        ptx::WgmmaWait<1>();
+#pragma unroll
+        for (int i = 0; i < ACC / 2; ++i) ptx::FenceOperand(acc0[i]);
+        epilogue(acc0, st, s, true);
+      } else {
+        issue_mma(acc0, st);
+        ptx::WgmmaWait<0>();
+        retire(acc0);
+        epilogue(acc0, st, s, false);
+      }
       ptx::MbarArrive(empty0 + 8u * uint32_t(st));
       if (++st == kStages) {
         st = 0;
@@ -1224,21 +1285,21 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
       issue_mma(acc1, (s + 1) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc0);
-      epilogue(acc0, s % kStages, s);
+      epilogue(acc0, s % kStages, s, false);
       top(s + 1);
       issue_mma(acc0, (s + 2) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc1);
-      epilogue(acc1, (s + 1) % kStages, s + 1);
+      epilogue(acc1, (s + 1) % kStages, s + 1, false);
       top(s + 2);
       issue_mma(acc1, (s + 3) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc0);
-      epilogue(acc0, (s + 2) % kStages, s + 2);
+      epilogue(acc0, (s + 2) % kStages, s + 2, false);
       top(s + 3);
       ptx::WgmmaWait<0>();
       retire(acc1);
-      epilogue(acc1, (s + 3) % kStages, s + 3);
+      epilogue(acc1, (s + 3) % kStages, s + 3, false);
     }
     ptx::CpAsyncWait<0>();
     publish_counts();
