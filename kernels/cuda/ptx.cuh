@@ -174,17 +174,42 @@ __device__ __forceinline__ void MbarArriveExpectTx(uint32_t addr, uint32_t bytes
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes)
                : "memory");
 }
-// Blocks until the phase of the given parity has completed.
-__device__ __forceinline__ void MbarWait(uint32_t addr, uint32_t parity) {
+// One test of the phase of the given parity (true: completed).
+__device__ __forceinline__ bool MbarTryWait(uint32_t addr, uint32_t parity) {
+  uint32_t ok;
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n"
-      "}\n" ::"r"(addr),
-      "r"(parity)
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(ok)
+      : "r"(addr), "r"(parity)
       : "memory");
+  return ok != 0;
+}
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// Blocks until the phase of the given parity has completed. A wait longer
+// than about 2 s is a pipeline bug: it ends the kernel (kind 0: trap, an
+// illegal-instruction error; kind 1: a store to address 0, an illegal-address
+// error) instead of hanging the device.
+template <int kKind>
+__device__ __forceinline__ void MbarWait(uint32_t addr, uint32_t parity) {
+  if (MbarTryWait(addr, parity)) return;
+  const uint64_t t0 = GlobalTimerNs();
+  while (!MbarTryWait(addr, parity)) {
+    if (GlobalTimerNs() - t0 > 2000000000ull) {
+      if constexpr (kKind == 0) {
+        asm volatile("trap;");
+      } else {
+        *reinterpret_cast<volatile uint32_t*>(uintptr_t(0)) = parity;
+      }
+    }
+  }
 }
 __device__ __forceinline__ void PrefetchTensorMap(const void* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");

@@ -1115,7 +1115,10 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
     __syncthreads();
     const uint32_t full0 = ptx::SmemAddr(&sm.mbar_full[wg][0]);
     const uint32_t empty0 = ptx::SmemAddr(&sm.mbar_empty[wg][0]);
-    const bool producer = (tid & 127) == 0;
+    // The producer is lane 0 of the warpgroup's first warp; the whole warp
+    // waits for a stage to be free (no spin loop on a divergent path before
+    // the warp's wgmma, which must run converged), then lane 0 issues.
+    const bool producer_warp = w4 == 0, producer = producer_warp && lane == 0;
     int32_t pid_next = 0;  // page id of the producer's next page (read one stage ahead)
     auto produce = [&](int it, int slot) {
       const int32_t page = ld_page0 + 2 * it;
@@ -1137,16 +1140,19 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
       pid_next = uint32_t(ld_page0) * 64u < send_u ? ptab[ld_page0] : 0;
       for (int s = 0; s < kPrefetch && s < n; ++s) produce(s, s);
     }
+    __syncwarp();
     int st = 0, ld = kPrefetch % kStages;
     uint32_t fph = 0, eph = 0;  // phase parities of slot st's fill / slot ld's refill
     for (int s = 0; s < n; ++s) {
       if (!wg_sync || (s & (kWgSyncEvery - 1)) == 0) cta_step();
-      if (producer && s + kPrefetch < n) {
+      if (producer_warp && s + kPrefetch < n) {
         // Slot ld last held iteration s + kPrefetch - kStages (if any).
-        if (s + kPrefetch >= kStages) ptx::MbarWait(empty0 + 8u * uint32_t(ld), eph ^ 1u);
-        produce(s + kPrefetch, ld);
+        if (s + kPrefetch >= kStages) ptx::MbarWait<1>(empty0 + 8u * uint32_t(ld), eph ^ 1u);
+        if (lane == 0) produce(s + kPrefetch, ld);
+        __syncwarp();
       }
-      ptx::MbarWait(full0 + 8u * uint32_t(st), fph);
+      ptx::MbarWait<0>(full0 + 8u * uint32_t(st), fph);
+      __syncwarp();  // converged before the warpgroup's wgmma
       if (halves) {
         issue_mma_halves(acc0, st);
         ptx::WgmmaWait<1>();
@@ -1537,6 +1543,9 @@ cudaError_t LaunchT(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
   SelectArgs a = args;
   CUtensorMap map{};
   if constexpr (!kDB && !kKeyList) {
+#ifdef PD_SELECT_NO_TMA  // build option: the cp.async stages only
+    a.experiment |= 512;
+#endif
     if ((a.experiment & 512) == 0 && !EncodeKeyPoolMap(a, &map)) a.experiment |= 512;
   }
   SelectKernelV2<G, R, kKeyList, kCap, kSt, kDB><<<grid, kThreads, SmemBytes<kCap, kSt>(), stream>>>(a, map);
