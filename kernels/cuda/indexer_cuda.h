@@ -99,12 +99,12 @@ struct SelectParams {
   // time (round 4's; the default with fewer than 64 rows per query is one
   // warp per query), bit 8 synchronises the whole CTA at every stage (round
   // 4; the default since round 5 synchronises each warpgroup with itself and
-  // the CTA every 4 stages), bit 9 (512) copies the key stages of the full
-  // pass over contiguous keys with cp.async in every thread (round 5; the
-  // default since round 6 loads them by TMA from one thread per warpgroup),
-  // bit 10 (1024) splits each stage's MMA of the 128-row tile into two N = 64
-  // halves and starts the epilogue on the first (TMA pass only). Bits 2-10
-  // give the same results as 0.
+  // the CTA every 4 stages), bit 9 (512) loads the key stages of the full
+  // pass over contiguous keys by TMA from one producer lane per warpgroup
+  // (round 6 experiment; the default copies them with cp.async in every
+  // thread), bit 10 (1024) does the same and splits each stage's MMA of the
+  // 128-row tile into two N = 64 halves, the epilogue starting on the first.
+  // Bits 2-10 give the same results as 0.
   int experiment = 0;
   int32_t* out = nullptr;                // [T, topk]
 };

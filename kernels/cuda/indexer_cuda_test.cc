@@ -708,12 +708,12 @@ TEST(CudaSelect, BarrierSchedules) {
   }
 }
 
-// Round 6: the full pass over contiguous keys loads its stages by TMA (one
-// producer thread per warpgroup, full / empty mbarriers; the default) or by
-// cp.async in every thread (experiment bit 512, round 5's), and the TMA pass
-// with the half-tile schedule (bit 1024: two N = 64 MMAs, the epilogue starts
-// on the first half). All must select exactly the same keys (the scores are
-// the same bits): dense (two queries
+// Round 6: the full pass over contiguous keys copies its stages with cp.async
+// in every thread (the default), or loads them by TMA (experiment bit 512:
+// one producer lane per warpgroup, full / empty mbarriers), or by TMA with the
+// half-tile schedule (bit 1024: two N = 64 MMAs, the epilogue starts on the
+// first half). All must select exactly the same keys (the scores are the same
+// bits): dense (two queries
 // per CTA, seeded; one 64-head query per CTA; small top-k with many
 // compactions), MISA with 8 / 16 / 32 routed heads, forced splits (ranges
 // ending inside a page, the last stage with one live page), every seeded query
@@ -758,7 +758,7 @@ TEST(CudaSelect, TmaStagesMatchCpAsyncStages) {
       ASSERT_EQ(rows[0].size(), rows[variant].size());
       int diff = 0;
       for (size_t i = 0; i < rows[0].size(); ++i) diff += rows[0][i] != rows[variant][i] ? 1 : 0;
-      EXPECT_EQ(diff, 0) << "TMA vs " << (variant == 1 ? "cp.async stages" : "half tiles")
+      EXPECT_EQ(diff, 0) << "cp.async stages vs " << (variant == 1 ? "TMA" : "TMA half tiles")
                          << ", case " << (seed - 200);
     }
     ++seed;

@@ -67,6 +67,17 @@
 // - Each warpgroup synchronises with itself, the CTA every kWgSyncEvery
 //   stages.
 //
+// Round 6 (docs/perf.md, bench/kernels/round6_notes.md):
+// - A key's visibility, range, list state and lane ownership fold into one
+//   unsigned bound per local query, set once per pass (lim_r): no per-stage
+//   visibility test or closed-mask read.
+// - The overflow check runs only in the stage before each CTA-wide step.
+// - The warpgroup index comes from lane 0 (__shfl_sync): warp-uniform.
+// - Experiments (measured slower, kept for later designs): the key stages
+//   by TMA from one producer lane per warpgroup with full / empty mbarriers
+//   (bit 512), and two N = 64 MMAs per stage with the epilogue starting on
+//   the first half (bit 1024).
+//
 // Exactness is version 1's argument: every key whose candidate key beats the
 // list's threshold enters its list (round 5: with some others), and the
 // threshold is always below the k-th best key of some k keys already kept;
@@ -96,6 +107,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kStages = 4;                 // pipeline depth of the double-buffered variant
 constexpr int kKeys = kSelectKeysPerIter;  // per stage: two 64-key pages, one per warpgroup
 constexpr int kMaxQ = 16;                  // queries per CTA (128 rows / 8 heads)
+// SelectArgs::experiment bit set by LaunchT when the TMA pass runs (the
+// caller asked for it with bit 9 or 10 and the pool's tensor map encoded).
+constexpr int kTmaActive = 1 << 30;
 static_assert(kKeys == 128, "a stage is two 64-key pages");
 
 template <int kCap, int kSt = kStages>
@@ -1075,22 +1089,27 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
     __syncthreads();
   };
 
-  // ---- the full pass over contiguous keys by TMA (round 6) ----
-  // One thread per warpgroup (its first) produces: per stage it loads the
+  // ---- the full pass over contiguous keys by TMA (round 6; an experiment) ----
+  // Lane 0 of each warpgroup's first warp produces: per stage it loads the
   // warpgroup's 64-key page (a 3-D tiled TMA of the pool, rows swizzled as
   // wgmma reads them) and its 256 bytes of scales (a bulk copy), both
   // completing on the stage's full barrier; every thread of the warpgroup
   // arrives on the stage's empty barrier once its MMA and epilogue are done
-  // with it, and the producer waits on that before refilling the stage. The
-  // consumers issue no copies and the warpgroup no per-stage barrier; the
+  // with it, and the producer warp waits on that before refilling the stage.
+  // The consumers issue no copies and the warpgroup no per-stage barrier; the
   // CTA-wide step (compactions) stays every kWgSyncEvery stages (every stage
-  // with experiment bit 8). Experiment bit 512 (or a pool layout that a
-  // tensor map cannot describe): the cp.async stages above.
+  // with experiment bit 8). Measured on the H200 (round 6, run 2): 16% fewer
+  // instructions than round 5 but no faster for MISA and 13% slower for dense
+  // than the cp.async stages (the wgmma's warpgroup arrival and the producer
+  // warp's wait on the slowest warp gate every stage; round6_notes.md), so it
+  // runs only on request: experiment bit 9 (512), or bit 10 (1024, with the
+  // half-tile schedule), when LaunchT could encode the pool's tensor map
+  // (it then sets kTmaActive).
   constexpr bool kTmaCapable = !kDB && !kKeyList;
-  const bool use_tma = kTmaCapable && (a.experiment & 512) == 0;
+  const bool use_tma = kTmaCapable && (a.experiment & kTmaActive) != 0;
   // Experiment bit 10 (1024): the half-tile schedule (issue_mma_halves) in
-  // the TMA pass of the 128-row tile.
-  const bool halves = R == 128 && (a.experiment & 1024) != 0;
+  // the TMA pass of the 128-row tile (measured slower too).
+  const bool halves = R == 128 && use_tma && (a.experiment & 1024) != 0;
   bool mbar_live = false;  // the mbarriers hold objects (inval before re-init)
   auto run_pass_tma = [&](int n) {
     set_limits(false);
@@ -1498,7 +1517,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
   }
 }
 
-// The tensor map of the key pool for the TMA stages (round 6): 3-D, bytes x
+// The tensor map of the key pool for the TMA pass (round 6): 3-D, bytes x
 // 64 rows (128 bytes apart) x pages (page_bytes apart), box of one page's
 // keys, 128-byte swizzle (the layout wgmma reads). The page count is not
 // known here: the map spans 2^24 pages, and only pages of the page table are
@@ -1542,11 +1561,10 @@ cudaError_t LaunchT(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
   if (attr != cudaSuccess) return attr;
   SelectArgs a = args;
   CUtensorMap map{};
+  a.experiment &= ~kTmaActive;
   if constexpr (!kDB && !kKeyList) {
-#ifdef PD_SELECT_NO_TMA  // build option: the cp.async stages only
-    a.experiment |= 512;
-#endif
-    if ((a.experiment & 512) == 0 && !EncodeKeyPoolMap(a, &map)) a.experiment |= 512;
+    // The TMA pass on request (experiment bits 9 / 10), if the map encodes.
+    if ((a.experiment & (512 | 1024)) != 0 && EncodeKeyPoolMap(a, &map)) a.experiment |= kTmaActive;
   }
   SelectKernelV2<G, R, kKeyList, kCap, kSt, kDB><<<grid, kThreads, SmemBytes<kCap, kSt>(), stream>>>(a, map);
   return cudaGetLastError();
