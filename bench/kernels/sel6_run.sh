@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Round 6 (branch sel-r6) device session, as run in run 2 (the PD_SELECT_NO_TMA build
 # option it refers to was removed afterwards: the cp.async stages are the default now).
+# Binaries built on the development
 # machine, tarred into bundle.tar.xz beside this script's copy: bin/ (the new
 # build: kernels_cuda_{indexer,plan}_test, kernels_cuda_model_test,
 # model_gpu_model_test, pd_indexer_bench), binB/ (the same kernels built with
