@@ -663,7 +663,11 @@ void Experiments(const Options& opt) {
     // code (bit 6); "CTA-wide final": round 4's final selection, one query at
     // a time by the whole CTA (bit 7; dense always selects so); "CTA barrier
     // each stage": round 4's barrier schedule (bit 8; the default synchronises
-    // each warpgroup with itself and the CTA every 4 stages). "no
+    // each warpgroup with itself and the CTA every 4 stages); "TMA stages":
+    // the key stages loaded by TMA from one producer lane per warpgroup (bit
+    // 9; the default copies them with cp.async in every thread); "half
+    // tiles": bit 10, TMA stages and two N = 64 MMAs per stage, the epilogue
+    // starting on the first half while the second is in flight. "no
     // insertion" leaves every seeded query short of k keys, so with seeding it
     // also rescans them.
     const Variant vs[] = {{"v1", 1, 0},
@@ -673,6 +677,8 @@ void Experiments(const Options& opt) {
                           {"v2 slot branch", 2, 64},
                           {"v2 CTA-wide final", 2, 128},
                           {"v2 CTA barrier each stage", 2, 256},
+                          {"v2 TMA stages", 2, 512},
+                          {"v2 half tiles", 2, 1024},
                           {"v2 no epilogue", 2, 1},
                           {"v2 no insertion", 2, 2},
                           {"v2 double-buf", 2, 8}};

@@ -110,7 +110,12 @@ struct SelectParams {
   // time (round 4's; the default with fewer than 64 rows per query is one
   // warp per query), bit 8 synchronises the whole CTA at every stage (round
   // 4; the default since round 5 synchronises each warpgroup with itself and
-  // the CTA every 4 stages). Bits 2-8 give the same results as 0.
+  // the CTA every 4 stages), bit 9 (512) loads the key stages of the full
+  // pass over contiguous keys by TMA from one producer lane per warpgroup
+  // (round 6 experiment; the default copies them with cp.async in every
+  // thread), bit 10 (1024) does the same and splits each stage's MMA of the
+  // 128-row tile into two N = 64 halves, the epilogue starting on the first.
+  // Bits 2-10 give the same results as 0.
   // With kernel_version 3 (the decode path): bit 0 scores only (out is not
   // written), bit 1 runs the top-k alone on the logits and histograms the last
   // launch left in the same workspace, bit 2 selects the last bin's candidates

@@ -262,8 +262,9 @@ struct SelectCase {
 };
 
 // Runs one selection case on the GPU (dense or MISA with the CPU's routed
-// heads) and checks every row against cpu::SelectTokens.
-void RunSelectCase(const SelectCase& sc, uint32_t seed) {
+// heads) and checks every row against cpu::SelectTokens; the GPU rows go to
+// *rows when given.
+void RunSelectCase(const SelectCase& sc, uint32_t seed, std::vector<int32_t>* rows = nullptr) {
   std::mt19937 rng(seed);
   const HostBatch hb = MakeBatch(rng, sc.lens, sc.summary_block);
   HostQueries hq = MakeQueries(rng, sc.positions);
@@ -360,6 +361,7 @@ void RunSelectCase(const SelectCase& sc, uint32_t seed) {
   if (sc.max_swaps >= 0) {
     EXPECT_LE(swaps, sc.max_swaps) << "ties must break by lower index";
   }
+  if (rows != nullptr) *rows = gpu;
   std::printf("  %lld queries, %d selected, %d boundary swaps, splits %d\n", (long long)T, total,
               swaps, plan.splits);
 }
@@ -710,6 +712,72 @@ TEST(CudaSelect, BarrierSchedules) {
     c.splits = 1;
     c.expect_seeded = true;
     RunSelectCase(c, 130 + uint32_t(experiment));
+  }
+}
+
+// Round 6: the full pass over contiguous keys copies its stages with cp.async
+// in every thread (the default), or loads them by TMA (experiment bit 512:
+// one producer lane per warpgroup, full / empty mbarriers), or by TMA with the
+// half-tile schedule (bit 1024: two N = 64 MMAs, the epilogue starts on the
+// first half). All must select exactly the same keys (the scores are the same
+// bits): dense (two queries
+// per CTA, seeded; one 64-head query per CTA; small top-k with many
+// compactions), MISA with 8 / 16 / 32 routed heads, forced splits (ranges
+// ending inside a page, the last stage with one live page), every seeded query
+// rescanned (bit 5: a second TMA pass after the final selection reused the
+// stages), the CTA barrier at every stage (bit 8), no seeding (bit 4).
+TEST(CudaSelect, TmaStagesMatchCpAsyncStages) {
+  SKIP_WITHOUT_GPU();
+  struct V {
+    bool misa;
+    int h, topk, splits, experiment;
+    int64_t len;
+    int tail;
+    bool sorted;
+  };
+  const V vs[] = {{false, 8, 2048, 1, 0, 13001, 6, true},
+                  {false, 8, 300, 1, 16, 9037, 3, true},
+                  {false, 8, 2048, 3, 0, 7001, 1, true},
+                  {true, 8, 2048, 1, 0, 15011, 21, true},
+                  {true, 8, 2048, 1, 32, 15011, 21, true},
+                  {true, 8, 2048, 1, 256, 10001, 17, true},
+                  {true, 16, 1000, 2, 0, 12345, 13, true},
+                  {true, 32, 2048, 3, 32, 17077, 9, true},
+                  {true, 8, 512, 5, 0, 4099, 40, true}};
+  uint32_t seed = 200;
+  for (const V& v : vs) {
+    std::vector<int32_t> rows[3];
+    for (int variant = 0; variant < 3; ++variant) {
+      SelectCase c;
+      c.misa = v.misa;
+      c.h = v.h;
+      c.lens = {v.len};
+      auto pos = Tail(v.len, v.tail);
+      for (int64_t p : {int64_t(63), int64_t(64), int64_t(1500), v.len / 2 + 1}) pos.push_back(p);
+      c.positions = {pos};
+      c.topk = v.topk;
+      c.sorted = v.sorted;
+      c.splits = v.splits;
+      c.experiment = v.experiment | (variant == 1 ? 512 : (variant == 2 ? 1024 : 0));
+      RunSelectCase(c, seed, &rows[variant]);
+    }
+    for (int variant = 1; variant < 3; ++variant) {
+      ASSERT_EQ(rows[0].size(), rows[variant].size());
+      int diff = 0;
+      for (size_t i = 0; i < rows[0].size(); ++i) diff += rows[0][i] != rows[variant][i] ? 1 : 0;
+      EXPECT_EQ(diff, 0) << "cp.async stages vs " << (variant == 1 ? "TMA" : "TMA half tiles")
+                         << ", case " << (seed - 200);
+    }
+    ++seed;
+  }
+  // One 64-head query per sequence (the 64-row tile), sequences of odd sizes.
+  for (int experiment : {0, 512, 1024}) {
+    SelectCase c;
+    c.lens = {5001, 130, 9999};
+    c.positions = {{5000}, {129}, {9998}};
+    c.sorted = true;
+    c.experiment = experiment;
+    RunSelectCase(c, 250 + uint32_t(experiment));
   }
 }
 

@@ -155,6 +155,83 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// ---- mbarriers and TMA (round 6: the key stages of the selection kernel) ----
+// addr: shared-window address (SmemAddr) of a 64-bit mbarrier.
+__device__ __forceinline__ void MbarInit(uint32_t addr, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarInval(uint32_t addr) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(addr) : "memory");
+}
+// Makes mbarrier initialisations visible to the async proxy (TMA).
+__device__ __forceinline__ void FenceMbarInit() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t addr) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(addr) : "memory");
+}
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t addr, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes)
+               : "memory");
+}
+// One test of the phase of the given parity (true: completed).
+__device__ __forceinline__ bool MbarTryWait(uint32_t addr, uint32_t parity) {
+  uint32_t ok;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(ok)
+      : "r"(addr), "r"(parity)
+      : "memory");
+  return ok != 0;
+}
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// Blocks until the phase of the given parity has completed. A wait longer
+// than about 2 s is a pipeline bug: it ends the kernel (kind 0: trap, an
+// illegal-instruction error; kind 1: a store to address 0, an illegal-address
+// error) instead of hanging the device.
+template <int kKind>
+__device__ __forceinline__ void MbarWait(uint32_t addr, uint32_t parity) {
+  if (MbarTryWait(addr, parity)) return;
+  const uint64_t t0 = GlobalTimerNs();
+  while (!MbarTryWait(addr, parity)) {
+    if (GlobalTimerNs() - t0 > 2000000000ull) {
+      if constexpr (kKind == 0) {
+        asm volatile("trap;");
+      } else {
+        *reinterpret_cast<volatile uint32_t*>(uintptr_t(0)) = parity;
+      }
+    }
+  }
+}
+__device__ __forceinline__ void PrefetchTensorMap(const void* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+// 3-D tiled TMA load (box of the tensor map at coordinates c0, c1, c2) into
+// shared memory, completing transaction bytes on the mbarrier.
+__device__ __forceinline__ void TmaLoad3D(uint32_t dst, const void* map, uint32_t mbar, int c0, int c1,
+                                          int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(mbar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+// Bulk copy of `bytes` (multiple of 16; 16-byte aligned ends) global -> shared.
+__device__ __forceinline__ void BulkLoad(uint32_t dst, const void* src, uint32_t bytes, uint32_t mbar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(mbar)
+      : "memory");
+}
+
 }  // namespace pd::kernels::cuda::ptx
 
 #endif  // PD_KERNELS_CUDA_PTX_CUH_

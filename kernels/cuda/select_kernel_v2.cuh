@@ -67,6 +67,17 @@
 // - Each warpgroup synchronises with itself, the CTA every kWgSyncEvery
 //   stages.
 //
+// Round 6 (docs/perf.md, bench/kernels/round6_notes.md):
+// - A key's visibility, range, list state and lane ownership fold into one
+//   unsigned bound per local query, set once per pass (lim_r): no per-stage
+//   visibility test or closed-mask read.
+// - The overflow check runs only in the stage before each CTA-wide step.
+// - The warpgroup index comes from lane 0 (__shfl_sync): warp-uniform.
+// - Experiments (measured slower, kept for later designs): the key stages
+//   by TMA from one producer lane per warpgroup with full / empty mbarriers
+//   (bit 512), and two N = 64 MMAs per stage with the epilogue starting on
+//   the first half (bit 1024).
+//
 // Exactness is version 1's argument: every key whose candidate key beats the
 // list's threshold enters its list (round 5: with some others), and the
 // threshold is always below the k-th best key of some k keys already kept;
@@ -77,6 +88,7 @@
 #ifndef PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
 #define PD_KERNELS_CUDA_SELECT_KERNEL_V2_CUH_
 
+#include <cuda.h>  // CUtensorMap (types only; the encoder is reached through the runtime)
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -95,6 +107,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kStages = 4;                 // pipeline depth of the double-buffered variant
 constexpr int kKeys = kSelectKeysPerIter;  // per stage: two 64-key pages, one per warpgroup
 constexpr int kMaxQ = 16;                  // queries per CTA (128 rows / 8 heads)
+// SelectArgs::experiment bit set by LaunchT when the TMA pass runs (the
+// caller asked for it with bit 9 or 10 and the pool's tensor map encoded).
+constexpr int kTmaActive = 1 << 30;
 static_assert(kKeys == 128, "a stage is two 64-key pages");
 
 template <int kCap, int kSt = kStages>
@@ -121,6 +136,8 @@ struct alignas(1024) Smem {
   unsigned fail;                       // bit q: seeded query q needs the exact rescan
   topk::Scratch sc;
   unsigned long long kmax, kmin;
+  uint64_t mbar_full[2][kSt];          // TMA key stages (round 6): per warpgroup and stage,
+  uint64_t mbar_empty[2][kSt];         //   the page landed / the warpgroup is done with it
 };
 static_assert(sizeof(Smem<4096, 4>::keys) >= 8192 * sizeof(uint64_t),
               "the final pass keeps up to 8192 survivors in the key stages");
@@ -481,7 +498,8 @@ __device__ uint64_t WarpSelectKth(const uint64_t* L, int q, int k, uint64_t mx, 
 // kDB: double-buffered accumulators (1 CTA per SM), else one accumulator and
 // 2 CTAs per SM (an MMA then its epilogue, stage by stage).
 template <int G, int R, bool kKeyList, int kCap, int kSt, bool kDB>
-__global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const SelectArgs a) {
+__global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
+    SelectKernelV2(const SelectArgs a, const __grid_constant__ CUtensorMap key_map) {
   constexpr int NQ = R / G;                   // queries per CTA
   constexpr int LC = R / 4;                   // accumulator columns per lane
   constexpr int QL = LC >= G ? LC / G : 1;    // queries per lane
@@ -517,7 +535,10 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   S& sm = *reinterpret_cast<S*>(smem_raw + ((1024u - (smem_base & 1023u)) & 1023u));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wg = warp >> 2, w4 = warp & 3, g8 = lane >> 2, c4 = lane & 3;
+  // The warpgroup index from lane 0 (round 6): known warp-uniform, so that the
+  // wgmma descriptors derived from it stay in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int w4 = warp & 3, g8 = lane >> 2, c4 = lane & 3;
   const int seq = blockIdx.z, split = blockIdx.y;
   const int64_t qs_begin = a.query_start[seq], qs_end = a.query_start[seq + 1];
   const int64_t q0 = qs_begin + int64_t(blockIdx.x) * NQ;
@@ -702,12 +723,30 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   const unsigned lt_mask = (1u << lane) - 1u;
   const unsigned lt_group = gmask & lt_mask;  // the lanes before this one sharing its query
   int cnt_r[QL];
-  int32_t pos_r[QL];  // positions < num_tokens <= INT32_MAX (validated); -1 = padding
 #pragma unroll
-  for (int ql = 0; ql < QL; ++ql) {
-    cnt_r[ql] = 0;
-    pos_r[ql] = int32_t(sm.pos[lane_query(ql)]);
-  }
+  for (int ql = 0; ql < QL; ++ql) cnt_r[ql] = 0;
+  // Round 6: a key of the current pass enters (or, in the sample pass, is
+  // ranked for) local query ql only if key < lim_r[ql] (unsigned): the key is
+  // visible (key <= position; positions < num_tokens <= INT32_MAX, -1 for
+  // padding), inside the range (< send; list keys are < num_tokens and -1 for
+  // none), the lane holds a whole score (LPQ = 4: even c4), and in a full pass
+  // the list is open and insertion on. Set at the start of each pass: no
+  // per-stage visibility test (a stage whose keys are all visible passes the
+  // same test).
+  uint32_t lim_r[QL];
+  auto set_limits = [&](bool sample) {
+    const unsigned closed = sm.closed;
+    const bool lane_whole = LPQ != 4 || (c4 & 1) == 0;
+#pragma unroll
+    for (int ql = 0; ql < QL; ++ql) {
+      const int q = lane_query(ql);
+      const int32_t p1 = int32_t(sm.pos[q]) + 1;
+      int32_t l = kKeyList ? p1 : min(p1, send32);
+      if (!lane_whole) l = 0;
+      if (!sample && ((a.experiment & 2) != 0 || ((closed >> q) & 1u) != 0u)) l = 0;
+      lim_r[ql] = uint32_t(max(l, 0));
+    }
+  };
   auto publish_counts = [&]() {
     if (leader) {
 #pragma unroll
@@ -744,18 +783,58 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     }
     ptx::WgmmaCommit();
   };
+  // Half-tile schedule (round 6, R = 128): the same product as two N = 64
+  // MMAs of B rows [0, 64) and [64, 128) into acc[0, 32) and acc[32, 64), one
+  // commit group each; column r of the N = 128 tile is column r % 64 of half
+  // r / 64 and lands in the same register, so the epilogue reads the same
+  // values, and it starts on the first half while the second is in flight.
+  auto issue_mma_halves = [&](float (&acc)[ACC], int stage) {
+    if constexpr (R == 128) {
+      const uint32_t da = desc_a_lo0 + uint32_t(stage) * uint32_t((kKeys * 128) >> 4);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float (&d)[32] = *reinterpret_cast<float(*)[32]>(&acc[32 * hf]);
+        const uint32_t db = desc_b_lo0 + uint32_t(hf) * uint32_t((64 * 128) >> 4);
+        ptx::WgmmaM64N64K32E4M3Zero(d, ptx::Sw128DescFromLo(da), ptx::Sw128DescFromLo(db));
+#pragma unroll
+        for (int kk = 1; kk < 4; ++kk) {
+          ptx::WgmmaM64N64K32E4M3(d, ptx::Sw128DescFromLo(da + 2 * kk), ptx::Sw128DescFromLo(db + 2 * kk),
+                                  1);
+        }
+        ptx::WgmmaCommit();
+      }
+    }
+  };
 
   // A partition whose fill exceeds need_at after a stage is compacted at the
-  // next CTA-wide step (a stage adds at most 16 keys to it).
-  int need_at = kCapW - 16;
+  // next CTA-wide step (a stage adds at most 16 keys to it). Warpgroup
+  // schedule (see the pipeline below): CTA-wide steps every kWgSyncEvery
+  // stages, the check only before them.
+  constexpr int kWgSyncEvery = 4;
+  const bool wg_sync = !kDB && (a.experiment & 256) == 0;
+  const bool check_every_stage = !wg_sync;
+  const int need_at = wg_sync ? kCapW - 16 * kWgSyncEvery : kCapW - 16;
 
   // ---- epilogue of pass iteration `it` (in stage buffer `stage`) ----
   // Each score is compared with the score of its query's threshold (float;
   // see ThresholdScore); a warp inserts the passing keys' raw entries with one
   // ballot per score slot, and checks its partitions for overflow once per
   // stage (a stage adds at most 16 keys per query to a warp's partition).
-  auto epilogue = [&](const float (&acc)[ACC], int stage, int it) {
-    if (a.experiment & 1) return;  // benchmark-only: no epilogue at all
+  // mid_wait (half-tile schedule): the second half of acc is waited for
+  // before its first column is read.
+  auto epilogue = [&](float (&acc)[ACC], int stage, int it, bool mid_wait) {
+    auto mid = [&]() {
+      if (mid_wait) {
+        ptx::WgmmaWait<0>();
+#pragma unroll
+        for (int i = ACC / 2; i < ACC; ++i) ptx::FenceOperand(acc[i]);
+      }
+    };
+    if (a.experiment & 1) {  // benchmark-only: no epilogue at all
+      mid();
+      return;
+    }
     float w[LC];
 #pragma unroll
     for (int m = 0; m < LC; m += 4) {
@@ -766,33 +845,47 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       w[m + 3] = t4.w;
     }
     // In-thread head sums: s[h][ql] for key rows g8 + 8h, in NP independent
-    // chains (a 32-long chain of dependent FMAs stalls on its latency).
+    // chains (a 32-long chain of dependent FMAs stalls on its latency); chain
+    // p of (h, ql) takes the query's columns mm = p, p + NP, ... in order. The
+    // columns are visited in order, and mid() runs before the first column of
+    // the second half (local columns LC / 2 on: the second N = 64 MMA of the
+    // half-tile schedule, which may still be in flight until then).
+    float v[2][QL][NP];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int ql = 0; ql < QL; ++ql) {
+#pragma unroll
+        for (int p = 0; p < NP; ++p) v[h][ql][p] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < LC; ++m) {
+      if (m == LC / 2) mid();
+      const int ql = m / CPQ, mm = m % CPQ;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        v[h][ql][mm % NP] =
+            fmaf(fmaxf(acc[4 * (m >> 1) + 2 * h + (m & 1)], 0.0f), w[m], v[h][ql][mm % NP]);
+      }
+    }
     float s[2][QL];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int ql = 0; ql < QL; ++ql) {
-        float v[NP];
-#pragma unroll
-        for (int p = 0; p < NP; ++p) v[p] = 0.0f;
-#pragma unroll
-        for (int mm = 0; mm < CPQ; ++mm) {
-          const int m = ql * CPQ + mm;
-          v[mm % NP] = fmaf(fmaxf(acc[4 * (m >> 1) + 2 * h + (m & 1)], 0.0f), w[m], v[mm % NP]);
-        }
         if constexpr (NP == 4) {
-          s[h][ql] = (v[0] + v[1]) + (v[2] + v[3]);
+          s[h][ql] = (v[h][ql][0] + v[h][ql][1]) + (v[h][ql][2] + v[h][ql][3]);
         } else if constexpr (NP == 2) {
-          s[h][ql] = v[0] + v[1];
+          s[h][ql] = v[h][ql][0] + v[h][ql][1];
         } else {
-          s[h][ql] = v[0];
+          s[h][ql] = v[h][ql][0];
         }
       }
     }
     // Lanes sharing a query: reduce (scatter over the two key rows).
     float sc[NS];
     int hrow[NS], qloc[NS];
-    bool lane_ok = true;
     if constexpr (LPQ == 1) {
 #pragma unroll
       for (int ql = 0; ql < QL; ++ql) {
@@ -814,27 +907,19 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       sc[0] = r1 + __shfl_xor_sync(0xffffffffu, r1, 1);
       hrow[0] = hi ? 1 : 0;
       qloc[0] = 0;
-      lane_ok = (c4 & 1) == 0;
     }
     const int row0 = wg * 64 + 16 * w4 + g8;
-    int32_t key[2];  // key indices < num_tokens <= INT32_MAX
-    bool kval[2];
+    int32_t key[2];  // key indices < num_tokens <= INT32_MAX; -1: none (key lists)
     float ks[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + 8 * h;
       if constexpr (kKeyList) {
         key[h] = sm.kidx[stage][row];
-        kval[h] = key[h] >= 0;
       } else {
         key[h] = sbeg32 + pass_stride * (it * kKeys + row);
-        kval[h] = key[h] < send32;
       }
       ks[h] = sm.kscale[stage][row];
-    }
-    bool all_visible = false;
-    if constexpr (!kKeyList) {
-      all_visible = sbeg + int64_t(pass_stride) * ((int64_t(it) + 1) * kKeys - 1) <= minpos;
     }
     if constexpr (kSeedable) {
       if (pass_sample) {
@@ -854,9 +939,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
             const int h = hrow[j];
             const float score = sc[j] * (h ? ks[1] : ks[0]);
             const int32_t kj = h ? key[1] : key[0];
-            const bool kv = h ? kval[1] : kval[0];
-            const bool ok =
-                lane_ok && kv && (all_visible || kj <= pos_r[ql]) && score > -INFINITY;
+            const bool ok = uint32_t(kj) < lim_r[ql] && score > -INFINITY;
             float x = ok ? score : -INFINITY;
 #pragma unroll
             for (int i = 0; i < kTop; ++i) {
@@ -880,21 +963,10 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     // and the store's address is computed whether or not the lane passes, so
     // that the store alone is predicated: per slot one ballot and no branch.
     float tf[QL];
-    uint32_t lim[QL], cpos[QL];
-    const unsigned closed = sm.closed;
-    const bool insert = lane_ok && !(a.experiment & 2);
+    uint32_t cpos[QL];
 #pragma unroll
     for (int ql = 0; ql < QL; ++ql) {
-      const int q = lane_query(ql);
-      tf[ql] = sm.thrf[q];
-      int32_t l;
-      if constexpr (kKeyList) {
-        l = pos_r[ql] + 1;  // list keys are < num_tokens; -1 (none) fails as unsigned
-      } else {
-        l = all_visible ? send32 : min(pos_r[ql] + 1, send32);
-      }
-      if (!insert || ((closed >> q) & 1u) != 0u) l = 0;
-      lim[ql] = uint32_t(max(l, 0));
+      tf[ql] = sm.thrf[lane_query(ql)];
       cpos[ql] = uint32_t(ql * list_stride32 + cnt_r[ql]);  // slot offset from lane_list
     }
     const uint32_t nkey[2] = {~uint32_t(key[0]), ~uint32_t(key[1])};
@@ -907,7 +979,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         const uint32_t kj = uint32_t(h ? key[1] : key[0]);
         unsigned b;
         if constexpr (decltype(branch)::value) {
-          const bool pass = kj < lim[ql] && !(score < tf[ql]);
+          const bool pass = kj < lim_r[ql] && !(score < tf[ql]);
           b = __ballot_sync(0xffffffffu, pass);
           if (b == 0) continue;
           if (pass) {
@@ -915,7 +987,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
                 (uint64_t(__float_as_uint(score)) << 32) | uint64_t(h ? nkey[1] : nkey[0]);
           }
         } else {
-          b = SlotInsert(lane_list, cpos[ql], lt_group, kj, h ? nkey[1] : nkey[0], lim[ql], score,
+          b = SlotInsert(lane_list, cpos[ql], lt_group, kj, h ? nkey[1] : nkey[0], lim_r[ql], score,
                          tf[ql]);
         }
         cpos[ql] += uint32_t(__popc(b & gmask));
@@ -930,7 +1002,12 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     }
 #pragma unroll
     for (int ql = 0; ql < QL; ++ql) cnt_r[ql] = int(cpos[ql]) - ql * list_stride32;
-    if (leader) {
+    // Overflow check (round 6): with the warpgroup schedule only in the stage
+    // before each CTA-wide step (it % kWgSyncEvery == kWgSyncEvery - 1), the
+    // one that compacts: a partition at most need_at = kCapW - 16 kWgSyncEvery
+    // full after a check takes at most kWgSyncEvery stages of 16 keys before
+    // the next check, which is followed by the compaction.
+    if (leader && (check_every_stage || (it & (kWgSyncEvery - 1)) == kWgSyncEvery - 1)) {
       unsigned bits = 0;
 #pragma unroll
       for (int ql = 0; ql < QL; ++ql) {
@@ -938,7 +1015,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       }
       // A closed list takes no key; its entries may already be final output
       // (split lists) and must not be compacted.
-      bits &= ~closed;
+      bits &= ~sm.closed;
       if (bits != 0) atomicOr(&sm.need, bits);
     }
   };
@@ -958,18 +1035,9 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   // partition flags itself kWgSyncEvery stages (16 keys each) early.
   // Experiment bit 8: a CTA-wide barrier at every stage (round 4).
   constexpr int kPrefetch = kStages - 1;
-  constexpr int kWgSyncEvery = 4;
-  const bool wg_sync = !kDB && (a.experiment & 256) == 0;
-  if (wg_sync) need_at = kCapW - 16 * kWgSyncEvery;
-  auto step_top = [&](int load_slot, int load_it) {
-    ptx::CpAsyncWait<kDB ? kPrefetch - 2 : kPrefetch - 1>();
-    ptx::FenceProxyAsync();
-    if (wg_sync && (load_it - kPrefetch) % kWgSyncEvery != 0) {
-      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-      load_stage(load_slot, load_it);
-      ptx::CpAsyncCommit();
-      return;
-    }
+  // The CTA-wide step: barrier, then the compactions of the lists whose
+  // partitions may overflow.
+  auto cta_step = [&]() {
     __syncthreads();
     const unsigned need = sm.need;
     if (need != 0) {
@@ -980,6 +1048,15 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         if ((need >> q) & 1u) CompactList(lists + q * list_stride, q, k, sm);
       }
       refresh_counts();
+    }
+  };
+  auto step_top = [&](int load_slot, int load_it) {
+    ptx::CpAsyncWait<kDB ? kPrefetch - 2 : kPrefetch - 1>();
+    ptx::FenceProxyAsync();
+    if (wg_sync && (load_it - kPrefetch) % kWgSyncEvery != 0) {
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+    } else {
+      cta_step();
     }
     load_stage(load_slot, load_it);  // no copy past send
     ptx::CpAsyncCommit();
@@ -992,6 +1069,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
   // One pass of n iterations (single accumulator): an MMA then its epilogue,
   // stage by stage; ends with every copy landed and a barrier.
   auto run_pass = [&](int n) {
+    set_limits(pass_sample);
 #pragma unroll
     for (int s = 0; s < kPrefetch; ++s) {
       load_stage(s, s);
@@ -1003,12 +1081,129 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       issue_mma(acc0, st);
       ptx::WgmmaWait<0>();
       retire(acc0);
-      epilogue(acc0, st, s);
+      epilogue(acc0, st, s, false);
       st = st + 1 == kStages ? 0 : st + 1;
       ld = ld + 1 == kStages ? 0 : ld + 1;
     }
     ptx::CpAsyncWait<0>();
     __syncthreads();
+  };
+
+  // ---- the full pass over contiguous keys by TMA (round 6; an experiment) ----
+  // Lane 0 of each warpgroup's first warp produces: per stage it loads the
+  // warpgroup's 64-key page (a 3-D tiled TMA of the pool, rows swizzled as
+  // wgmma reads them) and its 256 bytes of scales (a bulk copy), both
+  // completing on the stage's full barrier; every thread of the warpgroup
+  // arrives on the stage's empty barrier once its MMA and epilogue are done
+  // with it, and the producer warp waits on that before refilling the stage.
+  // The consumers issue no copies and the warpgroup no per-stage barrier; the
+  // CTA-wide step (compactions) stays every kWgSyncEvery stages (every stage
+  // with experiment bit 8). Measured on the H200 (round 6, run 2): 16% fewer
+  // instructions than round 5 but no faster for MISA and 13% slower for dense
+  // than the cp.async stages (the wgmma's warpgroup arrival and the producer
+  // warp's wait on the slowest warp gate every stage; round6_notes.md), so it
+  // runs only on request: experiment bit 9 (512), or bit 10 (1024, with the
+  // half-tile schedule), when LaunchT could encode the pool's tensor map
+  // (it then sets kTmaActive).
+  constexpr bool kTmaCapable = !kDB && !kKeyList;
+  const bool use_tma = kTmaCapable && (a.experiment & kTmaActive) != 0;
+  // Experiment bit 10 (1024): the half-tile schedule (issue_mma_halves) in
+  // the TMA pass of the 128-row tile (measured slower too).
+  const bool halves = R == 128 && use_tma && (a.experiment & 1024) != 0;
+  bool mbar_live = false;  // the mbarriers hold objects (inval before re-init)
+  auto run_pass_tma = [&](int n) {
+    set_limits(false);
+    // Earlier generic-proxy writes to the stages (the sample pass's copies,
+    // the final selection's histograms before a rescan) before TMA writes.
+    ptx::FenceProxyAsync();
+    if (tid == 0) {
+#pragma unroll 1
+      for (int i = 0; i < 2 * kStages; ++i) {
+        const uint32_t f = ptx::SmemAddr(&sm.mbar_full[0][0] + i);
+        const uint32_t e = ptx::SmemAddr(&sm.mbar_empty[0][0] + i);
+        if (mbar_live) {
+          ptx::MbarInval(f);
+          ptx::MbarInval(e);
+        }
+        ptx::MbarInit(f, 1);
+        ptx::MbarInit(e, 128);
+      }
+      ptx::FenceMbarInit();
+    }
+    mbar_live = true;
+    __syncthreads();
+    const uint32_t full0 = ptx::SmemAddr(&sm.mbar_full[wg][0]);
+    const uint32_t empty0 = ptx::SmemAddr(&sm.mbar_empty[wg][0]);
+    // The producer is lane 0 of the warpgroup's first warp; the whole warp
+    // waits for a stage to be free (no spin loop on a divergent path before
+    // the warp's wgmma, which must run converged), then lane 0 issues.
+    const bool producer_warp = w4 == 0, producer = producer_warp && lane == 0;
+    int32_t pid_next = 0;  // page id of the producer's next page (read one stage ahead)
+    auto produce = [&](int it, int slot) {
+      const int32_t page = ld_page0 + 2 * it;
+      const uint32_t full = full0 + 8u * uint32_t(slot);
+      const int32_t pid = pid_next;
+      pid_next = uint32_t(page + 2) * 64u < send_u ? ptab[page + 2] : 0;
+      if (uint32_t(page) * 64u < send_u) {
+        ptx::MbarArriveExpectTx(full, 64u * 128u + 64u * 4u);
+        ptx::TmaLoad3D(keys_smem + uint32_t(slot * kKeys * 128 + wg * 64 * 128), &key_map, full, 0, 0,
+                       pid);
+        ptx::BulkLoad(kscale_smem + uint32_t((slot * kKeys + wg * 64) * 4),
+                      a.pool + int64_t(pid) * int64_t(a.page_bytes) + a.scale_offset, 256u, full);
+      } else {
+        ptx::MbarArrive(full);  // past the range: nothing to load (keys fail send)
+      }
+    };
+    if (producer) {
+      ptx::PrefetchTensorMap(&key_map);
+      pid_next = uint32_t(ld_page0) * 64u < send_u ? ptab[ld_page0] : 0;
+      for (int s = 0; s < kPrefetch && s < n; ++s) produce(s, s);
+    }
+    __syncwarp();
+    int st = 0, ld = kPrefetch % kStages;
+    uint32_t fph = 0, eph = 0;  // phase parities of slot st's fill / slot ld's refill
+    for (int s = 0; s < n; ++s) {
+      if (!wg_sync || (s & (kWgSyncEvery - 1)) == 0) cta_step();
+      if (producer_warp && s + kPrefetch < n) {
+        // Slot ld last held iteration s + kPrefetch - kStages (if any).
+        if (s + kPrefetch >= kStages) ptx::MbarWait<1>(empty0 + 8u * uint32_t(ld), eph ^ 1u);
+        if (lane == 0) produce(s + kPrefetch, ld);
+        __syncwarp();
+      }
+      ptx::MbarWait<0>(full0 + 8u * uint32_t(st), fph);
+      __syncwarp();  // converged before the warpgroup's wgmma
+      if (halves) {
+        issue_mma_halves(acc0, st);
+        ptx::WgmmaWait<1>();
+#pragma unroll
+        for (int i = 0; i < ACC / 2; ++i) ptx::FenceOperand(acc0[i]);
+        epilogue(acc0, st, s, true);
+      } else {
+        issue_mma(acc0, st);
+        ptx::WgmmaWait<0>();
+        retire(acc0);
+        epilogue(acc0, st, s, false);
+      }
+      ptx::MbarArrive(empty0 + 8u * uint32_t(st));
+      if (++st == kStages) {
+        st = 0;
+        fph ^= 1u;
+      }
+      if (++ld == kStages) {
+        ld = 0;
+        eph ^= 1u;
+      }
+    }
+    __syncthreads();
+  };
+  auto main_pass = [&](int n) {
+    if constexpr (kTmaCapable) {
+      if (use_tma) {
+        run_pass_tma(n);
+        return;
+      }
+    }
+    run_pass(n);
   };
 
   if constexpr (!kDB) {
@@ -1091,7 +1286,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
         pass_sample = false;
       }
     }
-    run_pass(n_iter);
+    main_pass(n_iter);
     publish_counts();
     __syncthreads();
   } else {
@@ -1102,6 +1297,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
     // branches (ptxas serialises wgmma issued on divergent paths or kept in
     // flight across a loop back-edge): stages at or past n_iter hold stale
     // data and produce no candidates (keys -1 or past send).
+    set_limits(false);
 #pragma unroll
     for (int s = 0; s < kPrefetch; ++s) {
       load_stage(s, s);
@@ -1114,21 +1310,21 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       issue_mma(acc1, (s + 1) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc0);
-      epilogue(acc0, s % kStages, s);
+      epilogue(acc0, s % kStages, s, false);
       top(s + 1);
       issue_mma(acc0, (s + 2) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc1);
-      epilogue(acc1, (s + 1) % kStages, s + 1);
+      epilogue(acc1, (s + 1) % kStages, s + 1, false);
       top(s + 2);
       issue_mma(acc1, (s + 3) % kStages);
       ptx::WgmmaWait<1>();
       retire(acc0);
-      epilogue(acc0, (s + 2) % kStages, s + 2);
+      epilogue(acc0, (s + 2) % kStages, s + 2, false);
       top(s + 3);
       ptx::WgmmaWait<0>();
       retire(acc1);
-      epilogue(acc1, (s + 3) % kStages, s + 3);
+      epilogue(acc1, (s + 3) % kStages, s + 3, false);
     }
     ptx::CpAsyncWait<0>();
     publish_counts();
@@ -1313,12 +1509,48 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2) SelectKernelV2(const Se
       }
       __syncthreads();
       refresh_counts();
-      run_pass(n_iter);
+      main_pass(n_iter);
       publish_counts();
       __syncthreads();
       final_pass(fail);
     }
   }
+}
+
+// The tensor map of the key pool for the TMA pass (round 6): 3-D, bytes x
+// 64 rows (128 bytes apart) x pages (page_bytes apart), box of one page's
+// keys, 128-byte swizzle (the layout wgmma reads). The page count is not
+// known here: the map spans 2^24 pages, and only pages of the page table are
+// read. False when the layout cannot be described (alignment) or the driver
+// entry point is missing: the kernel then uses its cp.async stages.
+inline bool EncodeKeyPoolMap(const SelectArgs& a, CUtensorMap* map) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*,
+                              CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
+                              CUtensorMapFloatOOBfill);
+  static const Encode encode = []() -> Encode {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      return nullptr;
+    }
+    return reinterpret_cast<Encode>(fn);
+  }();
+  if (encode == nullptr || a.pool == nullptr) return false;
+  if ((reinterpret_cast<uintptr_t>(a.pool) & 15u) != 0 || (a.page_bytes & 15u) != 0 ||
+      (a.scale_offset & 15u) != 0 || a.page_bytes < 64u * 128u ||
+      a.scale_offset + 64u * 4u > a.page_bytes || a.scale_offset < 64u * 128u) {
+    return false;
+  }
+  const cuuint64_t dims[3] = {128, 64, cuuint64_t(1) << 24};
+  const cuuint64_t strides[2] = {128, a.page_bytes};
+  const cuuint32_t box[3] = {128, 64, 1};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<uint8_t*>(a.pool), dims, strides, box,
+                elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 template <int G, int R, bool kKeyList, int kCap, int kSt = kStages, bool kDB = true>
@@ -1327,8 +1559,14 @@ cudaError_t LaunchT(const SelectArgs& args, dim3 grid, cudaStream_t stream) {
       SelectKernelV2<G, R, kKeyList, kCap, kSt, kDB>,
       cudaFuncAttributeMaxDynamicSharedMemorySize, int(SmemBytes<kCap, kSt>()));
   if (attr != cudaSuccess) return attr;
-  SelectKernelV2<G, R, kKeyList, kCap, kSt, kDB>
-      <<<grid, kThreads, SmemBytes<kCap, kSt>(), stream>>>(args);
+  SelectArgs a = args;
+  CUtensorMap map{};
+  a.experiment &= ~kTmaActive;
+  if constexpr (!kDB && !kKeyList) {
+    // The TMA pass on request (experiment bits 9 / 10), if the map encodes.
+    if ((a.experiment & (512 | 1024)) != 0 && EncodeKeyPoolMap(a, &map)) a.experiment |= kTmaActive;
+  }
+  SelectKernelV2<G, R, kKeyList, kCap, kSt, kDB><<<grid, kThreads, SmemBytes<kCap, kSt>(), stream>>>(a, map);
   return cudaGetLastError();
 }
 
