@@ -78,6 +78,15 @@
 //   (bit 512), and two N = 64 MMAs per stage with the epilogue starting on
 //   the first half (bit 1024).
 //
+// Round 7 (bench/kernels/round7_notes.md):
+// - The per-warp final selection has no range pass: its first histogram
+//   window comes from the list threshold (a lower bound of every entry), the
+//   range is computed on the way, and a pass that counted fewer entries than
+//   the list holds restarts from the range (exact either way). Its passes load
+//   all eight partitions at once (16 loads per lane in flight over the whole
+//   list instead of per partition).
+// - Query groups run in reverse blockIdx order: longest CTAs first.
+
 // Exactness is version 1's argument: every key whose candidate key beats the
 // list's threshold enters its list (round 5: with some others), and the
 // threshold is always below the k-th best key of some k keys already kept;
@@ -633,7 +642,13 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
   const int w4 = warp & 3, g8 = lane >> 2, c4 = lane & 3;
   const int seq = blockIdx.z, split = blockIdx.y;
   const int64_t qs_begin = a.query_start[seq], qs_end = a.query_start[seq + 1];
-  const int64_t q0 = qs_begin + int64_t(blockIdx.x) * NQ;
+  // Query groups in reverse launch order (round 7): CTAs start roughly in
+  // blockIdx order, and a causal prefill's later queries see more keys, so
+  // the longest CTAs start first and the short ones fill the last wave
+  // (experiment bit 12: round 6's ascending order).
+  const int64_t gx = (a.experiment & 4096) != 0 ? int64_t(blockIdx.x)
+                                                : int64_t(gridDim.x) - 1 - int64_t(blockIdx.x);
+  const int64_t q0 = qs_begin + gx * NQ;
   if (q0 >= qs_end) return;
   const int nq = int(qs_end - q0 < NQ ? qs_end - q0 : NQ);
   const int64_t ntok = a.num_tokens[seq];
@@ -1459,7 +1474,10 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
             WarpListRange<kWarpAllU>(L, q, sm, mx, mn);
             Tk = mn;
           } else {
-            Tk = WarpSelectKth<kWarpAllU>(L, q, k, n, sm.thr[q] & 0xffffffff00000000ull, hist, sm);
+            // Experiment bit 11: a bound no key reaches (the range restart).
+            const uint64_t lo = (a.experiment & 2048) != 0 ? 0xffffffff00000000ull
+                                                            : sm.thr[q] & 0xffffffff00000000ull;
+            Tk = WarpSelectKth<kWarpAllU>(L, q, k, n, lo, hist, sm);
           }
           if (n > k) T = Tk;
         }
