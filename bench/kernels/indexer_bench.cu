@@ -667,7 +667,10 @@ void Experiments(const Options& opt) {
     // the key stages loaded by TMA from one producer lane per warpgroup (bit
     // 9; the default copies them with cp.async in every thread); "half
     // tiles": bit 10, TMA stages and two N = 64 MMAs per stage, the epilogue
-    // starting on the first half while the second is in flight. "no
+    // starting on the first half while the second is in flight. "r7 final
+    // restart": bit 11, the per-warp final selection's first pass wasted (a
+    // bound no key reaches), then from the range: round 6's pass count with
+    // round 7's loads; "ascending CTAs": bit 12, round 6's launch order. "no
     // insertion" leaves every seeded query short of k keys, so with seeding it
     // also rescans them.
     const Variant vs[] = {{"v1", 1, 0},
@@ -679,6 +682,8 @@ void Experiments(const Options& opt) {
                           {"v2 CTA barrier each stage", 2, 256},
                           {"v2 TMA stages", 2, 512},
                           {"v2 half tiles", 2, 1024},
+                          {"v2 r7 final restart", 2, 2048},
+                          {"v2 ascending CTAs", 2, 4096},
                           {"v2 no epilogue", 2, 1},
                           {"v2 no insertion", 2, 2},
                           {"v2 double-buf", 2, 8}};

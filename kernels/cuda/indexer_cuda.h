@@ -114,8 +114,13 @@ struct SelectParams {
   // pass over contiguous keys by TMA from one producer lane per warpgroup
   // (round 6 experiment; the default copies them with cp.async in every
   // thread), bit 10 (1024) does the same and splits each stage's MMA of the
-  // 128-row tile into two N = 64 halves, the epilogue starting on the first.
-  // Bits 2-10 give the same results as 0.
+  // 128-row tile into two N = 64 halves, the epilogue starting on the first,
+  // bit 11 (2048) starts the per-warp final selection (round 7) from a lower
+  // bound that no key reaches, so that every query with more than k entries
+  // takes its restart from the list's range (a test of that path), bit 12
+  // (4096) launches the query groups in ascending order (round 6's; the
+  // default since round 7 starts the last, longest ones first).
+  // Bits 2-12 give the same results as 0.
   // With kernel_version 3 (the decode path): bit 0 scores only (out is not
   // written), bit 1 runs the top-k alone on the logits and histograms the last
   // launch left in the same workspace, bit 2 selects the last bin's candidates

@@ -658,11 +658,12 @@ TEST(CudaSelect, SlotLoopVariantAndDefaultVersion) {
 // split lists (then the merge), seeded and with every seeded query rescanned
 // (bit 5: the seed-bound check of both paths), with 8, 16 and 32 routed heads
 // (2, 1 and 1/2 queries per warp). Short queries (fewer visible keys than k)
-// take all of their keys.
+// take all of their keys. Bit 11: the per-warp selection's first window from a
+// bound no key reaches (round 7: every query restarts from its list's range).
 TEST(CudaSelect, FinalSelectionPerWarpAndCtaWide) {
   SKIP_WITHOUT_GPU();
   uint32_t seed = 100;
-  for (int experiment : {0, 32, 128, 128 | 32}) {
+  for (int experiment : {0, 32, 128, 128 | 32, 2048, 2048 | 32}) {
     for (int h : {8, 16, 32}) {
       SelectCase c;
       c.misa = true;

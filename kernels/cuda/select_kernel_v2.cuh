@@ -78,6 +78,15 @@
 //   (bit 512), and two N = 64 MMAs per stage with the epilogue starting on
 //   the first half (bit 1024).
 //
+// Round 7 (bench/kernels/round7_notes.md):
+// - The per-warp final selection has no range pass: its first histogram
+//   window comes from the list threshold (a lower bound of every entry), the
+//   range is computed on the way, and a pass that counted fewer entries than
+//   the list holds restarts from the range (exact either way). Its passes load
+//   all eight partitions at once (16 loads per lane in flight over the whole
+//   list instead of per partition).
+// - Query groups run in reverse blockIdx order: longest CTAs first.
+
 // Exactness is version 1's argument: every key whose candidate key beats the
 // list's threshold enters its list (round 5: with some others), and the
 // threshold is always below the k-th best key of some k keys already kept;
@@ -362,7 +371,8 @@ __device__ void CompactList(uint64_t* L, int q, int k, S& sm) {
 
 // ---- the final selection of one query by one warp (no CTA barrier) ----
 // Entries of list q (raw) through f(raw), 0 for none; every lane calls f the
-// same number of times (kU loads in flight per lane).
+// same number of times (kU loads in flight per lane), partition by partition
+// in slot order (the in-place write of split lists relies on that order).
 template <int kU, class S, class F>
 __device__ __forceinline__ void WarpForEachEntry(const uint64_t* L, int q, const S& sm, F&& f) {
   constexpr int kCapW = S::kCapacity / kWarps;
@@ -385,16 +395,61 @@ __device__ __forceinline__ void WarpForEachEntry(const uint64_t* L, int q, const
   }
 }
 
-constexpr int kWarpSelU = 16;         // list loads in flight per lane
+// The same entries in no particular order, all partitions at once (round 7):
+// a batch loads kU entries per lane from each of the kWarps partitions
+// (kWarps * kU loads in flight per lane), so a pass over a list of n entries
+// spread evenly takes ~n / (32 kWarps kU) round trips to L2 instead of one or
+// more per partition. Not for the in-place write of split lists.
+template <int kU, class S, class F>
+__device__ __forceinline__ void WarpForEachEntryAll(const uint64_t* L, int q, const S& sm, F&& f) {
+  constexpr int kCapW = S::kCapacity / kWarps;
+  const int lane = threadIdx.x & 31;
+  int c[kWarps], cmax = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    c[w] = sm.wcnt[w][q];
+    cmax = c[w] > cmax ? c[w] : cmax;
+  }
+#pragma unroll 1
+  for (int i0 = 0; i0 < cmax; i0 += 32 * kU) {
+    uint64_t x[kWarps][kU];
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int i = i0 + 32 * u + lane;
+        x[w][u] = i < c[w] ? L[w * kCapW + i] : 0ull;
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) f(x[w][u]);
+    }
+  }
+}
+
+constexpr int kWarpSelU = 16;         // list loads in flight per lane (partition by partition)
+
+// kAU > 0: WarpForEachEntryAll<kAU>; 0: WarpForEachEntry<kWarpSelU> (round 5's order).
+template <int kAU, class S, class F>
+__device__ __forceinline__ void WarpForEach(const uint64_t* L, int q, const S& sm, F&& f) {
+  if constexpr (kAU > 0) {
+    WarpForEachEntryAll<kAU>(L, q, sm, f);
+  } else {
+    WarpForEachEntry<kWarpSelU>(L, q, sm, f);
+  }
+}
 constexpr int kWarpHistBits = 11;     // digit width of the warp's radix select
 constexpr int kWarpHistBins = 1 << kWarpHistBits;
 
-// Max and min ordered key of list q (0 / ~0 when empty). One warp.
-template <class S>
+// Max and min ordered key of list q (0 / ~0 when empty). One warp; kAU
+// loads per partition and lane in flight.
+template <int kAU, class S>
 __device__ void WarpListRange(const uint64_t* L, int q, const S& sm, uint64_t& mx, uint64_t& mn) {
   mx = 0ull;
   mn = ~0ull;
-  WarpForEachEntry<kWarpSelU>(L, q, sm, [&](uint64_t raw) {
+  WarpForEach<kAU>(L, q, sm, [&](uint64_t raw) {
     if (raw != 0ull) {
       const uint64_t x = RawToOrdered(raw);
       mx = x > mx ? x : mx;
@@ -409,32 +464,52 @@ __device__ void WarpListRange(const uint64_t* L, int q, const S& sm, uint64_t& m
   }
 }
 
-// The k-th largest ordered key of list q, given its max and min (mx != mn,
-// 1 <= k <= entries; keys distinct). One warp; hist: kWarpHistBins words of
-// shared memory private to the warp. Radix select from the highest bit in
-// which the keys differ, kWarpHistBits bits per pass; stops as soon as the
+// The k-th largest ordered key of list q (n entries, 1 <= k < n; keys
+// distinct). One warp; hist: kWarpHistBins words of shared memory private to
+// the warp. Radix select, kWarpHistBits bits per pass; stops as soon as the
 // k-th key's bucket holds exactly the keys still needed.
-template <class S>
-__device__ uint64_t WarpSelectKth(const uint64_t* L, int q, int k, uint64_t mx, uint64_t mn,
+// Round 7: no separate range pass. lo is a probable lower bound of the
+// list's keys (the list threshold's high word): every key >= lo shares lo's
+// bits above lo's highest zero bit hs, so the first pass histograms bits
+// [hs - 10, hs] under that prefix and computes the list's range on the way.
+// If it counted fewer than n keys (some key below lo: the bound did not
+// hold), the passes restart from the highest bit in which the keys differ
+// (round 5's start). Later windows start no higher than that bit.
+template <int kAU, class S>
+__device__ uint64_t WarpSelectKth(const uint64_t* L, int q, int k, int n, uint64_t lo,
                                   unsigned* hist, const S& sm) {
   constexpr int kPerLane = kWarpHistBins / 32;  // 64 bins, 8 groups of 8
   const int lane = threadIdx.x & 31;
-  const int hb = 63 - __clzll(static_cast<long long>(mx ^ mn));
-  uint64_t mask = hb == 63 ? 0ull : (~0ull << (hb + 1));
-  uint64_t prefix = mx & mask;
-  int shift = hb - (kWarpHistBits - 1) > 0 ? hb - (kWarpHistBits - 1) : 0;
+  const int hs = 63 - __clzll(static_cast<long long>(~lo));  // ~lo != 0 (lo's low word is 0)
+  uint64_t mask = hs == 63 ? 0ull : (~0ull << (hs + 1));
+  uint64_t prefix = lo & mask;
+  int shift = hs - (kWarpHistBits - 1) > 0 ? hs - (kWarpHistBits - 1) : 0;
   unsigned rem = unsigned(k);
+  bool first = true;
+  int hb = 63;  // the highest bit in which the keys differ (after the first pass)
+  uint64_t mx = 0ull, mn = ~0ull;
   uint4* const h4 = reinterpret_cast<uint4*>(hist) + lane * (kPerLane / 4);
   for (;;) {
 #pragma unroll
     for (int i = 0; i < kPerLane / 4; ++i) h4[i] = make_uint4(0u, 0u, 0u, 0u);
     __syncwarp();
-    WarpForEachEntry<kWarpSelU>(L, q, sm, [&](uint64_t raw) {
-      const uint64_t x = RawToOrdered(raw);
-      if (raw != 0ull && (x & mask) == prefix) {
-        atomicAdd(&hist[unsigned(x >> shift) & (kWarpHistBins - 1u)], 1u);
-      }
-    });
+    if (first) {
+      WarpForEach<kAU>(L, q, sm, [&](uint64_t raw) {
+        if (raw != 0ull) {
+          const uint64_t x = RawToOrdered(raw);
+          mx = x > mx ? x : mx;
+          mn = x < mn ? x : mn;
+          if ((x & mask) == prefix) atomicAdd(&hist[unsigned(x >> shift) & (kWarpHistBins - 1u)], 1u);
+        }
+      });
+    } else {
+      WarpForEach<kAU>(L, q, sm, [&](uint64_t raw) {
+        const uint64_t x = RawToOrdered(raw);
+        if (raw != 0ull && (x & mask) == prefix) {
+          atomicAdd(&hist[unsigned(x >> shift) & (kWarpHistBins - 1u)], 1u);
+        }
+      });
+    }
     __syncwarp();
     // Lane l holds bins [64 l, 64 l + 64) as 8 groups of 8.
     unsigned g[8], sum = 0;
@@ -449,6 +524,24 @@ __device__ uint64_t WarpSelectKth(const uint64_t* L, int q, int k, uint64_t mx, 
     for (int o = 1; o < 32; o <<= 1) {
       const unsigned t = __shfl_down_sync(0xffffffffu, suf, o);
       if (lane + o < 32) suf += t;
+    }
+    if (first) {
+      first = false;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const uint64_t a = ShflXor64(mx, o), b = ShflXor64(mn, o);
+        mx = a > mx ? a : mx;
+        mn = b < mn ? b : mn;
+      }
+      hb = 63 - __clzll(static_cast<long long>(mx ^ mn));
+      const unsigned total = __shfl_sync(0xffffffffu, suf, 0);
+      if (total != unsigned(n)) {  // warp-uniform: restart from the range
+        mask = hb == 63 ? 0ull : (~0ull << (hb + 1));
+        prefix = mx & mask;
+        shift = hb - (kWarpHistBits - 1) > 0 ? hb - (kWarpHistBits - 1) : 0;
+        __syncwarp();  // every lane has read hist before the next pass clears it
+        continue;
+      }
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, suf >= rem);
     const int top = 31 - __clz(ballot);  // the highest lane whose suffix covers rem
@@ -487,7 +580,15 @@ __device__ uint64_t WarpSelectKth(const uint64_t* L, int q, int k, uint64_t mx, 
     rem -= above;
     __syncwarp();  // every lane has read hist before the next pass clears it
     if (cnt == rem || shift == 0) break;
-    shift = shift - kWarpHistBits > 0 ? shift - kWarpHistBits : 0;
+    int wtop = shift - 1;
+    if (hb < wtop) {
+      // Bits (hb, shift) are the same in every key (those of mx): skip them.
+      const uint64_t m2 = (~0ull << (hb + 1)) & ((1ull << shift) - 1ull);
+      mask |= m2;
+      prefix |= mx & m2;
+      wtop = hb;
+    }
+    shift = wtop - (kWarpHistBits - 1) > 0 ? wtop - (kWarpHistBits - 1) : 0;
   }
   return prefix;
 }
@@ -541,7 +642,13 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
   const int w4 = warp & 3, g8 = lane >> 2, c4 = lane & 3;
   const int seq = blockIdx.z, split = blockIdx.y;
   const int64_t qs_begin = a.query_start[seq], qs_end = a.query_start[seq + 1];
-  const int64_t q0 = qs_begin + int64_t(blockIdx.x) * NQ;
+  // Query groups in reverse launch order (round 7): CTAs start roughly in
+  // blockIdx order, and a causal prefill's later queries see more keys, so
+  // the longest CTAs start first and the short ones fill the last wave
+  // (experiment bit 12: round 6's ascending order).
+  const int64_t gx = (a.experiment & 4096) != 0 ? int64_t(blockIdx.x)
+                                                : int64_t(gridDim.x) - 1 - int64_t(blockIdx.x);
+  const int64_t q0 = qs_begin + gx * NQ;
   if (q0 >= qs_end) return;
   const int nq = int(qs_end - q0 < NQ ? qs_end - q0 : NQ);
   const int64_t ntok = a.num_tokens[seq];
@@ -1341,6 +1448,10 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
   // lies below its seed bound (xseed; fewer than k entries) is not written:
   // it is marked in sm.fail for the exact rescan below.
   const bool warp_final = NQ >= 4 && !(a.experiment & 128);
+  // List loads per partition and lane in flight in the warp's passes (round 7;
+  // G = 16: 0, partition by partition as in round 5: with all partitions at
+  // once ptxas spilled a register of that kernel).
+  constexpr int kWarpAllU = G == 16 ? 0 : 2;
   uint64_t* scratch = reinterpret_cast<uint64_t*>(&sm.keys[0][0]);
   static_assert(offsetof(S, cbuf) == offsetof(S, keys) + sizeof(S::keys) &&
                     sizeof(S::keys) + sizeof(S::cbuf) >= kWarps * kWarpHistBins * sizeof(unsigned),
@@ -1358,9 +1469,16 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
         const unsigned long long xs = sm.xseed[q];
         uint64_t T = 1ull, Tk = 0ull;  // Tk: the k-th best entry (0: fewer than k)
         if (n > k || (xs != 0ull && n == k)) {
-          uint64_t mx, mn;
-          WarpListRange(L, q, sm, mx, mn);
-          Tk = n == k ? mn : WarpSelectKth(L, q, k, mx, mn, hist, sm);
+          if (n == k) {
+            uint64_t mx, mn;
+            WarpListRange<kWarpAllU>(L, q, sm, mx, mn);
+            Tk = mn;
+          } else {
+            // Experiment bit 11: a bound no key reaches (the range restart).
+            const uint64_t lo = (a.experiment & 2048) != 0 ? 0xffffffff00000000ull
+                                                            : sm.thr[q] & 0xffffffff00000000ull;
+            Tk = WarpSelectKth<kWarpAllU>(L, q, k, n, lo, hist, sm);
+          }
           if (n > k) T = Tk;
         }
         if (xs != 0ull && Tk < xs) {
@@ -1389,7 +1507,7 @@ __global__ void __launch_bounds__(kThreads, kDB ? 1 : 2)
           if (lane == 0) a.counts[t * a.splits + split] = m;
         } else {
           int32_t* o = a.out + t * k;
-          WarpForEachEntry<kWarpSelU>(L, q, sm, [&](uint64_t raw) {
+          WarpForEach<kWarpAllU>(L, q, sm, [&](uint64_t raw) {
             const uint64_t x = raw != 0ull ? RawToOrdered(raw) : 0ull;
             const bool keep = x != 0ull && x >= T;
             const unsigned b = __ballot_sync(0xffffffffu, keep);
