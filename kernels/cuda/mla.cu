@@ -372,11 +372,12 @@ constexpr bool kPairAsync = false, kPairEarly = true, kPairPrefetch = true, kPai
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
           bool kPair = false, bool kEarly = false, bool kAsync = false, bool kPersist = false,
-          bool kLight = false>
+          bool kLight = false, bool kSeesaw = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
   auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16,
-                                                    kPair, kEarly, kAsync, kPersist, kLight>;
+                                                    kPair, kEarly, kAsync, kPersist, kLight,
+                                                    kSeesaw>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
@@ -446,9 +447,9 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "sparse MLA: num_queries must be >= 0, at most 65535 per launch for kMmaSync, "
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
-  if (p.experiment < 0 || p.experiment > (pair ? 13 : 10) || (mma_sync && p.experiment != 0)) {
+  if (p.experiment < 0 || p.experiment > (pair ? 16 : 10) || (mma_sync && p.experiment != 0)) {
     return Invalid(error,
-                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, 1..13 with kWgmmaPair");
+                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, 1..16 with kWgmmaPair");
   }
   if (p.bf16_rows != nullptr &&
       (mma_sync || (p.experiment != 0 &&
@@ -520,6 +521,17 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
       case 13:
         return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true>(
             p, stream);
+      // Seesaw consumers (not yet measured): over 5's producer (14), over 11's
+      // (15), consumers alone (16, timing only).
+      case 14:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, false,
+                           true>(p, stream);
+      case 15:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true,
+                           true>(p, stream);
+      case 16:
+        return LaunchWgmma<kVariantNoProducer, false, false, false, false, true, false, false, false,
+                           false, true>(p, stream);
       default: return LaunchWgmma<kVariantFull, false, kP, false, false, true, kE, kA, kS>(p, stream);
     }
   }

@@ -86,7 +86,10 @@ struct SparseMlaParams {
   // alone, 9 = 7 persistent (as many clusters as fit, each looping over token
   // pairs), 10 timing only: 7's producer alone, 11 = 5 with CTA-scope buffer
   // waits and releases (not yet measured), 12 timing only: 11's producer
-  // alone, 13 = 11 persistent. With bf16_rows: 0, and with
+  // alone, 13 = 11 persistent, 14 = 5 with the seesaw consumers (each
+  // consumer warpgroup owns half of O and computes S and the softmax of every
+  // other block; not yet measured), 15 = 11 with the seesaw consumers, 16
+  // timing only: the seesaw consumers alone. With bf16_rows: 0, and with
   // kWgmmaPair also 2, 4 (= 0: the round-1 hand-over with the prefetch), 7
   // (st.async + prefetch) and 9 (7 persistent).
   int experiment = 0;

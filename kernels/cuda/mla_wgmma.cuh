@@ -57,6 +57,15 @@ inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
 inline constexpr int kBarPReady = 1, kBarPFree = 2, kBarFinal = 3;
 inline constexpr int kBarReady0 = 4, kBarFree0 = 6;  // + buffer
 inline constexpr int kBarQ = 8;  // persistent: WG0 + WG1 staged the next item's Q
+// Seesaw consumers (kSeesaw): WG0 -> WG1 "M_e published" / "P_e published",
+// WG1 -> WG0 "M_o published" / "P_o published" (one arrival side, one sync side each).
+inline constexpr int kBarME = 9, kBarPE = 10, kBarMO = 11, kBarPO = 12;
+// Seesaw register budgets: both consumer warpgroups hold O (128) + S (32) + P;
+// 2 x 192 + 120 = 504 = 3 x 168 (the launch's allocation).
+#ifndef PD_MLA_SEESAW_REGS
+#define PD_MLA_SEESAW_REGS 192
+#endif
+inline constexpr int kRegsSeesaw = PD_MLA_SEESAW_REGS, kRegsSeesawProducer = 504 - 2 * kRegsSeesaw;
 
 // Benchmark-only variants (SparseMlaParams::experiment); results are garbage.
 inline constexpr int kVariantFull = 0;
@@ -70,6 +79,7 @@ struct Smem {
   float o_scale[kRows];            // WG0 -> WG1: exp2(m_old - m_new) of the current block
   float row_l[2][kRows];           // final softmax sums (WG0 -> WG1), by item parity
   float row_m[kRows];
+  float m_e[kRows], m_o[kRows];    // seesaw: running max after WG0's (even) / WG1's (odd) block
   uint8_t valid[2][kBlk];          // slot j of buffer b holds a valid token
   uint64_t k_ready[2];             // producer -> consumers (128 arrivals)
   uint64_t k_free[2];              // consumers -> producer (256 arrivals)
@@ -480,7 +490,7 @@ struct Schedule {
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair,
-          bool kEarly, bool kAsync, bool kPersist, bool kLight>
+          bool kEarly, bool kAsync, bool kPersist, bool kLight, bool kSeesaw>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
   static_assert(!kBf16 || ((kVariant == kVariantFull || (kPair && kVariant == kVariantNoConsumer)) &&
                             !kLate),
@@ -491,6 +501,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
                 "st.async hand-over: pair, with a producer");
   static_assert(!kPersist || kPair, "persistent: pair only");
   static_assert(!kLight || (kPair && !kAsync), "CTA-scope buffer waits: pair, st.shared hand-over");
+  static_assert(!kSeesaw || (kPair && !kBf16 && !kAsync && !kPersist &&
+                             kVariant != kVariantNoConsumer),
+                "seesaw consumers: pair over FP8 records, st.shared hand-over, not persistent");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -599,7 +612,197 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     }
   };
 
-  if (wg == 0) {
+  if (kSeesaw && wg < 2) {
+    // ------------------------------------ seesaw consumers (kSeesaw, pair only)
+    // WG w owns O[:, 256 w : 256 w + 256] and computes S = Q K^T and the
+    // softmax of the blocks b with b % 2 == w; both multiply every block's P
+    // into their half of V, so the tensor pipe runs one WG's GEMMs while the
+    // other is in its softmax. The running max travels WG0 (block 2j) -> WG1
+    // (2j+1) -> WG0 (2j+2) through m_e / m_o (per row). P of block b goes into
+    // the k_pe chunks of b's own buffer (64..71, 8 KB: read only by b's Q K^T,
+    // which is done by then) in the wgmma A layout, and both WGs read it from
+    // there (P V with both operands in shared memory). Iteration j: WG0 has
+    // its block 2j and the other's 2j-1, WG1 its 2j+1 and the other's 2j; the
+    // other's block goes first (older max). Each WG releases a buffer once its
+    // P V of it completed. Named barriers: WG0 -> WG1 kBarME (m_e), kBarPE
+    // (P of 2j); WG1 -> WG0 kBarMO, kBarPO. Each WG syncs the other's M and P
+    // barriers before it arrives on its own, so no barrier gets a second
+    // arrival before its sync.
+    RegAlloc<kRegsSeesaw>();
+    const bool w0 = wg == 0;
+    const float sl2 = p.softmax_scale * 1.4426950408889634f;
+    const uint64_t dq = NoSwizzleDesc(ptx::SmemAddr(sm.q), 1024, 128);
+    const uint32_t v_off = w0 ? 0u : 32u * 64u * 16u;  // V[:, 256 w ..]
+    constexpr uint32_t kPOff = uint32_t(kR / 8) * 64u * 16u;  // the k_pe chunks: P
+    const int bar_m_out = w0 ? kBarME : kBarMO, bar_m_in = w0 ? kBarMO : kBarME;
+    const int bar_p_out = w0 ? kBarPE : kBarPO, bar_p_in = w0 ? kBarPO : kBarPE;
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+    float om0 = -1e30f, om1 = -1e30f;  // the max O is scaled to (its last P's)
+    float lm0 = -1e30f, lm1 = -1e30f, l0 = 0.0f, l1 = 0.0f;  // own blocks' sum, relative to lm
+    const int njp = (nb + 1) / 2;
+    // O (+)= P_b V_b[:, 256 w ..] after scaling O from om to max m.
+    auto pv = [&](int b, float m0, float m1, bool waited) {
+      const float f0 = Exp2(om0 - m0), f1 = Exp2(om1 - m1);
+      om0 = m0;
+      om1 = m1;
+      if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {  // this warp's rows' max moved
+        if (!waited) {
+          ptx::WgmmaWait<0>();
+          FenceRegs(o);
+        }
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          o[4 * i] *= f0;
+          o[4 * i + 1] *= f0;
+          o[4 * i + 2] *= f1;
+          o[4 * i + 3] *= f1;
+        }
+      }
+      const uint32_t kv = ptx::SmemAddr(sm.kv[b & 1]);
+      const uint64_t dp = NoSwizzleDesc(kv + kPOff, 1024, 128);
+      const uint64_t dv = NoSwizzleDesc(kv + v_off, 128, 1024);
+      FenceRegs(o);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kBlk / 16; ++kk) {
+        WgmmaM64N256K16SS(o, dp + uint64_t(kk * 128), dv + uint64_t(kk * 16));
+      }
+      ptx::WgmmaCommit();
+    };
+#pragma unroll 1
+    for (int j = 0; j <= njp; ++j) {
+      const int blk = 2 * j + wg;               // own block
+      const int oblk = w0 ? 2 * j - 1 : 2 * j;  // the other WG's block
+      const bool has_s = blk < nb;
+      const bool has_o = oblk >= 0 && oblk < nb;
+      if (!has_s && !has_o) break;
+      float mn0 = -1e30f, mn1 = -1e30f;  // the running max after the own block
+      float mo0 = -1e30f, mo1 = -1e30f;  // ... after the other's
+      if (has_s) {
+        consumer_wait(blk);
+        const uint32_t kv = ptx::SmemAddr(sm.kv[blk & 1]);
+        const uint64_t dk = NoSwizzleDesc(kv, 1024, 128);
+        float s[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+        FenceRegs(s);
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kChunks / 2; ++kk) {
+          WgmmaM64N64K16SS(s, dq + uint64_t(kk * 128), dk + uint64_t(kk * 128), kk > 0);
+        }
+        ptx::WgmmaCommit();
+        ptx::WgmmaWait<0>();
+        FenceRegs(s);
+        const uint8_t* valid = sm.valid[blk & 1];
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * i + 2 * c4);
+          const bool va = (v2 & 0xffu) != 0, vb = (v2 >> 8) != 0;
+          s[4 * i] = va ? s[4 * i] * sl2 : kNegInf;
+          s[4 * i + 1] = vb ? s[4 * i + 1] * sl2 : kNegInf;
+          s[4 * i + 2] = va ? s[4 * i + 2] * sl2 : kNegInf;
+          s[4 * i + 3] = vb ? s[4 * i + 3] * sl2 : kNegInf;
+          mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+          mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
+#pragma unroll
+        for (int sh = 1; sh <= 2; sh <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sh));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sh));
+        }
+        // The running max before the own block: the other's last (WG0 at j = 0: none).
+        if (blk > 0) {
+          NamedSync(bar_m_in, 256);
+          mo0 = (w0 ? sm.m_o : sm.m_e)[r0];
+          mo1 = (w0 ? sm.m_o : sm.m_e)[r0 + 8];
+        }
+        if (has_o) NamedSync(bar_p_in, 256);  // before the own arrivals (see above)
+        mn0 = fmaxf(mo0, mx0);
+        mn1 = fmaxf(mo1, mx1);
+        if (c4 == 0) {
+          (w0 ? sm.m_e : sm.m_o)[r0] = mn0;
+          (w0 ? sm.m_e : sm.m_o)[r0 + 8] = mn1;
+        }
+        // The other syncs this max only if it has the next block (WG0's M_e:
+        // WG1 with block 2j+1; WG1's M_o: WG0 with block 2j+2).
+        if (blk + 1 < nb) NamedArrive(bar_m_out, 256);
+        const float f0 = Exp2(lm0 - mn0), f1 = Exp2(lm1 - mn1);
+        lm0 = mn0;
+        lm1 = mn1;
+        float sum0 = 0.0f, sum1 = 0.0f;
+        uint8_t* pt = sm.kv[blk & 1] + kPOff;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float pa = Exp2(s[4 * i] - mn0), pb = Exp2(s[4 * i + 1] - mn0);
+          const float pc = Exp2(s[4 * i + 2] - mn1), pd = Exp2(s[4 * i + 3] - mn1);
+          sum0 += pa + pb;
+          sum1 += pc + pd;
+          *reinterpret_cast<uint32_t*>(pt + (i * 64 + r0) * 16 + 4 * c4) = PackBf16x2(pa, pb);
+          *reinterpret_cast<uint32_t*>(pt + (i * 64 + r0 + 8) * 16 + 4 * c4) = PackBf16x2(pc, pd);
+        }
+        l0 = l0 * f0 + sum0;
+        l1 = l1 * f1 + sum1;
+        ptx::FenceProxyAsync();  // P is read by wgmma (both WGs)
+        NamedArrive(bar_p_out, 256);
+      } else {
+        // No own block (the last pair: WG0 with nb even, WG1 with nb odd):
+        // only the other's; its max comes with its P.
+        NamedSync(bar_p_in, 256);
+      }
+      if (has_o) {
+        // The other's max: WG0 read M_{2j-1} above (or reads it now, last
+        // pair); WG1's is M_{2j} (read above).
+        if (!has_s) {
+          mo0 = (w0 ? sm.m_o : sm.m_e)[r0];
+          mo1 = (w0 ? sm.m_o : sm.m_e)[r0 + 8];
+        }
+        pv(oblk, mo0, mo1, true);
+      }
+      if (has_s) pv(blk, mn0, mn1, !has_o);
+      // Both P V done (the other WG keeps the tensor pipe busy meanwhile).
+      ptx::WgmmaWait<0>();
+      FenceRegs(o);
+      if (has_o) consumer_release(oblk);
+      if (has_s) consumer_release(blk);
+    }
+    // Final: both WGs' sums at the final max (O is scaled to it: om).
+#pragma unroll
+    for (int sh = 1; sh <= 2; sh <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
+    }
+    if (c4 == 0) {
+      sm.row_l[wg][r0] = l0;
+      sm.row_l[wg][r0 + 8] = l1;
+      (w0 ? sm.row_m : sm.o_scale)[r0] = lm0;
+      (w0 ? sm.row_m : sm.o_scale)[r0 + 8] = lm1;
+    }
+    NamedSync(kBarFinal, 256);
+    const float la0 = sm.row_l[0][r0], la1 = sm.row_l[0][r0 + 8];
+    const float lb0 = sm.row_l[1][r0], lb1 = sm.row_l[1][r0 + 8];
+    const float ma0 = sm.row_m[r0], ma1 = sm.row_m[r0 + 8];
+    const float mb0 = sm.o_scale[r0], mb1 = sm.o_scale[r0 + 8];
+    const float mf0 = fmaxf(ma0, mb0), mf1 = fmaxf(ma1, mb1);
+    const float L0 = la0 * Exp2(ma0 - mf0) + lb0 * Exp2(mb0 - mf0);
+    const float L1 = la1 * Exp2(ma1 - mf1) + lb1 * Exp2(mb1 - mf1);
+    const float i0 = L0 > 0.0f ? 1.0f / L0 : 0.0f, i1 = L1 > 0.0f ? 1.0f / L1 : 0.0f;
+    float* oa = p.out + (t * H + h0 + r0) * kR + 256 * wg + 2 * c4;
+    float* ob = oa + 8 * kR;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      *reinterpret_cast<float2*>(oa + 8 * i) = make_float2(o[4 * i] * i0, o[4 * i + 1] * i0);
+      *reinterpret_cast<float2*>(ob + 8 * i) = make_float2(o[4 * i + 2] * i1, o[4 * i + 3] * i1);
+    }
+    if (w0 && p.lse != nullptr && c4 == 0) {
+      constexpr float kLn2 = 0.6931471805599453f;
+      p.lse[t * H + h0 + r0] = L0 > 0.0f ? mf0 * kLn2 + logf(L0) : kNegInf;
+      p.lse[t * H + h0 + r0 + 8] = L1 > 0.0f ? mf1 * kLn2 + logf(L1) : kNegInf;
+    }
+  } else if (!kSeesaw && wg == 0) {
     // ------------------------------------------------ WG0: Q K^T, softmax, P V left
     RegAlloc<kRegsWg0>();
     const float sl2 = p.softmax_scale * 1.4426950408889634f;
@@ -755,7 +958,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     }
       if constexpr (!kPersist) break;  // one item
     }  // items
-  } else if (wg == 1) {
+  } else if (!kSeesaw && wg == 1) {
     // ------------------------------------------------------- WG1: P V right
     RegDealloc<kRegsWg1>();
     const uint64_t dp = NoSwizzleDesc(ptx::SmemAddr(sm.p), 1024, 128);
@@ -825,7 +1028,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     // over iterations: at block b, block b+3's indices and block b+2's page
     // numbers load while block b's records do (and block b+2's records are
     // prefetched into L2 with kPrefetch).
-    RegDealloc<kRegsProducer>();
+    RegDealloc<kSeesaw ? kRegsSeesawProducer : kRegsProducer>();
     const int pt = tid - 256;
     const int sub = lane >> 3;
     const int slot0 = (pt >> 5) * 8 + (lane & 7);
