@@ -372,12 +372,13 @@ constexpr bool kPairAsync = false, kPairEarly = true, kPairPrefetch = true, kPai
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
           bool kPair = false, bool kEarly = false, bool kAsync = false, bool kPersist = false,
-          bool kLight = false, bool kSeesaw = false>
+          bool kLight = false, bool kSeesaw = false, bool kSplit = false, bool kAfter = false,
+          bool kOverlap = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
   auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16,
                                                     kPair, kEarly, kAsync, kPersist, kLight,
-                                                    kSeesaw>;
+                                                    kSeesaw, kSplit, kAfter, kOverlap>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
@@ -447,9 +448,9 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "sparse MLA: num_queries must be >= 0, at most 65535 per launch for kMmaSync, "
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
-  if (p.experiment < 0 || p.experiment > (pair ? 16 : 10) || (mma_sync && p.experiment != 0)) {
+  if (p.experiment < 0 || p.experiment > (pair ? 25 : 10) || (mma_sync && p.experiment != 0)) {
     return Invalid(error,
-                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, 1..16 with kWgmmaPair");
+                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, 1..25 with kWgmmaPair");
   }
   if (p.bf16_rows != nullptr &&
       (mma_sync || (p.experiment != 0 &&
@@ -532,6 +533,41 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
       case 16:
         return LaunchWgmma<kVariantNoProducer, false, false, false, false, true, false, false, false,
                            false, true>(p, stream);
+      // Split producer (two groups of producer warps, one per buffer, next
+      // loads issued after the publish) with CTA-scope buffer waits and
+      // releases (11's): 17, its producer alone (18, timing only).
+      case 17:
+        return LaunchWgmma<kVariantFull, false, false, false, false, true, false, false, false, true,
+                           false, true>(p, stream);
+      case 18:
+        return LaunchWgmma<kVariantNoConsumer, false, false, false, false, true, false, false, false,
+                           true, false, true>(p, stream);
+      // 11 with the next block's loads issued after the publish (19), its
+      // producer alone (20, timing only), 19 persistent (21).
+      case 19:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true,
+                           false, false, true>(p, stream);
+      case 20:
+        return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true, false, false,
+                           true, false, false, true>(p, stream);
+      case 21:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true,
+                           false, false, true>(p, stream);
+      // Overlapped WG0 (Q K^T and softmax of block b+1 during P V of b): over
+      // 19 (22), consumers alone (23, timing only), 22 persistent (24), over
+      // the split producer 17 (25).
+      case 22:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true,
+                           false, false, true, true>(p, stream);
+      case 23:
+        return LaunchWgmma<kVariantNoProducer, false, false, false, false, true, false, false, false,
+                           false, false, false, false, true>(p, stream);
+      case 24:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true,
+                           false, false, true, true>(p, stream);
+      case 25:
+        return LaunchWgmma<kVariantFull, false, false, false, false, true, false, false, false, true,
+                           false, true, false, true>(p, stream);
       default: return LaunchWgmma<kVariantFull, false, kP, false, false, true, kE, kA, kS>(p, stream);
     }
   }

@@ -50,6 +50,11 @@ inline constexpr int kThreads = 384;
 // outside the CTA's allocation. ptxas fits each role's code into its budget
 // (WG0 spills below ~200, WG1 below ~160, the producer below ~112).
 inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
+// Split producer (kSplit): two token slots' records per thread (88 registers).
+#ifndef PD_MLA_WG1_SPLIT
+#define PD_MLA_WG1_SPLIT 160
+#endif
+inline constexpr int kRegsWg1Split = PD_MLA_WG1_SPLIT, kRegsProducerSplit = 504 - kRegsWg0 - kRegsWg1Split;
 // Named barriers (0 is __syncthreads). P hand-over and the final exchange are
 // over WG0 + WG1; with Schedule::named, buffer b's "ready" barrier (producer
 // arrives, WG0 waits) and "free" barrier (WG0 and WG1 arrive, producer waits)
@@ -490,7 +495,7 @@ struct Schedule {
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair,
-          bool kEarly, bool kAsync, bool kPersist, bool kLight, bool kSeesaw>
+          bool kEarly, bool kAsync, bool kPersist, bool kLight, bool kSeesaw, bool kSplit, bool kAfter, bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
   static_assert(!kBf16 || ((kVariant == kVariantFull || (kPair && kVariant == kVariantNoConsumer)) &&
                             !kLate),
@@ -504,6 +509,12 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   static_assert(!kSeesaw || (kPair && !kBf16 && !kAsync && !kPersist &&
                              kVariant != kVariantNoConsumer),
                 "seesaw consumers: pair over FP8 records, st.shared hand-over, not persistent");
+  static_assert(!kAfter || (kPair && !kBf16 && !kAsync && !kSplit), "loads after the publish: pair gather");
+  static_assert(!kOverlap || (kPair && !kLate && !kNamed && !kSeesaw && kVariant != kVariantNoConsumer),
+                "overlapped WG0: pair, mbarrier schedule, with consumers");
+  static_assert(!kSplit || (kPair && !kBf16 && !kAsync && !kPersist && !kEarly &&
+                            kVariant != kVariantNoProducer),
+                "split producer: pair over FP8 records, st.shared hand-over, one item, no early start");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -551,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   if (tid == 0) {
     constexpr uint32_t kCtas = kPair ? 2 : 1;
     // kAsync: one arrival per local producer warp (the data counts as bytes).
-    constexpr uint32_t kReadyCount = kAsync ? 4 : 128 * kCtas;
+    constexpr uint32_t kReadyCount = kAsync ? 4 : (kSplit ? 64 : 128) * kCtas;  // kSplit: a group per block
     MbarInit(&sm.k_ready[0], kReadyCount);
     MbarInit(&sm.k_ready[1], kReadyCount);
     MbarInit(&sm.k_free[0], 256 * kCtas);
@@ -825,6 +836,138 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
     float m0 = -1e30f, m1 = -1e30f, l0 = 0.0f, l1 = 0.0f;  // base-2 running max / sum
+    if constexpr (kOverlap) {
+      // Overlapped WG0 (kOverlap): block b+1's Q K^T is issued before block
+      // b's P V, and block b+1's softmax runs while the tensor pipe does block
+      // b's P V (WG0's and WG1's); P(b+1) goes to WG1 once P V(b) is done (the
+      // rescale of O needs it). P(b) stays in registers (pr) until then.
+      auto s_gemm = [&](int gb, float (&s)[32]) {
+        consumer_wait(gb);
+        const uint64_t dk = NoSwizzleDesc(ptx::SmemAddr(sm.kv[gb & 1]), 1024, 128);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+        FenceRegs(s);
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kChunks / 2; ++kk) {
+          WgmmaM64N64K16SS(s, dq + uint64_t(kk * 128), dk + uint64_t(kk * 128), kk > 0);
+        }
+        ptx::WgmmaCommit();
+      };
+      // Softmax of block gb (S in s) -> P in pr; returns O's rescale factors.
+      auto softmax = [&](int gb, float (&s)[32], uint32_t (&pr)[16], float& f0, float& f1) {
+        const uint8_t* valid = sm.valid[gb & 1];
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * i + 2 * c4);
+          const bool va = (v2 & 0xffu) != 0, vb = (v2 >> 8) != 0;
+          s[4 * i] = va ? s[4 * i] * sl2 : kNegInf;
+          s[4 * i + 1] = vb ? s[4 * i + 1] * sl2 : kNegInf;
+          s[4 * i + 2] = va ? s[4 * i + 2] * sl2 : kNegInf;
+          s[4 * i + 3] = vb ? s[4 * i + 3] * sl2 : kNegInf;
+          mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+          mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
+#pragma unroll
+        for (int sh = 1; sh <= 2; sh <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sh));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sh));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        f0 = Exp2(m0 - mn0);
+        f1 = Exp2(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float pa = Exp2(s[4 * i] - mn0), pb = Exp2(s[4 * i + 1] - mn0);
+          const float pc = Exp2(s[4 * i + 2] - mn1), pd = Exp2(s[4 * i + 3] - mn1);
+          sum0 += pa + pb;
+          sum1 += pc + pd;
+          pr[2 * i] = PackBf16x2(pa, pb);
+          pr[2 * i + 1] = PackBf16x2(pc, pd);
+        }
+        l0 = l0 * f0 + sum0;
+        l1 = l1 * f1 + sum1;
+      };
+      auto rescale = [&](float f0, float f1) {
+        if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            o[4 * i] *= f0;
+            o[4 * i + 1] *= f0;
+            o[4 * i + 2] *= f1;
+            o[4 * i + 3] *= f1;
+          }
+        }
+      };
+      auto hand = [&](const uint32_t (&pr)[16], float f0, float f1, bool first) {
+        if (!first) NamedSync(kBarPFree, 256);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0) * 16 + 4 * c4) = pr[2 * i];
+          *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0 + 8) * 16 + 4 * c4) = pr[2 * i + 1];
+        }
+        if (c4 == 0) {
+          sm.o_scale[r0] = f0;
+          sm.o_scale[r0 + 8] = f1;
+        }
+        ptx::FenceProxyAsync();
+        NamedArrive(kBarPReady, 256);
+      };
+      uint32_t pr[16];
+      if (nb > 0) {
+        float s[32];
+        s_gemm(it * nb, s);
+        ptx::WgmmaWait<0>();
+        FenceRegs(s);
+        float f0, f1;
+        softmax(it * nb, s, pr, f0, f1);
+        hand(pr, f0, f1, it == 0);
+      }
+#pragma unroll 1
+      for (int b = 0; b < nb; ++b) {
+        const int gb = it * nb + b;
+        const bool more = b + 1 < nb;
+        float s[32];
+        if (more) s_gemm(gb + 1, s);
+        const uint64_t dv = NoSwizzleDesc(ptx::SmemAddr(sm.kv[gb & 1]), 128, 1024);
+        FenceRegs(o);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) FenceReg(pr[i]);
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kBlk / 16; ++kk) {
+          const uint32_t a[4] = {pr[4 * kk], pr[4 * kk + 1], pr[4 * kk + 2], pr[4 * kk + 3]};
+          WgmmaM64N256K16RS(o, a, dv + uint64_t(kk * 16));
+        }
+        ptx::WgmmaCommit();
+        if (more) {
+          ptx::WgmmaWait<1>();  // Q K^T of b+1 (committed first) done; P V(b) may run on
+          FenceRegs(s);
+          uint32_t pr2[16];
+          float f0, f1;
+          softmax(gb + 1, s, pr2, f0, f1);
+          ptx::WgmmaWait<0>();
+          FenceRegs(o);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) FenceReg(pr[i]);
+          consumer_release(gb);
+          rescale(f0, f1);
+          hand(pr2, f0, f1, false);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) pr[i] = pr2[i];
+        } else {
+          ptx::WgmmaWait<0>();
+          FenceRegs(o);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) FenceReg(pr[i]);
+          consumer_release(gb);
+        }
+      }
+    } else
     for (int b = 0; b < nb; ++b) {
       const int gb = it * nb + b;
       const int buf = gb & 1;
@@ -960,7 +1103,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     }  // items
   } else if (!kSeesaw && wg == 1) {
     // ------------------------------------------------------- WG1: P V right
-    RegDealloc<kRegsWg1>();
+    RegDealloc<kSplit ? kRegsWg1Split : kRegsWg1>();
     const uint64_t dp = NoSwizzleDesc(ptx::SmemAddr(sm.p), 1024, 128);
     int it = 0;
 #pragma unroll 1
@@ -1028,7 +1171,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     // over iterations: at block b, block b+3's indices and block b+2's page
     // numbers load while block b's records do (and block b+2's records are
     // prefetched into L2 with kPrefetch).
-    RegDealloc<kSeesaw ? kRegsSeesawProducer : kRegsProducer>();
+    RegDealloc<kSeesaw  ? kRegsSeesawProducer
+               : kSplit ? kRegsProducerSplit
+                        : kRegsProducer>();
     const int pt = tid - 256;
     const int sub = lane >> 3;
     const int slot0 = (pt >> 5) * 8 + (lane & 7);
@@ -1207,6 +1352,121 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       ClusterSync();  // no remote store or arrival into the peer after it exits
       return;
     }
+    if constexpr (kSplit) {
+      // Split producer (kSplit, pair over FP8 records): producer warps 0-1
+      // (group 0) fill buffer 0 with the even blocks, warps 2-3 (group 1)
+      // buffer 1 with the odd ones; each thread owns two token slots (16 of
+      // every 64 bytes: column `sub`). A group's loads for its next block are
+      // issued right after it publishes a block, so the fences of the publish
+      // (proxy fences, the release.cluster arrivals) never wait for loads in
+      // flight, and the loads have the consumers' whole time on the published
+      // block to land (the buffer is free again only once it is consumed). The
+      // index -> page chain runs further ahead the same way (index of block
+      // +4 steps, page of +3, L2 prefetch of the records of +2 with kPrefetch).
+      const int grp = pt >> 6, q = pt & 63;
+      const int slot_a = int(ClusterRank()) * 32 + (q >> 5) * 8 + (lane & 7);  // and slot_a + 16
+      const uint32_t peer = ClusterRank() ^ 1u;
+      const uint32_t kv_peer = MapaShared(ptx::SmemAddr(sm.kv[grp]), peer);
+      const uint32_t ready_peer = peer_ready[grp];
+      auto idx_at = [&](int b, int r) -> int32_t {
+        const int i = b * kBlk + slot_a + 16 * r;
+        const int32_t idx = b < nb && i < p.topk ? __ldg(idx_row + i) : -1;
+        return idx >= 0 && idx < ntok ? idx : -1;
+      };
+      PairRegs reg[2];
+      auto issue = [&](int r, int32_t idx, int32_t page) {
+        if (idx >= 0) {
+          const uint8_t* rec = record(idx, page);
+#pragma unroll
+          for (int gi = 0; gi < 8; ++gi) {
+            reg[r].raw[gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
+          }
+          reg[r].sc = __ldg(reinterpret_cast<const float4*>(rec + kR));
+          reg[r].pe[0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
+          reg[r].pe[1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
+        }
+      };
+      // Chain of this group's blocks B_k = grp + 2k: cur = B_k, n1 = B_{k+1}, ...
+      int32_t i_cur[2], i_n1[2], i_n2[2], i_n3[2], g_n1[2], g_n2[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        i_cur[r] = idx_at(grp, r);
+        i_n1[r] = idx_at(grp + 2, r);
+        i_n2[r] = idx_at(grp + 4, r);
+        i_n3[r] = idx_at(grp + 6, r);
+      }
+      int32_t g_cur[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        g_cur[r] = load_page(i_cur[r]);
+        g_n1[r] = load_page(i_n1[r]);
+        g_n2[r] = load_page(i_n2[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) issue(r, i_cur[r], g_cur[r]);
+      if constexpr (kPrefetch) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) prefetch_record(i_n1[r], g_n1[r]);
+      }
+      const uint32_t tile_local = ptx::SmemAddr(sm.kv[grp]);
+      for (int b = grp; b < nb; b += 2) {
+        producer_wait(b);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int slot = slot_a + 16 * r;
+          auto store2 = [&](int chunk, const uint4 v) {
+            const uint32_t off = uint32_t(chunk * 64 + slot) * 16u;
+            *reinterpret_cast<uint4*>(sm.kv[grp] + off) = v;
+            StClusterV4(kv_peer + off, v);
+          };
+          if (i_cur[r] >= 0) {
+#pragma unroll
+            for (int gi = 0; gi < 8; ++gi) {
+              const float4 sc = reg[r].sc;
+              const float sgi = gi < 2 ? sc.x : gi < 4 ? sc.y : gi < 6 ? sc.z : sc.w;
+              uint4 lo, hi;
+              Dequant16(reg[r].raw[gi], sgi, lo, hi);
+              store2(8 * gi + 2 * sub, lo);
+              store2(8 * gi + 2 * sub + 1, hi);
+            }
+            store2(kR / 8 + sub, reg[r].pe[0]);
+            store2(kR / 8 + sub + 4, reg[r].pe[1]);
+          } else {
+            const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int c = 0; c < 16; ++c) store2(8 * (c >> 1) + 2 * sub + (c & 1), z);
+            store2(kR / 8 + sub, z);
+            store2(kR / 8 + sub + 4, z);
+          }
+          if (sub == 0) {
+            sm.valid[grp][slot] = i_cur[r] >= 0 ? 1 : 0;
+            StClusterU8(MapaShared(ptx::SmemAddr(&sm.valid[grp][slot]), peer),
+                        i_cur[r] >= 0 ? 1u : 0u);
+          }
+        }
+        (void)tile_local;
+        ptx::FenceProxyAsync();
+        FenceProxyAsyncCluster();
+        MbarArrive(&sm.k_ready[grp]);
+        MbarArriveCluster(ready_peer);
+        // Only now the next loads: nothing in flight across the fences above.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          issue(r, i_n1[r], g_n1[r]);
+          if constexpr (kPrefetch) prefetch_record(i_n2[r], g_n2[r]);
+          const int32_t pg3 = load_page(i_n3[r]);
+          const int32_t ix4 = idx_at(b + 8, r);
+          i_cur[r] = i_n1[r];
+          i_n1[r] = i_n2[r];
+          i_n2[r] = i_n3[r];
+          i_n3[r] = ix4;
+          g_n1[r] = g_n2[r];
+          g_n2[r] = pg3;
+        }
+      }
+      ClusterSync();  // no remote store or arrival into the peer after it exits
+      return;
+    }
     if constexpr (kPairGather) {
       // Thread pt gathers slot `slot` of every block (PairGather). The chain
       // index (block b+2) -> page (b+1) -> record (b+1) runs ahead: block b+1's
@@ -1249,11 +1509,16 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       auto step = [&](int b, PairRegs& cur, PairRegs& nxt) {
         const int gb = it * nb + b;
         const int buf = gb & 1;
-        g.Issue(nxt, g_idx_n1, g_pg_n1);
+        // kAfter: block b+1's loads (and the chain's) only after block b is
+        // published: the publish's fences then wait for no load in flight.
+        if constexpr (!kAfter) g.Issue(nxt, g_idx_n1, g_pg_n1);
         // Without kPrefetch: pg_next = page of b+2, idx_next = index of b+3;
         // with it: page of b+3, index of b+4.
-        const int32_t pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
-        const int32_t idx_next = g.Index(b + (kPrefetch ? 4 : 3));
+        int32_t pg_next = 0, idx_next = -1;
+        if constexpr (!kAfter) {
+          pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
+          idx_next = g.Index(b + (kPrefetch ? 4 : 3));
+        }
         const int32_t pidx_next = kAsync && g.sub == 1 ? g.IndexPeer(b + 1) : -1;
         producer_wait(gb);
         if (g_idx_cur >= 0) {
@@ -1288,6 +1553,11 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           FenceProxyAsyncCluster();
         }
         producer_publish(gb);
+        if constexpr (kAfter) {
+          g.Issue(nxt, g_idx_n1, g_pg_n1);
+          pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
+          idx_next = g.Index(b + (kPrefetch ? 4 : 3));
+        }
         g_idx_cur = g_idx_n1;
         g_idx_n1 = g_idx_n2;
         if constexpr (kPrefetch) {
