@@ -363,11 +363,14 @@ bool LayoutOk(const KvLayout& l) {
 // schedules are benchmark variants until measured faster.
 constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false,
                                                      /*named=*/false};
-// The pair kernel's default (experiment 0 and the timing-only 2): early gather
-// start + L2 prefetch ahead of the loads, the round-1 hand-over (= experiment
-// 5; bf16 rows: prefetch, = experiment 4): the fastest measured on the H200
-// (docs/perf.md; the st.async hand-over, 6 / 7, and the persistent kernel, 9,
-// measured slower).
+// The pair kernel's bf16-rows default and the timing-only experiment 2: early
+// gather start + L2 prefetch ahead of the loads, the round-1 hand-over (=
+// experiment 5's producer; bf16 rows: prefetch, = experiment 4). The FP8
+// default (experiment 0, kAuto's choice) is experiment 13 since round 3 (5 with
+// CTA-scope buffer waits and releases, persistent; measured fastest on the
+// H200 for decode and prefill in two runs, docs/perf.md; the st.async
+// hand-over 6 / 7 / 9, the seesaw 14-16, the split producer 17, the loads
+// after the publish 19-21 and the overlapped WG0 22-25 measured slower).
 constexpr bool kPairAsync = false, kPairEarly = true, kPairPrefetch = true, kPairPersist = false;
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
@@ -399,13 +402,15 @@ cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
     if constexpr (kPersist) {
       // As many clusters as fit at once (one CTA per SM), each looping over
       // the pairs c, c + G, ... (at most one cluster per pair).
-      static int max_clusters = -1;
-      if (max_clusters < 0) {
-        config.gridDim = dim3(2);
-        const cudaError_t occ = cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config);
-        if (occ != cudaSuccess) return occ;
-        if (max_clusters < 1) return cudaErrorInvalidConfiguration;
-      }
+      // Once per instantiation (thread-safe static initialisation; the
+      // kernel's attribute above is set first).
+      static const int max_clusters = [&] {
+        cudaLaunchConfig_t probe = config;
+        probe.gridDim = dim3(2);
+        int n = 0;
+        return cudaOccupancyMaxActiveClusters(&n, kernel, &probe) == cudaSuccess ? n : -1;
+      }();
+      if (max_clusters < 1) return cudaErrorInvalidConfiguration;
       ctas = 2 * std::min<int64_t>(ctas / 2, max_clusters);
     }
     config.gridDim = dim3(unsigned(ctas));
@@ -511,8 +516,8 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
         return LaunchWgmma<kVariantFull, false, true, false, false, true, true, true, true>(p, stream);
       case 10:
         return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true, true>(p, stream);
-      // Not yet measured: 5 with CTA-scope buffer waits (11), its producer alone
-      // (12), 11 persistent (13).
+      // 5 with CTA-scope buffer waits (11), its producer alone (12), 11
+      // persistent (13, the default since round 3).
       case 11:
         return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true>(
             p, stream);
@@ -522,8 +527,8 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
       case 13:
         return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true>(
             p, stream);
-      // Seesaw consumers (not yet measured): over 5's producer (14), over 11's
-      // (15), consumers alone (16, timing only).
+      // Seesaw consumers (measured slower: two buffers are held at once): over
+      // 5's producer (14), over 11's (15), consumers alone (16, timing only).
       case 14:
         return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, false,
                            true>(p, stream);
@@ -568,7 +573,10 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
       case 25:
         return LaunchWgmma<kVariantFull, false, false, false, false, true, false, false, false, true,
                            false, true, false, true>(p, stream);
-      default: return LaunchWgmma<kVariantFull, false, kP, false, false, true, kE, kA, kS>(p, stream);
+      // The default: exactly experiment 13's instantiation.
+      default:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true>(
+            p, stream);
     }
   }
   if (!mma_sync) {
