@@ -45,9 +45,9 @@ done
 # waits (11-13, not yet measured). Each group includes kWgmma (the agreement
 # reference).
 SB="stdbuf -oL"; command -v stdbuf > /dev/null || SB=
-GA=wgmma,auto,wgmma-pair-early-pf,pair-no-producer,pair-no-consumer,wgmma-bf16-rows,pair-bf16-rows
-GB=wgmma,wgmma-pair-async,wgmma-pair-async-e-pf,pair-async-no-consumer,wgmma-pair-persist,pair-bf16-rows-persist
-GC=wgmma,wgmma-pair-light,pair-light-no-consumer,wgmma-pair-light-persist
+GA=${GA:-wgmma,auto,wgmma-pair-light,wgmma-pair-after,wgmma-pair-split,wgmma-pair-overlap,wgmma-pair-split-overlap}
+GB=${GB:-wgmma,wgmma-pair-light-persist,wgmma-pair-after-persist,wgmma-pair-overlap-persist}
+GC=${GC:-wgmma,pair-no-producer,pair-overlap-no-producer,pair-no-consumer,pair-light-no-consumer,pair-after-no-consumer,pair-split-no-consumer}
 for g in A B C; do
   eval V=\$G$g
   left "bench $g" || continue
@@ -68,14 +68,14 @@ fi
 for k in 512 128; do
   left "topk $k" || continue
   timeout -k 3 15 $SB "$B_MLA" --json "$OUT/mla_bench_topk$k.json" --cases decode --topk $k \
-    --variants auto,wgmma-pair-persist,wgmma-pair-light,wgmma-pair-light-persist,pair-no-producer,pair-no-consumer
+    --variants ${TOPK_V:-auto,wgmma-pair-after,wgmma-pair-overlap,wgmma-pair-split-overlap,wgmma-pair-light-persist}
   echo "topk $k rc=$? at ${SECONDS}s"
 done
 
 # 5. Nsight Compute on the default kernel's decode (kAuto), and its producer alone.
 if [ "${NCU:-0}" = 1 ] && [ "${rcA:-1}" = 0 ] && command -v ncu > /dev/null; then
   mkdir -p /tmp/ncu
-  for v in auto pair-no-consumer; do
+  for v in ${NCU_V:-wgmma-pair-overlap pair-after-no-consumer}; do
     left "ncu $v" || continue
     timeout -k 3 ${NCU_S:-45} ncu --clock-control none --launch-skip 2 --launch-count 1 \
       -k regex:SparseMlaWgmma --section SpeedOfLight --section WarpStateStats \

@@ -363,20 +363,25 @@ bool LayoutOk(const KvLayout& l) {
 // schedules are benchmark variants until measured faster.
 constexpr mla_internal::Schedule kDefaultSchedule = {/*late=*/false, /*prefetch=*/false,
                                                      /*named=*/false};
-// The pair kernel's default (experiment 0 and the timing-only 2): early gather
-// start + L2 prefetch ahead of the loads, the round-1 hand-over (= experiment
-// 5; bf16 rows: prefetch, = experiment 4): the fastest measured on the H200
-// (docs/perf.md; the st.async hand-over, 6 / 7, and the persistent kernel, 9,
-// measured slower).
+// The pair kernel's bf16-rows default and the timing-only experiment 2: early
+// gather start + L2 prefetch ahead of the loads, the round-1 hand-over (=
+// experiment 5's producer; bf16 rows: prefetch, = experiment 4). The FP8
+// default (experiment 0, kAuto's choice) is experiment 13 since round 3 (5 with
+// CTA-scope buffer waits and releases, persistent; measured fastest on the
+// H200 for decode and prefill in two runs, docs/perf.md; the st.async
+// hand-over 6 / 7 / 9, the seesaw 14-16, the split producer 17, the loads
+// after the publish 19-21 and the overlapped WG0 22-25 measured slower).
 constexpr bool kPairAsync = false, kPairEarly = true, kPairPrefetch = true, kPairPersist = false;
 
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16 = false,
           bool kPair = false, bool kEarly = false, bool kAsync = false, bool kPersist = false,
-          bool kLight = false>
+          bool kLight = false, bool kSeesaw = false, bool kSplit = false, bool kAfter = false,
+          bool kOverlap = false>
 cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
   using mla_internal::Smem;
   auto* kernel = mla_internal::SparseMlaWgmmaKernel<kVariant, kLate, kPrefetch, kNamed, kBf16,
-                                                    kPair, kEarly, kAsync, kPersist, kLight>;
+                                                    kPair, kEarly, kAsync, kPersist, kLight,
+                                                    kSeesaw, kSplit, kAfter, kOverlap>;
   static const cudaError_t attr = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
   if (attr != cudaSuccess) return attr;
@@ -397,13 +402,15 @@ cudaError_t LaunchWgmma(const SparseMlaParams& p, cudaStream_t stream) {
     if constexpr (kPersist) {
       // As many clusters as fit at once (one CTA per SM), each looping over
       // the pairs c, c + G, ... (at most one cluster per pair).
-      static int max_clusters = -1;
-      if (max_clusters < 0) {
-        config.gridDim = dim3(2);
-        const cudaError_t occ = cudaOccupancyMaxActiveClusters(&max_clusters, kernel, &config);
-        if (occ != cudaSuccess) return occ;
-        if (max_clusters < 1) return cudaErrorInvalidConfiguration;
-      }
+      // Once per instantiation (thread-safe static initialisation; the
+      // kernel's attribute above is set first).
+      static const int max_clusters = [&] {
+        cudaLaunchConfig_t probe = config;
+        probe.gridDim = dim3(2);
+        int n = 0;
+        return cudaOccupancyMaxActiveClusters(&n, kernel, &probe) == cudaSuccess ? n : -1;
+      }();
+      if (max_clusters < 1) return cudaErrorInvalidConfiguration;
       ctas = 2 * std::min<int64_t>(ctas / 2, max_clusters);
     }
     config.gridDim = dim3(unsigned(ctas));
@@ -446,9 +453,9 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
                    "sparse MLA: num_queries must be >= 0, at most 65535 per launch for kMmaSync, "
                    "and num_queries * heads / 64 must fit a grid (2^31 - 1)");
   }
-  if (p.experiment < 0 || p.experiment > (pair ? 13 : 10) || (mma_sync && p.experiment != 0)) {
+  if (p.experiment < 0 || p.experiment > (pair ? 25 : 10) || (mma_sync && p.experiment != 0)) {
     return Invalid(error,
-                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, 1..13 with kWgmmaPair");
+                   "sparse MLA: experiment must be 0, 1..10 with kWgmma, 1..25 with kWgmmaPair");
   }
   if (p.bf16_rows != nullptr &&
       (mma_sync || (p.experiment != 0 &&
@@ -509,8 +516,8 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
         return LaunchWgmma<kVariantFull, false, true, false, false, true, true, true, true>(p, stream);
       case 10:
         return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true, true>(p, stream);
-      // Not yet measured: 5 with CTA-scope buffer waits (11), its producer alone
-      // (12), 11 persistent (13).
+      // 5 with CTA-scope buffer waits (11), its producer alone (12), 11
+      // persistent (13, the default since round 3).
       case 11:
         return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true>(
             p, stream);
@@ -520,7 +527,56 @@ cudaError_t LaunchSparseMla(const SparseMlaParams& p, cudaStream_t stream, const
       case 13:
         return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true>(
             p, stream);
-      default: return LaunchWgmma<kVariantFull, false, kP, false, false, true, kE, kA, kS>(p, stream);
+      // Seesaw consumers (measured slower: two buffers are held at once): over
+      // 5's producer (14), over 11's (15), consumers alone (16, timing only).
+      case 14:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, false,
+                           true>(p, stream);
+      case 15:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true,
+                           true>(p, stream);
+      case 16:
+        return LaunchWgmma<kVariantNoProducer, false, false, false, false, true, false, false, false,
+                           false, true>(p, stream);
+      // Split producer (two groups of producer warps, one per buffer, next
+      // loads issued after the publish) with CTA-scope buffer waits and
+      // releases (11's): 17, its producer alone (18, timing only).
+      case 17:
+        return LaunchWgmma<kVariantFull, false, false, false, false, true, false, false, false, true,
+                           false, true>(p, stream);
+      case 18:
+        return LaunchWgmma<kVariantNoConsumer, false, false, false, false, true, false, false, false,
+                           true, false, true>(p, stream);
+      // 11 with the next block's loads issued after the publish (19), its
+      // producer alone (20, timing only), 19 persistent (21).
+      case 19:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true,
+                           false, false, true>(p, stream);
+      case 20:
+        return LaunchWgmma<kVariantNoConsumer, false, true, false, false, true, true, false, false,
+                           true, false, false, true>(p, stream);
+      case 21:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true,
+                           false, false, true>(p, stream);
+      // Overlapped WG0 (Q K^T and softmax of block b+1 during P V of b): over
+      // 19 (22), consumers alone (23, timing only), 22 persistent (24), over
+      // the split producer 17 (25).
+      case 22:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, false, true,
+                           false, false, true, true>(p, stream);
+      case 23:
+        return LaunchWgmma<kVariantNoProducer, false, false, false, false, true, false, false, false,
+                           false, false, false, false, true>(p, stream);
+      case 24:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true,
+                           false, false, true, true>(p, stream);
+      case 25:
+        return LaunchWgmma<kVariantFull, false, false, false, false, true, false, false, false, true,
+                           false, true, false, true>(p, stream);
+      // The default: exactly experiment 13's instantiation.
+      default:
+        return LaunchWgmma<kVariantFull, false, true, false, false, true, true, false, true, true>(
+            p, stream);
     }
   }
   if (!mma_sync) {

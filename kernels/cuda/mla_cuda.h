@@ -27,7 +27,9 @@ struct MlaCacheBatch {
 // Kernel choice for LaunchSparseMla.
 enum class SparseMlaImpl : int {
   // kWgmmaPair where heads is a multiple of 128 and experiment is 0 (over the
-  // FP8 records even if bf16_rows is set: faster, same result), else kWgmma.
+  // FP8 records even if bf16_rows is set: faster, same result; its default is
+  // the persistent pair kernel with CTA-scope buffer waits, experiment 13),
+  // else kWgmma.
   kAuto = 0,
   kWgmma = 1,    // Hopper: warp-specialised gather/dequantise + wgmma, 64 heads per CTA
   kMmaSync = 2,  // the first version: mma.sync m16n8k16, 64 heads per CTA, no pipelining
@@ -69,24 +71,34 @@ struct SparseMlaParams {
   // Measured no faster than the FP8 records (docs/perf.md). 16-byte aligned.
   const uint16_t* bf16_rows = nullptr;      // [rows, kv_lora_rank + rope_dim] bf16
   const int64_t* bf16_row_start = nullptr;  // [num_seqs]; nullptr = every sequence at row 0
-  // Benchmark-only (kWgmma: 0-10; kWgmmaPair: 0-13; kAuto with a non-zero
+  // Benchmark-only (kWgmma: 0-10; kWgmmaPair: 0-25; kAuto with a non-zero
   // experiment means kWgmma); 0 = the default schedule. Timing only (results
   // meaningless): 1 / 9 = the producer only signals (no gather or
   // dequantisation: the consumers' time), 2 / 10 = the consumers only release
   // buffers (the producer's time), with the default / the named + prefetch
-  // schedule (kWgmmaPair: 1 / 2 of the pair kernel). Explicit kWgmma schedules
-  // (valid results; mla_wgmma.cuh, Schedule): 3 plain (mbarriers; the
-  // default), 4 late P hand-over, 5 L2 prefetch, 6 named barriers, 7 named +
-  // prefetch, 8 named + prefetch + late. kWgmmaPair (valid results): 3 the
-  // producer issues block 0's gather before the Q staging ("early"), 4 L2
-  // prefetch of the records (bf16 rows: the rows) ahead of their loads, 5 = 3 +
-  // 4, all three with the round-1 hand-over (st.shared::cluster, proxy fences,
-  // cluster-scope release / acquire; 5 is the default); 6 the st.async
-  // hand-over alone, 7 st.async + early + prefetch, 8 timing only: 5's producer
-  // alone, 9 = 7 persistent (as many clusters as fit, each looping over token
-  // pairs), 10 timing only: 7's producer alone, 11 = 5 with CTA-scope buffer
-  // waits and releases (not yet measured), 12 timing only: 11's producer
-  // alone, 13 = 11 persistent. With bf16_rows: 0, and with
+  // schedule (kWgmmaPair: 1 / 2 of the round-2 pair kernel, experiment 5's).
+  // Explicit kWgmma schedules (valid results; mla_wgmma.cuh, Schedule): 3
+  // plain (mbarriers; the default), 4 late P hand-over, 5 L2 prefetch, 6 named
+  // barriers, 7 named + prefetch, 8 named + prefetch + late. kWgmmaPair (valid
+  // results unless marked timing only): 3 the producer issues block 0's gather
+  // before the Q staging ("early"), 4 L2 prefetch of the records (bf16 rows:
+  // the rows) ahead of their loads, 5 = 3 + 4, all three with the round-1
+  // hand-over (st.shared::cluster, proxy fences, cluster-scope release /
+  // acquire); 6 the st.async hand-over alone, 7 st.async + early + prefetch, 8
+  // timing only: 5's producer alone, 9 = 7 persistent (as many clusters as
+  // fit, each looping over token pairs), 10 timing only: 7's producer alone,
+  // 11 = 5 with CTA-scope buffer waits and releases, 12 timing only: 11's
+  // producer alone, 13 = 11 persistent (the FP8 default, experiment 0, since
+  // round 3), 14 = 5 with the seesaw consumers (each consumer warpgroup owns
+  // half of O and computes S and the softmax of every other block), 15 = 11
+  // with the seesaw consumers, 16 timing only: the seesaw consumers alone, 17
+  // = 11 with the split producer (one group of producer warps per buffer, next
+  // loads after the publish), 18 timing only: its producer alone, 19 = 11 with
+  // the next block's loads issued after the publish, 20 timing only: its
+  // producer alone, 21 = 19 persistent, 22 = 19 with the overlapped WG0 (Q K^T
+  // and softmax of block b+1 during the P V of block b), 23 timing only: those
+  // consumers alone, 24 = 22 persistent, 25 = 17 with the overlapped WG0
+  // (14-25 measured slower than 13: docs/perf.md). With bf16_rows: 0, and with
   // kWgmmaPair also 2, 4 (= 0: the round-1 hand-over with the prefetch), 7
   // (st.async + prefetch) and 9 (7 persistent).
   int experiment = 0;

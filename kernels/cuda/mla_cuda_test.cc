@@ -361,10 +361,14 @@ TEST(CudaMla, WgmmaHeadsAndEdges) {
 // the early gather start (experiment 3), the L2 prefetch ahead of the loads
 // (4), both (5), the st.async hand-over (6), with early + prefetch (7), persistent
 // (9), CTA-scope buffer waits (11) and persistent (13) (many items per
-// cluster in the last cases); kAuto (which picks it at 128 heads).
+// cluster in the last cases), the seesaw consumers over 5 (14) and 11 (15)
+// (top-k 1 / 33 / 65: one or two blocks, 129: an odd count), the split
+// producer (17: one producer group per buffer; top-k 1 leaves group 1 idle),
+// the next loads after the publish (19, persistent 21), the overlapped WG0
+// over 19 (22, persistent 24) and over 17 (25); kAuto (which picks it at 128 heads).
 TEST(CudaMla, WgmmaPairHeadsAndEdges) {
   SKIP_WITHOUT_GPU();
-  for (int e : {0, 3, 4, 5, 6, 7, 9, 11, 13}) {
+  for (int e : {0, 3, 4, 5, 6, 7, 9, 11, 13, 14, 15, 17, 19, 21, 22, 24, 25}) {
     AttnCase ac;
     ac.impl = SparseMlaImpl::kWgmmaPair;
     ac.experiment = e;
@@ -633,6 +637,15 @@ TEST(CudaMla, SingleTokenReproducesDequantisedCache) {
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 9);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 11);
   SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 13);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 14);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 15);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 17);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 17);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 19);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 21);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 22);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 256, 24);
+  SingleToken(false, SparseMlaImpl::kWgmmaPair, 128, 25);
   SingleToken(true, SparseMlaImpl::kWgmmaPair, 128, 7);
   SingleToken(true, SparseMlaImpl::kWgmmaPair, 256, 9);
   SingleToken(false, SparseMlaImpl::kAuto, 128);
@@ -666,7 +679,7 @@ TEST(CudaMla, RejectsBadParameters) {
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("multiple of 128") != std::string::npos) << why;
   p.heads = 128;
-  p.experiment = 14;
+  p.experiment = 26;
   EXPECT_EQ(LaunchSparseMla(p, 0, &why), cudaErrorInvalidValue);
   EXPECT_TRUE(std::string(why).find("experiment") != std::string::npos) << why;
   // bf16 rows: only experiments 0, 2, 4, 7 and 9 of the pair kernel, 0 of kWgmma.

@@ -50,6 +50,11 @@ inline constexpr int kThreads = 384;
 // outside the CTA's allocation. ptxas fits each role's code into its budget
 // (WG0 spills below ~200, WG1 below ~160, the producer below ~112).
 inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
+// Split producer (kSplit): two token slots' records per thread (88 registers).
+#ifndef PD_MLA_WG1_SPLIT
+#define PD_MLA_WG1_SPLIT 160
+#endif
+inline constexpr int kRegsWg1Split = PD_MLA_WG1_SPLIT, kRegsProducerSplit = 504 - kRegsWg0 - kRegsWg1Split;
 // Named barriers (0 is __syncthreads). P hand-over and the final exchange are
 // over WG0 + WG1; with Schedule::named, buffer b's "ready" barrier (producer
 // arrives, WG0 waits) and "free" barrier (WG0 and WG1 arrive, producer waits)
@@ -57,6 +62,15 @@ inline constexpr int kRegsWg0 = 208, kRegsWg1 = 160, kRegsProducer = 136;
 inline constexpr int kBarPReady = 1, kBarPFree = 2, kBarFinal = 3;
 inline constexpr int kBarReady0 = 4, kBarFree0 = 6;  // + buffer
 inline constexpr int kBarQ = 8;  // persistent: WG0 + WG1 staged the next item's Q
+// Seesaw consumers (kSeesaw): WG0 -> WG1 "M_e published" / "P_e published",
+// WG1 -> WG0 "M_o published" / "P_o published" (one arrival side, one sync side each).
+inline constexpr int kBarME = 9, kBarPE = 10, kBarMO = 11, kBarPO = 12;
+// Seesaw register budgets: both consumer warpgroups hold O (128) + S (32) + P;
+// 2 x 192 + 120 = 504 = 3 x 168 (the launch's allocation).
+#ifndef PD_MLA_SEESAW_REGS
+#define PD_MLA_SEESAW_REGS 192
+#endif
+inline constexpr int kRegsSeesaw = PD_MLA_SEESAW_REGS, kRegsSeesawProducer = 504 - 2 * kRegsSeesaw;
 
 // Benchmark-only variants (SparseMlaParams::experiment); results are garbage.
 inline constexpr int kVariantFull = 0;
@@ -70,6 +84,7 @@ struct Smem {
   float o_scale[kRows];            // WG0 -> WG1: exp2(m_old - m_new) of the current block
   float row_l[2][kRows];           // final softmax sums (WG0 -> WG1), by item parity
   float row_m[kRows];
+  float m_e[kRows], m_o[kRows];    // seesaw: running max after WG0's (even) / WG1's (odd) block
   uint8_t valid[2][kBlk];          // slot j of buffer b holds a valid token
   uint64_t k_ready[2];             // producer -> consumers (128 arrivals)
   uint64_t k_free[2];              // consumers -> producer (256 arrivals)
@@ -480,7 +495,7 @@ struct Schedule {
 // head block x % (heads / 64); kThreads threads; sizeof(Smem) dynamic shared
 // memory. Launch contract checked by LaunchSparseMla.
 template <int kVariant, bool kLate, bool kPrefetch, bool kNamed, bool kBf16, bool kPair,
-          bool kEarly, bool kAsync, bool kPersist, bool kLight>
+          bool kEarly, bool kAsync, bool kPersist, bool kLight, bool kSeesaw, bool kSplit, bool kAfter, bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const SparseMlaParams p) {
   static_assert(!kBf16 || ((kVariant == kVariantFull || (kPair && kVariant == kVariantNoConsumer)) &&
                             !kLate),
@@ -491,6 +506,15 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
                 "st.async hand-over: pair, with a producer");
   static_assert(!kPersist || kPair, "persistent: pair only");
   static_assert(!kLight || (kPair && !kAsync), "CTA-scope buffer waits: pair, st.shared hand-over");
+  static_assert(!kSeesaw || (kPair && !kBf16 && !kAsync && !kPersist &&
+                             kVariant != kVariantNoConsumer),
+                "seesaw consumers: pair over FP8 records, st.shared hand-over, not persistent");
+  static_assert(!kAfter || (kPair && !kBf16 && !kAsync && !kSplit), "loads after the publish: pair gather");
+  static_assert(!kOverlap || (kPair && !kLate && !kNamed && !kSeesaw && kVariant != kVariantNoConsumer),
+                "overlapped WG0: pair, mbarrier schedule, with consumers");
+  static_assert(!kSplit || (kPair && !kBf16 && !kAsync && !kPersist && !kEarly &&
+                            kVariant != kVariantNoProducer),
+                "split producer: pair over FP8 records, st.shared hand-over, one item, no early start");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x;
@@ -538,7 +562,7 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
   if (tid == 0) {
     constexpr uint32_t kCtas = kPair ? 2 : 1;
     // kAsync: one arrival per local producer warp (the data counts as bytes).
-    constexpr uint32_t kReadyCount = kAsync ? 4 : 128 * kCtas;
+    constexpr uint32_t kReadyCount = kAsync ? 4 : (kSplit ? 64 : 128) * kCtas;  // kSplit: a group per block
     MbarInit(&sm.k_ready[0], kReadyCount);
     MbarInit(&sm.k_ready[1], kReadyCount);
     MbarInit(&sm.k_free[0], 256 * kCtas);
@@ -599,7 +623,197 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     }
   };
 
-  if (wg == 0) {
+  if (kSeesaw && wg < 2) {
+    // ------------------------------------ seesaw consumers (kSeesaw, pair only)
+    // WG w owns O[:, 256 w : 256 w + 256] and computes S = Q K^T and the
+    // softmax of the blocks b with b % 2 == w; both multiply every block's P
+    // into their half of V, so the tensor pipe runs one WG's GEMMs while the
+    // other is in its softmax. The running max travels WG0 (block 2j) -> WG1
+    // (2j+1) -> WG0 (2j+2) through m_e / m_o (per row). P of block b goes into
+    // the k_pe chunks of b's own buffer (64..71, 8 KB: read only by b's Q K^T,
+    // which is done by then) in the wgmma A layout, and both WGs read it from
+    // there (P V with both operands in shared memory). Iteration j: WG0 has
+    // its block 2j and the other's 2j-1, WG1 its 2j+1 and the other's 2j; the
+    // other's block goes first (older max). Each WG releases a buffer once its
+    // P V of it completed. Named barriers: WG0 -> WG1 kBarME (m_e), kBarPE
+    // (P of 2j); WG1 -> WG0 kBarMO, kBarPO. Each WG syncs the other's M and P
+    // barriers before it arrives on its own, so no barrier gets a second
+    // arrival before its sync.
+    RegAlloc<kRegsSeesaw>();
+    const bool w0 = wg == 0;
+    const float sl2 = p.softmax_scale * 1.4426950408889634f;
+    const uint64_t dq = NoSwizzleDesc(ptx::SmemAddr(sm.q), 1024, 128);
+    const uint32_t v_off = w0 ? 0u : 32u * 64u * 16u;  // V[:, 256 w ..]
+    constexpr uint32_t kPOff = uint32_t(kR / 8) * 64u * 16u;  // the k_pe chunks: P
+    const int bar_m_out = w0 ? kBarME : kBarMO, bar_m_in = w0 ? kBarMO : kBarME;
+    const int bar_p_out = w0 ? kBarPE : kBarPO, bar_p_in = w0 ? kBarPO : kBarPE;
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+    float om0 = -1e30f, om1 = -1e30f;  // the max O is scaled to (its last P's)
+    float lm0 = -1e30f, lm1 = -1e30f, l0 = 0.0f, l1 = 0.0f;  // own blocks' sum, relative to lm
+    const int njp = (nb + 1) / 2;
+    // O (+)= P_b V_b[:, 256 w ..] after scaling O from om to max m.
+    auto pv = [&](int b, float m0, float m1, bool waited) {
+      const float f0 = Exp2(om0 - m0), f1 = Exp2(om1 - m1);
+      om0 = m0;
+      om1 = m1;
+      if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {  // this warp's rows' max moved
+        if (!waited) {
+          ptx::WgmmaWait<0>();
+          FenceRegs(o);
+        }
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          o[4 * i] *= f0;
+          o[4 * i + 1] *= f0;
+          o[4 * i + 2] *= f1;
+          o[4 * i + 3] *= f1;
+        }
+      }
+      const uint32_t kv = ptx::SmemAddr(sm.kv[b & 1]);
+      const uint64_t dp = NoSwizzleDesc(kv + kPOff, 1024, 128);
+      const uint64_t dv = NoSwizzleDesc(kv + v_off, 128, 1024);
+      FenceRegs(o);
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < kBlk / 16; ++kk) {
+        WgmmaM64N256K16SS(o, dp + uint64_t(kk * 128), dv + uint64_t(kk * 16));
+      }
+      ptx::WgmmaCommit();
+    };
+#pragma unroll 1
+    for (int j = 0; j <= njp; ++j) {
+      const int blk = 2 * j + wg;               // own block
+      const int oblk = w0 ? 2 * j - 1 : 2 * j;  // the other WG's block
+      const bool has_s = blk < nb;
+      const bool has_o = oblk >= 0 && oblk < nb;
+      if (!has_s && !has_o) break;
+      float mn0 = -1e30f, mn1 = -1e30f;  // the running max after the own block
+      float mo0 = -1e30f, mo1 = -1e30f;  // ... after the other's
+      if (has_s) {
+        consumer_wait(blk);
+        const uint32_t kv = ptx::SmemAddr(sm.kv[blk & 1]);
+        const uint64_t dk = NoSwizzleDesc(kv, 1024, 128);
+        float s[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+        FenceRegs(s);
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kChunks / 2; ++kk) {
+          WgmmaM64N64K16SS(s, dq + uint64_t(kk * 128), dk + uint64_t(kk * 128), kk > 0);
+        }
+        ptx::WgmmaCommit();
+        ptx::WgmmaWait<0>();
+        FenceRegs(s);
+        const uint8_t* valid = sm.valid[blk & 1];
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * i + 2 * c4);
+          const bool va = (v2 & 0xffu) != 0, vb = (v2 >> 8) != 0;
+          s[4 * i] = va ? s[4 * i] * sl2 : kNegInf;
+          s[4 * i + 1] = vb ? s[4 * i + 1] * sl2 : kNegInf;
+          s[4 * i + 2] = va ? s[4 * i + 2] * sl2 : kNegInf;
+          s[4 * i + 3] = vb ? s[4 * i + 3] * sl2 : kNegInf;
+          mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+          mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
+#pragma unroll
+        for (int sh = 1; sh <= 2; sh <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sh));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sh));
+        }
+        // The running max before the own block: the other's last (WG0 at j = 0: none).
+        if (blk > 0) {
+          NamedSync(bar_m_in, 256);
+          mo0 = (w0 ? sm.m_o : sm.m_e)[r0];
+          mo1 = (w0 ? sm.m_o : sm.m_e)[r0 + 8];
+        }
+        if (has_o) NamedSync(bar_p_in, 256);  // before the own arrivals (see above)
+        mn0 = fmaxf(mo0, mx0);
+        mn1 = fmaxf(mo1, mx1);
+        if (c4 == 0) {
+          (w0 ? sm.m_e : sm.m_o)[r0] = mn0;
+          (w0 ? sm.m_e : sm.m_o)[r0 + 8] = mn1;
+        }
+        // The other syncs this max only if it has the next block (WG0's M_e:
+        // WG1 with block 2j+1; WG1's M_o: WG0 with block 2j+2).
+        if (blk + 1 < nb) NamedArrive(bar_m_out, 256);
+        const float f0 = Exp2(lm0 - mn0), f1 = Exp2(lm1 - mn1);
+        lm0 = mn0;
+        lm1 = mn1;
+        float sum0 = 0.0f, sum1 = 0.0f;
+        uint8_t* pt = sm.kv[blk & 1] + kPOff;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float pa = Exp2(s[4 * i] - mn0), pb = Exp2(s[4 * i + 1] - mn0);
+          const float pc = Exp2(s[4 * i + 2] - mn1), pd = Exp2(s[4 * i + 3] - mn1);
+          sum0 += pa + pb;
+          sum1 += pc + pd;
+          *reinterpret_cast<uint32_t*>(pt + (i * 64 + r0) * 16 + 4 * c4) = PackBf16x2(pa, pb);
+          *reinterpret_cast<uint32_t*>(pt + (i * 64 + r0 + 8) * 16 + 4 * c4) = PackBf16x2(pc, pd);
+        }
+        l0 = l0 * f0 + sum0;
+        l1 = l1 * f1 + sum1;
+        ptx::FenceProxyAsync();  // P is read by wgmma (both WGs)
+        NamedArrive(bar_p_out, 256);
+      } else {
+        // No own block (the last pair: WG0 with nb even, WG1 with nb odd):
+        // only the other's; its max comes with its P.
+        NamedSync(bar_p_in, 256);
+      }
+      if (has_o) {
+        // The other's max: WG0 read M_{2j-1} above (or reads it now, last
+        // pair); WG1's is M_{2j} (read above).
+        if (!has_s) {
+          mo0 = (w0 ? sm.m_o : sm.m_e)[r0];
+          mo1 = (w0 ? sm.m_o : sm.m_e)[r0 + 8];
+        }
+        pv(oblk, mo0, mo1, true);
+      }
+      if (has_s) pv(blk, mn0, mn1, !has_o);
+      // Both P V done (the other WG keeps the tensor pipe busy meanwhile).
+      ptx::WgmmaWait<0>();
+      FenceRegs(o);
+      if (has_o) consumer_release(oblk);
+      if (has_s) consumer_release(blk);
+    }
+    // Final: both WGs' sums at the final max (O is scaled to it: om).
+#pragma unroll
+    for (int sh = 1; sh <= 2; sh <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
+    }
+    if (c4 == 0) {
+      sm.row_l[wg][r0] = l0;
+      sm.row_l[wg][r0 + 8] = l1;
+      (w0 ? sm.row_m : sm.o_scale)[r0] = lm0;
+      (w0 ? sm.row_m : sm.o_scale)[r0 + 8] = lm1;
+    }
+    NamedSync(kBarFinal, 256);
+    const float la0 = sm.row_l[0][r0], la1 = sm.row_l[0][r0 + 8];
+    const float lb0 = sm.row_l[1][r0], lb1 = sm.row_l[1][r0 + 8];
+    const float ma0 = sm.row_m[r0], ma1 = sm.row_m[r0 + 8];
+    const float mb0 = sm.o_scale[r0], mb1 = sm.o_scale[r0 + 8];
+    const float mf0 = fmaxf(ma0, mb0), mf1 = fmaxf(ma1, mb1);
+    const float L0 = la0 * Exp2(ma0 - mf0) + lb0 * Exp2(mb0 - mf0);
+    const float L1 = la1 * Exp2(ma1 - mf1) + lb1 * Exp2(mb1 - mf1);
+    const float i0 = L0 > 0.0f ? 1.0f / L0 : 0.0f, i1 = L1 > 0.0f ? 1.0f / L1 : 0.0f;
+    float* oa = p.out + (t * H + h0 + r0) * kR + 256 * wg + 2 * c4;
+    float* ob = oa + 8 * kR;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      *reinterpret_cast<float2*>(oa + 8 * i) = make_float2(o[4 * i] * i0, o[4 * i + 1] * i0);
+      *reinterpret_cast<float2*>(ob + 8 * i) = make_float2(o[4 * i + 2] * i1, o[4 * i + 3] * i1);
+    }
+    if (w0 && p.lse != nullptr && c4 == 0) {
+      constexpr float kLn2 = 0.6931471805599453f;
+      p.lse[t * H + h0 + r0] = L0 > 0.0f ? mf0 * kLn2 + logf(L0) : kNegInf;
+      p.lse[t * H + h0 + r0 + 8] = L1 > 0.0f ? mf1 * kLn2 + logf(L1) : kNegInf;
+    }
+  } else if (!kSeesaw && wg == 0) {
     // ------------------------------------------------ WG0: Q K^T, softmax, P V left
     RegAlloc<kRegsWg0>();
     const float sl2 = p.softmax_scale * 1.4426950408889634f;
@@ -622,6 +836,138 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
     float m0 = -1e30f, m1 = -1e30f, l0 = 0.0f, l1 = 0.0f;  // base-2 running max / sum
+    if constexpr (kOverlap) {
+      // Overlapped WG0 (kOverlap): block b+1's Q K^T is issued before block
+      // b's P V, and block b+1's softmax runs while the tensor pipe does block
+      // b's P V (WG0's and WG1's); P(b+1) goes to WG1 once P V(b) is done (the
+      // rescale of O needs it). P(b) stays in registers (pr) until then.
+      auto s_gemm = [&](int gb, float (&s)[32]) {
+        consumer_wait(gb);
+        const uint64_t dk = NoSwizzleDesc(ptx::SmemAddr(sm.kv[gb & 1]), 1024, 128);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+        FenceRegs(s);
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kChunks / 2; ++kk) {
+          WgmmaM64N64K16SS(s, dq + uint64_t(kk * 128), dk + uint64_t(kk * 128), kk > 0);
+        }
+        ptx::WgmmaCommit();
+      };
+      // Softmax of block gb (S in s) -> P in pr; returns O's rescale factors.
+      auto softmax = [&](int gb, float (&s)[32], uint32_t (&pr)[16], float& f0, float& f1) {
+        const uint8_t* valid = sm.valid[gb & 1];
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * i + 2 * c4);
+          const bool va = (v2 & 0xffu) != 0, vb = (v2 >> 8) != 0;
+          s[4 * i] = va ? s[4 * i] * sl2 : kNegInf;
+          s[4 * i + 1] = vb ? s[4 * i + 1] * sl2 : kNegInf;
+          s[4 * i + 2] = va ? s[4 * i + 2] * sl2 : kNegInf;
+          s[4 * i + 3] = vb ? s[4 * i + 3] * sl2 : kNegInf;
+          mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+          mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+        }
+#pragma unroll
+        for (int sh = 1; sh <= 2; sh <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, sh));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, sh));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        f0 = Exp2(m0 - mn0);
+        f1 = Exp2(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float pa = Exp2(s[4 * i] - mn0), pb = Exp2(s[4 * i + 1] - mn0);
+          const float pc = Exp2(s[4 * i + 2] - mn1), pd = Exp2(s[4 * i + 3] - mn1);
+          sum0 += pa + pb;
+          sum1 += pc + pd;
+          pr[2 * i] = PackBf16x2(pa, pb);
+          pr[2 * i + 1] = PackBf16x2(pc, pd);
+        }
+        l0 = l0 * f0 + sum0;
+        l1 = l1 * f1 + sum1;
+      };
+      auto rescale = [&](float f0, float f1) {
+        if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            o[4 * i] *= f0;
+            o[4 * i + 1] *= f0;
+            o[4 * i + 2] *= f1;
+            o[4 * i + 3] *= f1;
+          }
+        }
+      };
+      auto hand = [&](const uint32_t (&pr)[16], float f0, float f1, bool first) {
+        if (!first) NamedSync(kBarPFree, 256);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0) * 16 + 4 * c4) = pr[2 * i];
+          *reinterpret_cast<uint32_t*>(sm.p + (i * 64 + r0 + 8) * 16 + 4 * c4) = pr[2 * i + 1];
+        }
+        if (c4 == 0) {
+          sm.o_scale[r0] = f0;
+          sm.o_scale[r0 + 8] = f1;
+        }
+        ptx::FenceProxyAsync();
+        NamedArrive(kBarPReady, 256);
+      };
+      uint32_t pr[16];
+      if (nb > 0) {
+        float s[32];
+        s_gemm(it * nb, s);
+        ptx::WgmmaWait<0>();
+        FenceRegs(s);
+        float f0, f1;
+        softmax(it * nb, s, pr, f0, f1);
+        hand(pr, f0, f1, it == 0);
+      }
+#pragma unroll 1
+      for (int b = 0; b < nb; ++b) {
+        const int gb = it * nb + b;
+        const bool more = b + 1 < nb;
+        float s[32];
+        if (more) s_gemm(gb + 1, s);
+        const uint64_t dv = NoSwizzleDesc(ptx::SmemAddr(sm.kv[gb & 1]), 128, 1024);
+        FenceRegs(o);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) FenceReg(pr[i]);
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < kBlk / 16; ++kk) {
+          const uint32_t a[4] = {pr[4 * kk], pr[4 * kk + 1], pr[4 * kk + 2], pr[4 * kk + 3]};
+          WgmmaM64N256K16RS(o, a, dv + uint64_t(kk * 16));
+        }
+        ptx::WgmmaCommit();
+        if (more) {
+          ptx::WgmmaWait<1>();  // Q K^T of b+1 (committed first) done; P V(b) may run on
+          FenceRegs(s);
+          uint32_t pr2[16];
+          float f0, f1;
+          softmax(gb + 1, s, pr2, f0, f1);
+          ptx::WgmmaWait<0>();
+          FenceRegs(o);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) FenceReg(pr[i]);
+          consumer_release(gb);
+          rescale(f0, f1);
+          hand(pr2, f0, f1, false);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) pr[i] = pr2[i];
+        } else {
+          ptx::WgmmaWait<0>();
+          FenceRegs(o);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) FenceReg(pr[i]);
+          consumer_release(gb);
+        }
+      }
+    } else
     for (int b = 0; b < nb; ++b) {
       const int gb = it * nb + b;
       const int buf = gb & 1;
@@ -755,9 +1101,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     }
       if constexpr (!kPersist) break;  // one item
     }  // items
-  } else if (wg == 1) {
+  } else if (!kSeesaw && wg == 1) {
     // ------------------------------------------------------- WG1: P V right
-    RegDealloc<kRegsWg1>();
+    RegDealloc<kSplit ? kRegsWg1Split : kRegsWg1>();
     const uint64_t dp = NoSwizzleDesc(ptx::SmemAddr(sm.p), 1024, 128);
     int it = 0;
 #pragma unroll 1
@@ -825,7 +1171,9 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
     // over iterations: at block b, block b+3's indices and block b+2's page
     // numbers load while block b's records do (and block b+2's records are
     // prefetched into L2 with kPrefetch).
-    RegDealloc<kRegsProducer>();
+    RegDealloc<kSeesaw  ? kRegsSeesawProducer
+               : kSplit ? kRegsProducerSplit
+                        : kRegsProducer>();
     const int pt = tid - 256;
     const int sub = lane >> 3;
     const int slot0 = (pt >> 5) * 8 + (lane & 7);
@@ -1004,6 +1352,121 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       ClusterSync();  // no remote store or arrival into the peer after it exits
       return;
     }
+    if constexpr (kSplit) {
+      // Split producer (kSplit, pair over FP8 records): producer warps 0-1
+      // (group 0) fill buffer 0 with the even blocks, warps 2-3 (group 1)
+      // buffer 1 with the odd ones; each thread owns two token slots (16 of
+      // every 64 bytes: column `sub`). A group's loads for its next block are
+      // issued right after it publishes a block, so the fences of the publish
+      // (proxy fences, the release.cluster arrivals) never wait for loads in
+      // flight, and the loads have the consumers' whole time on the published
+      // block to land (the buffer is free again only once it is consumed). The
+      // index -> page chain runs further ahead the same way (index of block
+      // +4 steps, page of +3, L2 prefetch of the records of +2 with kPrefetch).
+      const int grp = pt >> 6, q = pt & 63;
+      const int slot_a = int(ClusterRank()) * 32 + (q >> 5) * 8 + (lane & 7);  // and slot_a + 16
+      const uint32_t peer = ClusterRank() ^ 1u;
+      const uint32_t kv_peer = MapaShared(ptx::SmemAddr(sm.kv[grp]), peer);
+      const uint32_t ready_peer = peer_ready[grp];
+      auto idx_at = [&](int b, int r) -> int32_t {
+        const int i = b * kBlk + slot_a + 16 * r;
+        const int32_t idx = b < nb && i < p.topk ? __ldg(idx_row + i) : -1;
+        return idx >= 0 && idx < ntok ? idx : -1;
+      };
+      PairRegs reg[2];
+      auto issue = [&](int r, int32_t idx, int32_t page) {
+        if (idx >= 0) {
+          const uint8_t* rec = record(idx, page);
+#pragma unroll
+          for (int gi = 0; gi < 8; ++gi) {
+            reg[r].raw[gi] = __ldg(reinterpret_cast<const uint4*>(rec + 64 * gi + 16 * sub));
+          }
+          reg[r].sc = __ldg(reinterpret_cast<const float4*>(rec + kR));
+          reg[r].pe[0] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * sub));
+          reg[r].pe[1] = __ldg(reinterpret_cast<const uint4*>(rec + kR + 16 + 16 * (sub + 4)));
+        }
+      };
+      // Chain of this group's blocks B_k = grp + 2k: cur = B_k, n1 = B_{k+1}, ...
+      int32_t i_cur[2], i_n1[2], i_n2[2], i_n3[2], g_n1[2], g_n2[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        i_cur[r] = idx_at(grp, r);
+        i_n1[r] = idx_at(grp + 2, r);
+        i_n2[r] = idx_at(grp + 4, r);
+        i_n3[r] = idx_at(grp + 6, r);
+      }
+      int32_t g_cur[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        g_cur[r] = load_page(i_cur[r]);
+        g_n1[r] = load_page(i_n1[r]);
+        g_n2[r] = load_page(i_n2[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) issue(r, i_cur[r], g_cur[r]);
+      if constexpr (kPrefetch) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) prefetch_record(i_n1[r], g_n1[r]);
+      }
+      const uint32_t tile_local = ptx::SmemAddr(sm.kv[grp]);
+      for (int b = grp; b < nb; b += 2) {
+        producer_wait(b);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int slot = slot_a + 16 * r;
+          auto store2 = [&](int chunk, const uint4 v) {
+            const uint32_t off = uint32_t(chunk * 64 + slot) * 16u;
+            *reinterpret_cast<uint4*>(sm.kv[grp] + off) = v;
+            StClusterV4(kv_peer + off, v);
+          };
+          if (i_cur[r] >= 0) {
+#pragma unroll
+            for (int gi = 0; gi < 8; ++gi) {
+              const float4 sc = reg[r].sc;
+              const float sgi = gi < 2 ? sc.x : gi < 4 ? sc.y : gi < 6 ? sc.z : sc.w;
+              uint4 lo, hi;
+              Dequant16(reg[r].raw[gi], sgi, lo, hi);
+              store2(8 * gi + 2 * sub, lo);
+              store2(8 * gi + 2 * sub + 1, hi);
+            }
+            store2(kR / 8 + sub, reg[r].pe[0]);
+            store2(kR / 8 + sub + 4, reg[r].pe[1]);
+          } else {
+            const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int c = 0; c < 16; ++c) store2(8 * (c >> 1) + 2 * sub + (c & 1), z);
+            store2(kR / 8 + sub, z);
+            store2(kR / 8 + sub + 4, z);
+          }
+          if (sub == 0) {
+            sm.valid[grp][slot] = i_cur[r] >= 0 ? 1 : 0;
+            StClusterU8(MapaShared(ptx::SmemAddr(&sm.valid[grp][slot]), peer),
+                        i_cur[r] >= 0 ? 1u : 0u);
+          }
+        }
+        (void)tile_local;
+        ptx::FenceProxyAsync();
+        FenceProxyAsyncCluster();
+        MbarArrive(&sm.k_ready[grp]);
+        MbarArriveCluster(ready_peer);
+        // Only now the next loads: nothing in flight across the fences above.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          issue(r, i_n1[r], g_n1[r]);
+          if constexpr (kPrefetch) prefetch_record(i_n2[r], g_n2[r]);
+          const int32_t pg3 = load_page(i_n3[r]);
+          const int32_t ix4 = idx_at(b + 8, r);
+          i_cur[r] = i_n1[r];
+          i_n1[r] = i_n2[r];
+          i_n2[r] = i_n3[r];
+          i_n3[r] = ix4;
+          g_n1[r] = g_n2[r];
+          g_n2[r] = pg3;
+        }
+      }
+      ClusterSync();  // no remote store or arrival into the peer after it exits
+      return;
+    }
     if constexpr (kPairGather) {
       // Thread pt gathers slot `slot` of every block (PairGather). The chain
       // index (block b+2) -> page (b+1) -> record (b+1) runs ahead: block b+1's
@@ -1046,11 +1509,16 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
       auto step = [&](int b, PairRegs& cur, PairRegs& nxt) {
         const int gb = it * nb + b;
         const int buf = gb & 1;
-        g.Issue(nxt, g_idx_n1, g_pg_n1);
+        // kAfter: block b+1's loads (and the chain's) only after block b is
+        // published: the publish's fences then wait for no load in flight.
+        if constexpr (!kAfter) g.Issue(nxt, g_idx_n1, g_pg_n1);
         // Without kPrefetch: pg_next = page of b+2, idx_next = index of b+3;
         // with it: page of b+3, index of b+4.
-        const int32_t pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
-        const int32_t idx_next = g.Index(b + (kPrefetch ? 4 : 3));
+        int32_t pg_next = 0, idx_next = -1;
+        if constexpr (!kAfter) {
+          pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
+          idx_next = g.Index(b + (kPrefetch ? 4 : 3));
+        }
         const int32_t pidx_next = kAsync && g.sub == 1 ? g.IndexPeer(b + 1) : -1;
         producer_wait(gb);
         if (g_idx_cur >= 0) {
@@ -1085,6 +1553,11 @@ __global__ void __launch_bounds__(kThreads, 1) SparseMlaWgmmaKernel(const Sparse
           FenceProxyAsyncCluster();
         }
         producer_publish(gb);
+        if constexpr (kAfter) {
+          g.Issue(nxt, g_idx_n1, g_pg_n1);
+          pg_next = g.Page(kPrefetch ? g_idx_n3 : g_idx_n2);
+          idx_next = g.Index(b + (kPrefetch ? 4 : 3));
+        }
         g_idx_cur = g_idx_n1;
         g_idx_n1 = g_idx_n2;
         if constexpr (kPrefetch) {
