@@ -820,17 +820,25 @@ class ReceiverImpl final : public KvReceiver {
   absl::Status Loop() {
     absl::Time last_progress = absl::Now();
     while (verified_count_ < plan_.chunks.size()) {
-      if (!one_sided_) {
-        PD_RETURN_IF_ERROR(PostRecvsAhead());
-        PD_RETURN_IF_ERROR(PollLanded());
-        if (!announced_.empty()) PD_RETURN_IF_ERROR(VerifyAnnounced());
-        if (verified_count_ == plan_.chunks.size()) break;
-      }
+      // Taken before looking at anything a wakeup announces (messages, the
+      // hasher's results), so that one that comes after the look ends the wait.
       uint64_t seen_wakeups = 0;
       {
         absl::MutexLock lock(&mu_);
         if (!abort_.ok()) return abort_;
         seen_wakeups = wakeups_;
+      }
+      if (!one_sided_) {
+        PD_RETURN_IF_ERROR(PollLanded());
+        if (!announced_.empty()) PD_RETURN_IF_ERROR(VerifyAnnounced());
+        if (verified_count_ == plan_.chunks.size()) break;
+        // After verifying: a chunk verified here (its hash finished after its
+        // header came) freed part of the window, and the sender's next chunk
+        // cannot complete, nor its header come to wake this thread, until the
+        // receives for it are posted. Posting them only at the next wakeup
+        // stalled the stream until progress_timeout whenever nothing else
+        // was in flight (e.g. hashing slower than the 1 ms poll below).
+        PD_RETURN_IF_ERROR(PostRecvsAhead());
       }
       auto msg = channel_->TryReceive();
       if (!msg.ok()) {
