@@ -897,8 +897,9 @@ class ReceiverImpl final : public KvReceiver {
   // issued together completes without one. Runs end at layer boundaries and
   // where posting stops (FlushRecvs), so that a layer lands as soon as the
   // sender sent it, whatever it does next. A run that would stop short of its
-  // layer's end waits while more than half the window is in use, so that
-  // runs stay large when the window is small.
+  // layer's end waits while more than half the window is in use and some
+  // posted receive has not landed yet, so that runs stay large when the
+  // window is small (never once all landed: see below).
   // Packed streams post whole runs (PackedRuns), each when it fits in the
   // window (or the window is empty), and flush after each.
   absl::Status PostRecvsAhead() {
@@ -927,7 +928,14 @@ class ReceiverImpl final : public KvReceiver {
         ++end;
       }
       if (end == next_recv_) break;  // the window is full
-      if (end < layer_end && window_chunks_ > 0 &&
+      // Hold back a short run only while a posted receive has yet to land:
+      // the sender sends what it has credit for in batches of several chunks
+      // behind one fence, and a two-sided fence completes (and the batch's
+      // headers leave) only once every write before it met a receive. Once
+      // every posted receive landed, the sender's current batch may be
+      // waiting for exactly the receive held back here, while this end
+      // waits for that batch's headers.
+      if (end < layer_end && window_chunks_ > 0 && next_landed_ < next_recv_ &&
           (2 * window_chunks_ > options_.credit_chunks || 2 * window_bytes_ > options_.credit_bytes)) {
         break;
       }

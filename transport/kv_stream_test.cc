@@ -316,6 +316,47 @@ TEST_F(KvStreamTest, TwoSidedSlowReceiverHashingDoesNotStall) {
   ExpectNothingLeaked();
 }
 
+// A two-sided fence completes only when every write before it met a receive,
+// so the headers of a sender's batch wait for its last chunk's receive. The
+// receiver may hold back a short run of receives to keep runs large, but
+// never while that could be what the sender's batch waits for. Credit 5,
+// batches of up to 8, no checksums (a batch of headers verifies in one
+// pass): after layer 0 the receiver has posted layer 1's chunks 6-9, the
+// sender's first batch of layer 1 is chunks 6-10, and chunk 10's receive
+// used to wait for chunks 6-9 to be verified (a deadlock until the progress
+// timeout) every time.
+TEST_F(KvStreamTest, TwoSidedSenderBatchBeyondThePostedReceivesCompletes) {
+  const std::pair<const char*, LoopbackOptions> backends[] = {
+      {"loopback2", {.two_sided = true}},
+      {"loopback2_grouped", {.two_sided = true, .group_ops = 32}},
+  };
+  for (const auto& [name, options] : backends) {
+    SCOPED_TRACE(name);
+    auto backend = NewLoopbackBackend(options);
+    auto dst = *MakeCache(V32Layout(256), kLayers, kTokens);
+    StreamSetup s;
+    s.receiver.credit_chunks = 5;
+    s.sender.max_batch_chunks = 8;
+    s.sender.checksum = false;
+    s.receiver.progress_timeout = absl::Seconds(2);
+    s.sender.progress_timeout = absl::Seconds(2);
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst, s);
+    ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+    ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+    auto& rx = **st.receiver;
+    for (int l = 0; l < kLayers; ++l) {
+      ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+      absl::Status ready = rx.WaitLayer(l, absl::Now() + absl::Seconds(5));
+      ASSERT_TRUE(ready.ok()) << "layer " << l << ": " << ready;
+    }
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
+    ASSERT_TRUE(fin.ok()) << fin;
+    absl::Status cmp = CompareSequences(*src_, seq_, *dst, rx.sequence(), kTokens);
+    EXPECT_TRUE(cmp.ok()) << cmp;
+  }
+  ExpectNothingLeaked();
+}
+
 TEST_F(KvStreamTest, StagedRoundTripThroughTwoSlots) {
   auto backend = NewLoopbackBackend();
   StreamSetup s;
