@@ -470,7 +470,10 @@ TEST_F(KvStreamTest, TwoSidedCorruptionAbortsWithoutResend) {
   {
     Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
     ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
-    ASSERT_TRUE(SendAll(**st.sender).ok());
+    // Write 2 is in layer 0: the stream may fail before every layer is queued
+    // (SendLayer then returns its error).
+    absl::Status sent = SendAll(**st.sender);
+    EXPECT_TRUE(sent.ok() || absl::IsDataLoss(sent)) << sent;
     absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10));
     EXPECT_EQ(rx.code(), absl::StatusCode::kDataLoss) << rx;
     absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
