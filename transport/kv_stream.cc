@@ -1135,6 +1135,28 @@ class ReceiverImpl final : public KvReceiver {
 
   void Finalize(absl::Status st) {
     ResourceToken quarantine;
+    bool quiesced = false;
+    if (absl::IsUnavailable(st) && !peer_aborted_ && !channel_->status().ok()) {
+      // A sender that fails sends its Abort and closes its end; this thread
+      // may see the close first (an AckBatch sent to the closed channel)
+      // while that Abort still waits in the inbox behind the chunk headers
+      // being handled. It names the real cause. (Closed: whatever arrived
+      // before the close is delivered at once, then the close status.)
+      while (true) {
+        auto m = channel_->TryReceive();
+        if (!m.ok() || !m->has_value()) break;
+        if (const auto* a = std::get_if<proto::Abort>(&**m)) {
+          peer_aborted_ = true;
+          absl::Status s = proto::AbortToStatus(*a);
+          st = absl::Status(s.code(), absl::StrCat("sender aborted the stream: ", s.message()));
+          break;  // a Quiesced after it is for AwaitQuiescence
+        }
+        if (std::holds_alternative<proto::Quiesced>(**m)) {
+          quiesced = true;
+          break;
+        }
+      }
+    }
     if (!st.ok()) {
       LOG(WARNING) << "KV stream " << manifest_.request_id << " (receiver) failed: " << st;
       if (!peer_aborted_ && channel_->status().ok()) {
@@ -1149,7 +1171,7 @@ class ReceiverImpl final : public KvReceiver {
       final_ = st;
       done_ = true;
     }
-    if (!st.ok() && one_sided_) AwaitQuiescence();
+    if (!st.ok() && one_sided_ && !quiesced) AwaitQuiescence();
     hasher_.reset();  // reads the sequence's pages
     // Two-sided: destroying the receiver ends its posted receives first.
     data_.reset();

@@ -461,6 +461,34 @@ TEST_F(KvStreamTest, PersistentCorruptionAbortsWithDataLoss) {
   ExpectNothingLeaked();
 }
 
+// A sender that gives up sends its Abort and closes its end at once; a
+// receiver still verifying earlier chunks (slowly here: 20 ms a read) then
+// fails to send their acknowledgements, with the Abort queued behind the
+// headers it has not handled yet. It must report the sender's reason, not
+// the closed channel (it used to report Unavailable on a loaded host).
+TEST_F(KvStreamTest, ReceiverReportsTheSendersAbortQueuedBeforeTheClose) {
+  auto inner = NewLoopbackBackend();
+  FaultPolicy policy;
+  policy.corrupt_probability = 1.0;
+  FaultInjectingBackend faulty(*inner, policy);
+  SlowReadOps slow(absl::Milliseconds(20));
+  StreamSetup s;
+  s.sender.max_resends = 2;
+  s.receiver.memory_ops = &slow;
+  {
+    Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(20));
+    EXPECT_EQ(fin.code(), absl::StatusCode::kDataLoss) << fin;
+    absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(20));
+    EXPECT_EQ(rx.code(), absl::StatusCode::kDataLoss) << rx;
+    EXPECT_NE(rx.message().find("sender aborted"), std::string::npos) << rx;
+    ExpectSequenceReleased(**st.receiver);
+  }
+  ExpectNothingLeaked();
+}
+
 TEST_F(KvStreamTest, TwoSidedCorruptionAbortsWithoutResend) {
   auto inner = NewLoopbackBackend({.two_sided = true});
   FaultPolicy policy;
