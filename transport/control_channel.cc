@@ -27,6 +27,10 @@ using SteadyClock = std::chrono::steady_clock;
 
 namespace {
 
+// After a failed write: how long the read side may go on delivering what the
+// peer sent before the connection broke, before the channel closes anyway.
+constexpr std::chrono::milliseconds kWriteFailedDrain{200};
+
 std::chrono::nanoseconds ToChrono(absl::Duration d) {
   return std::chrono::nanoseconds(absl::ToInt64Nanoseconds(d));
 }
@@ -150,7 +154,7 @@ class ControlChannel::Impl {
 
   // --- I/O thread only below. ---
   void Enqueue(std::string frame) {
-    if (failed_) return;
+    if (failed_ || !write_error_.ok()) return;
     outq_.push_back(std::move(frame));
     if (!writing_) WriteNext();
   }
@@ -165,7 +169,7 @@ class ControlChannel::Impl {
                           return;
                         }
                         if (ec) {
-                          Fail(absl::UnavailableError(absl::StrCat(
+                          WriteFailed(absl::UnavailableError(absl::StrCat(
                               "control channel to ", peer_, ": write failed: ", ec.message())));
                           return;
                         }
@@ -229,8 +233,25 @@ class ControlChannel::Impl {
     });
   }
 
+  // A write failed: the peer closed or reset the connection. It may have
+  // sent frames (its Abort) before it closed: they are still in the socket's
+  // receive buffer (readable after a reset too), and the pending read
+  // delivers them before it fails in turn and closes the channel with this
+  // error. Until then frames to send are dropped; at most kWriteFailedDrain.
+  void WriteFailed(absl::Status why) {
+    writing_ = false;
+    outq_.clear();
+    write_error_ = std::move(why);
+    if (closing_) return Fail(write_error_);
+    close_timer_.expires_after(kWriteFailedDrain);
+    close_timer_.async_wait([this](const boost::system::error_code& ec) {
+      if (!ec) Fail(write_error_);
+    });
+  }
+
   void ReadFailed(const boost::system::error_code& ec) {
     if (ec == asio::error::operation_aborted) return;  // we closed it
+    if (!write_error_.ok()) return Fail(write_error_);
     Fail(absl::UnavailableError(absl::StrCat(
         "control channel to ", peer_,
         ec == asio::error::eof ? ": peer closed the connection" : ": read failed: " + ec.message())));
@@ -290,6 +311,7 @@ class ControlChannel::Impl {
   std::vector<uint8_t> body_;
   std::deque<std::string> outq_;
   bool writing_ = false, closing_ = false, failed_ = false;
+  absl::Status write_error_;  // a write failed; closing once the read side ends
   SteadyClock::time_point last_rx_;
   uint64_t heartbeat_seq_ = 0;
 

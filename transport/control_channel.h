@@ -41,7 +41,10 @@ class ControlChannel {
   ControlChannel& operator=(const ControlChannel&) = delete;
 
   // Queues `msg` for sending. The channel's close status once closed, or the
-  // encoder's error.
+  // encoder's error. When a write fails (the peer closed or reset the
+  // connection) the channel first delivers what the peer sent before that
+  // (at most 200 ms; messages queued meanwhile are dropped), then closes
+  // with the write's error.
   absl::Status Send(const proto::ControlMessage& msg);
   // The next message (heartbeats are consumed internally). Messages that
   // arrived before the channel closed are still delivered; then the close

@@ -100,6 +100,42 @@ TEST(ControlChannelTest, SilentPeerIsUnavailableWithinTwoSeconds) {
   ::close(fd);
 }
 
+// A peer that sends its last message and closes while this end is writing
+// (the peer never read: closing then resets the connection) must not lose
+// that message: this end's write fails, but what the peer sent is still in
+// the socket and is delivered before the close status. (With the write
+// blocked on a full socket, the reset completes the write before the read
+// for the same event: the channel used to close at once, losing the frame.)
+TEST(ControlChannelTest, LastMessageOfAPeerThatResetsWhileWeWriteIsDelivered) {
+  int lfd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(lfd, 1), 0);
+  socklen_t len = sizeof(addr);
+  ::getsockname(lfd, reinterpret_cast<sockaddr*>(&addr), &len);
+  auto c = ControlChannel::Connect("127.0.0.1", ntohs(addr.sin_port), absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(c.ok()) << c.status();
+  int fd = ::accept(lfd, nullptr, nullptr);
+  ASSERT_GE(fd, 0);
+  // Fill both socket buffers (the peer reads nothing): a write stays pending.
+  const proto::Abort big{2, std::string(1 << 20, 'x')};
+  for (int i = 0; i < 64; ++i) ASSERT_TRUE((*c)->Send(big).ok());
+  absl::SleepFor(absl::Milliseconds(200));
+  auto frame = proto::EncodeFrame(proto::Abort{14, "bye"});
+  ASSERT_TRUE(frame.ok());
+  ASSERT_EQ(::write(fd, frame->data(), frame->size()), ssize_t(frame->size()));
+  ::close(fd);  // unread data: a reset
+  auto m = (*c)->Receive(absl::Now() + absl::Seconds(5));
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_TRUE(std::holds_alternative<proto::Abort>(*m));
+  EXPECT_EQ(std::get<proto::Abort>(*m).message, "bye");
+  auto closed = (*c)->Receive(absl::Now() + absl::Seconds(5));
+  EXPECT_EQ(closed.status().code(), absl::StatusCode::kUnavailable) << closed.status();
+  ::close(lfd);
+}
+
 TEST(ControlChannelTest, GarbageFromPeerClosesWithNamedError) {
   int lfd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};

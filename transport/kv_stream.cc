@@ -820,17 +820,25 @@ class ReceiverImpl final : public KvReceiver {
   absl::Status Loop() {
     absl::Time last_progress = absl::Now();
     while (verified_count_ < plan_.chunks.size()) {
-      if (!one_sided_) {
-        PD_RETURN_IF_ERROR(PostRecvsAhead());
-        PD_RETURN_IF_ERROR(PollLanded());
-        if (!announced_.empty()) PD_RETURN_IF_ERROR(VerifyAnnounced());
-        if (verified_count_ == plan_.chunks.size()) break;
-      }
+      // Taken before looking at anything a wakeup announces (messages, the
+      // hasher's results), so that one that comes after the look ends the wait.
       uint64_t seen_wakeups = 0;
       {
         absl::MutexLock lock(&mu_);
         if (!abort_.ok()) return abort_;
         seen_wakeups = wakeups_;
+      }
+      if (!one_sided_) {
+        PD_RETURN_IF_ERROR(PollLanded());
+        if (!announced_.empty()) PD_RETURN_IF_ERROR(VerifyAnnounced());
+        if (verified_count_ == plan_.chunks.size()) break;
+        // After verifying: a chunk verified here (its hash finished after its
+        // header came) freed part of the window, and the sender's next chunk
+        // cannot complete, nor its header come to wake this thread, until the
+        // receives for it are posted. Posting them only at the next wakeup
+        // stalled the stream until progress_timeout whenever nothing else
+        // was in flight (e.g. hashing slower than the 1 ms poll below).
+        PD_RETURN_IF_ERROR(PostRecvsAhead());
       }
       auto msg = channel_->TryReceive();
       if (!msg.ok()) {
@@ -889,8 +897,9 @@ class ReceiverImpl final : public KvReceiver {
   // issued together completes without one. Runs end at layer boundaries and
   // where posting stops (FlushRecvs), so that a layer lands as soon as the
   // sender sent it, whatever it does next. A run that would stop short of its
-  // layer's end waits while more than half the window is in use, so that
-  // runs stay large when the window is small.
+  // layer's end waits while more than half the window is in use and some
+  // posted receive has not landed yet, so that runs stay large when the
+  // window is small (never once all landed: see below).
   // Packed streams post whole runs (PackedRuns), each when it fits in the
   // window (or the window is empty), and flush after each.
   absl::Status PostRecvsAhead() {
@@ -919,7 +928,14 @@ class ReceiverImpl final : public KvReceiver {
         ++end;
       }
       if (end == next_recv_) break;  // the window is full
-      if (end < layer_end && window_chunks_ > 0 &&
+      // Hold back a short run only while a posted receive has yet to land:
+      // the sender sends what it has credit for in batches of several chunks
+      // behind one fence, and a two-sided fence completes (and the batch's
+      // headers leave) only once every write before it met a receive. Once
+      // every posted receive landed, the sender's current batch may be
+      // waiting for exactly the receive held back here, while this end
+      // waits for that batch's headers.
+      if (end < layer_end && window_chunks_ > 0 && next_landed_ < next_recv_ &&
           (2 * window_chunks_ > options_.credit_chunks || 2 * window_bytes_ > options_.credit_bytes)) {
         break;
       }
@@ -1119,6 +1135,28 @@ class ReceiverImpl final : public KvReceiver {
 
   void Finalize(absl::Status st) {
     ResourceToken quarantine;
+    bool quiesced = false;
+    if (absl::IsUnavailable(st) && !peer_aborted_ && !channel_->status().ok()) {
+      // A sender that fails sends its Abort and closes its end; this thread
+      // may see the close first (an AckBatch sent to the closed channel)
+      // while that Abort still waits in the inbox behind the chunk headers
+      // being handled. It names the real cause. (Closed: whatever arrived
+      // before the close is delivered at once, then the close status.)
+      while (true) {
+        auto m = channel_->TryReceive();
+        if (!m.ok() || !m->has_value()) break;
+        if (const auto* a = std::get_if<proto::Abort>(&**m)) {
+          peer_aborted_ = true;
+          absl::Status s = proto::AbortToStatus(*a);
+          st = absl::Status(s.code(), absl::StrCat("sender aborted the stream: ", s.message()));
+          break;  // a Quiesced after it is for AwaitQuiescence
+        }
+        if (std::holds_alternative<proto::Quiesced>(**m)) {
+          quiesced = true;
+          break;
+        }
+      }
+    }
     if (!st.ok()) {
       LOG(WARNING) << "KV stream " << manifest_.request_id << " (receiver) failed: " << st;
       if (!peer_aborted_ && channel_->status().ok()) {
@@ -1133,7 +1171,7 @@ class ReceiverImpl final : public KvReceiver {
       final_ = st;
       done_ = true;
     }
-    if (!st.ok() && one_sided_) AwaitQuiescence();
+    if (!st.ok() && one_sided_ && !quiesced) AwaitQuiescence();
     hasher_.reset();  // reads the sequence's pages
     // Two-sided: destroying the receiver ends its posted receives first.
     data_.reset();

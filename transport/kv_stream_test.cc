@@ -2,10 +2,14 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <thread>
+#include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "transport/fault_injection.h"
 #include "transport/loopback_backend.h"
+#include "transport/memory_ops.h"
 #include "transport/resource_counters.h"
 #include "transport/testing/kv_test_util.h"
 
@@ -247,6 +251,112 @@ INSTANTIATE_TEST_SUITE_P(
                       OneLayerCase{"loopback2_packed_small", {.two_sided = true, .pack_bytes = 200 << 10}, 64}),
     [](const ::testing::TestParamInfo<OneLayerCase>& i) { return std::string(i.param.name); });
 
+// Host memory whose reads for hashing take `delay` each (a loaded host, or a
+// device cache whose bytes are copied to the host first).
+class SlowReadOps final : public MemoryOps {
+ public:
+  explicit SlowReadOps(absl::Duration delay) : delay_(delay) {}
+  bool device() const override { return false; }
+  absl::Status CopyToHost(uint8_t* dst, const uint8_t* src, size_t n) override {
+    return HostMemoryOps().CopyToHost(dst, src, n);
+  }
+  absl::Status CopyFromHost(uint8_t* dst, const uint8_t* src, size_t n) override {
+    return HostMemoryOps().CopyFromHost(dst, src, n);
+  }
+  absl::Status ReadOnHost(const uint8_t* src, size_t n,
+                          const std::function<void(const uint8_t*, size_t)>& fn) override {
+    absl::SleepFor(delay_);
+    return HostMemoryOps().ReadOnHost(src, n, fn);
+  }
+  absl::StatusOr<std::unique_ptr<StagingBuffer>> AllocateStaging(size_t bytes) override {
+    return HostMemoryOps().AllocateStaging(bytes);
+  }
+
+ private:
+  const absl::Duration delay_;
+};
+
+// Two-sided receivers hash each chunk after it landed, on a helper thread.
+// When that hash is the last thing a full receive window waits for (its
+// header already arrived), verifying the chunk frees the window: the receiver
+// must post the next receives before it sleeps, since the sender's next chunk
+// cannot complete (nor its header come to wake the receiver) until they are
+// posted. Slow hashing (5 ms a read, far beyond the receiver's 1 ms of
+// "data is flowing" polling) forces that order on every chunk; the stream
+// used to stall until the progress timeout (2 s here) at the first chunk.
+TEST_F(KvStreamTest, TwoSidedSlowReceiverHashingDoesNotStall) {
+  SlowReadOps slow(absl::Milliseconds(5));
+  const std::pair<const char*, LoopbackOptions> backends[] = {
+      {"loopback2", {.two_sided = true}},
+      {"loopback2_grouped", {.two_sided = true, .group_ops = 32}},
+      {"loopback2_packed", {.two_sided = true, .pack_bytes = 1 << 20}},
+  };
+  for (const auto& [name, options] : backends) {
+    for (uint32_t credit : {1u, 4u}) {
+      SCOPED_TRACE(absl::StrCat(name, ", credit ", credit));
+      auto backend = NewLoopbackBackend(options);
+      auto dst = *MakeCache(V32Layout(256), kLayers, kTokens);
+      StreamSetup s;
+      s.receiver.credit_chunks = credit;
+      s.receiver.memory_ops = &slow;
+      s.receiver.progress_timeout = absl::Seconds(2);
+      s.sender.progress_timeout = absl::Seconds(2);
+      Stream st = StartStream(*backend, *backend, *src_, seq_, *dst, s);
+      ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+      ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+      ASSERT_TRUE(SendAll(**st.sender).ok());
+      absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
+      ASSERT_TRUE(fin.ok()) << fin;
+      absl::Status done = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10));
+      ASSERT_TRUE(done.ok()) << done;
+      absl::Status cmp = CompareSequences(*src_, seq_, *dst, (*st.receiver)->sequence(), kTokens);
+      EXPECT_TRUE(cmp.ok()) << cmp;
+    }
+  }
+  ExpectNothingLeaked();
+}
+
+// A two-sided fence completes only when every write before it met a receive,
+// so the headers of a sender's batch wait for its last chunk's receive. The
+// receiver may hold back a short run of receives to keep runs large, but
+// never while that could be what the sender's batch waits for. Credit 5,
+// batches of up to 8, no checksums (a batch of headers verifies in one
+// pass): after layer 0 the receiver has posted layer 1's chunks 6-9, the
+// sender's first batch of layer 1 is chunks 6-10, and chunk 10's receive
+// used to wait for chunks 6-9 to be verified (a deadlock until the progress
+// timeout) every time.
+TEST_F(KvStreamTest, TwoSidedSenderBatchBeyondThePostedReceivesCompletes) {
+  const std::pair<const char*, LoopbackOptions> backends[] = {
+      {"loopback2", {.two_sided = true}},
+      {"loopback2_grouped", {.two_sided = true, .group_ops = 32}},
+  };
+  for (const auto& [name, options] : backends) {
+    SCOPED_TRACE(name);
+    auto backend = NewLoopbackBackend(options);
+    auto dst = *MakeCache(V32Layout(256), kLayers, kTokens);
+    StreamSetup s;
+    s.receiver.credit_chunks = 5;
+    s.sender.max_batch_chunks = 8;
+    s.sender.checksum = false;
+    s.receiver.progress_timeout = absl::Seconds(2);
+    s.sender.progress_timeout = absl::Seconds(2);
+    Stream st = StartStream(*backend, *backend, *src_, seq_, *dst, s);
+    ASSERT_TRUE(st.sender.ok()) << st.sender.status();
+    ASSERT_TRUE(st.receiver.ok()) << st.receiver.status();
+    auto& rx = **st.receiver;
+    for (int l = 0; l < kLayers; ++l) {
+      ASSERT_TRUE((*st.sender)->SendLayer(l).ok());
+      absl::Status ready = rx.WaitLayer(l, absl::Now() + absl::Seconds(5));
+      ASSERT_TRUE(ready.ok()) << "layer " << l << ": " << ready;
+    }
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
+    ASSERT_TRUE(fin.ok()) << fin;
+    absl::Status cmp = CompareSequences(*src_, seq_, *dst, rx.sequence(), kTokens);
+    EXPECT_TRUE(cmp.ok()) << cmp;
+  }
+  ExpectNothingLeaked();
+}
+
 TEST_F(KvStreamTest, StagedRoundTripThroughTwoSlots) {
   auto backend = NewLoopbackBackend();
   StreamSetup s;
@@ -351,6 +461,34 @@ TEST_F(KvStreamTest, PersistentCorruptionAbortsWithDataLoss) {
   ExpectNothingLeaked();
 }
 
+// A sender that gives up sends its Abort and closes its end at once; a
+// receiver still verifying earlier chunks (slowly here: 20 ms a read) then
+// fails to send their acknowledgements, with the Abort queued behind the
+// headers it has not handled yet. It must report the sender's reason, not
+// the closed channel (it used to report Unavailable on a loaded host).
+TEST_F(KvStreamTest, ReceiverReportsTheSendersAbortQueuedBeforeTheClose) {
+  auto inner = NewLoopbackBackend();
+  FaultPolicy policy;
+  policy.corrupt_probability = 1.0;
+  FaultInjectingBackend faulty(*inner, policy);
+  SlowReadOps slow(absl::Milliseconds(20));
+  StreamSetup s;
+  s.sender.max_resends = 2;
+  s.receiver.memory_ops = &slow;
+  {
+    Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
+    ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
+    ASSERT_TRUE(SendAll(**st.sender).ok());
+    absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(20));
+    EXPECT_EQ(fin.code(), absl::StatusCode::kDataLoss) << fin;
+    absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(20));
+    EXPECT_EQ(rx.code(), absl::StatusCode::kDataLoss) << rx;
+    EXPECT_NE(rx.message().find("sender aborted"), std::string::npos) << rx;
+    ExpectSequenceReleased(**st.receiver);
+  }
+  ExpectNothingLeaked();
+}
+
 TEST_F(KvStreamTest, TwoSidedCorruptionAbortsWithoutResend) {
   auto inner = NewLoopbackBackend({.two_sided = true});
   FaultPolicy policy;
@@ -360,7 +498,10 @@ TEST_F(KvStreamTest, TwoSidedCorruptionAbortsWithoutResend) {
   {
     Stream st = StartStream(faulty, *inner, *src_, seq_, *dst_, s);
     ASSERT_TRUE(st.sender.ok() && st.receiver.ok());
-    ASSERT_TRUE(SendAll(**st.sender).ok());
+    // Write 2 is in layer 0: the stream may fail before every layer is queued
+    // (SendLayer then returns its error).
+    absl::Status sent = SendAll(**st.sender);
+    EXPECT_TRUE(sent.ok() || absl::IsDataLoss(sent)) << sent;
     absl::Status rx = (*st.receiver)->WaitDone(absl::Now() + absl::Seconds(10));
     EXPECT_EQ(rx.code(), absl::StatusCode::kDataLoss) << rx;
     absl::Status fin = (*st.sender)->Finish(absl::Now() + absl::Seconds(10));
