@@ -228,22 +228,7 @@ cudaError_t LaunchSelect(const SelectParams& p, const SelectPlan& plan, void* wo
   }
   if (p.queries.num_queries == 0) return cudaSuccess;
   select_internal::SelectArgs a{};
-  a.pool = p.keys.pool;
-  a.page_table = p.keys.page_table;
-  a.page_table_stride = p.keys.page_table_stride;
-  a.num_tokens = p.keys.num_tokens;
-  a.page_bytes = uint32_t(p.keys.layout.IndexPageBytes());
-  a.scale_offset = uint32_t(p.keys.layout.IndexScaleOffset(0));
-  a.q8 = p.queries.q8;
-  a.weights = p.queries.weights;
-  a.positions = p.queries.positions;
-  a.query_start = p.queries.query_start;
-  a.heads = p.heads;
-  a.head_list = p.head_list;
-  a.masked_heads = p.masked_heads;
-  a.key_list = p.key_list;
-  a.key_list_len = p.key_list_len;
-  a.key_list_stride = p.key_list_stride;
+  CopySharedSelectArgs(p, &a);
   a.key_list_per_query = p.key_list_per_query ? 1 : 0;
   a.experiment = p.experiment;
   // Threshold seeding: version 2's single-accumulator variants over contiguous
