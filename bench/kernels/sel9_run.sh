@@ -3,10 +3,12 @@
 # machine, tarred into bundle.tar.xz beside this script's copy: bin/ (the new
 # build: kernels_cuda_indexer_test, pd_indexer_bench), old/ (main before round 9:
 # pd_indexer_bench), optionally old9/ (run 2: run 1's build of round 9).
-# Steps: the indexer GPU tests (all); the prefill sweep + kernel variants of the new build, then of the old build, then both sweeps
-# again (same session, for the noise); compute-sanitizer memcheck + racecheck;
-# Nsight Compute on MISA 64K and dense 32K (new build). Every step under a time limit, keeping
-# going after a failure. Logs to $OUT. Usage (repo root): bash .selbundle/run.sh
+# Steps: the indexer GPU tests (all); the prefill sweep + kernel variants of
+# the new build, then of the old build(s), then the sweeps again (same
+# session, for the noise); compute-sanitizer memcheck + racecheck; Nsight
+# Compute on MISA 64K and dense 32K (new build). Every step under a time
+# limit, keeping going after a failure. Logs to $OUT.
+# Usage (repo root): cp bench/kernels/sel9_run.sh .bundle/run.sh; bash .bundle/run.sh
 set -u
 OUT=${OUT:-$PWD/sel-out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
